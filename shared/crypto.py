@@ -1,0 +1,132 @@
+"""Ed25519 challenge/response, secret tokens and constant-time comparison.
+
+Agent authentication (DESIGN §Link protocol, Auth): at enrollment the agent makes an Ed25519 key
+pair and registers the public key. On every connection the relay sends a fresh nonce with its
+own identity; the agent signs :func:`auth_message` over (relay id, agent id, nonce). Binding the
+relay id stops a signature made for one relay being replayed to another; the fresh nonce stops a
+captured handshake being replayed to the same relay. No reusable secret crosses the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+__all__ = [
+    "Ed25519PrivateKey",
+    "generate_private_key",
+    "private_key_to_pem",
+    "private_key_from_pem",
+    "public_key_b64",
+    "auth_message",
+    "sign_auth",
+    "verify_auth",
+    "valid_public_key",
+    "constant_time_equal",
+    "new_token",
+    "new_nonce",
+    "hash_secret",
+]
+
+_AUTH_DOMAIN = b"xon-relay.v1 agent-auth"
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
+    """Load a PEM private key.
+
+    Raises:
+        ValueError: not an Ed25519 private key.
+    """
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")
+    return key
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    """The raw 32-byte public key, base64url without padding."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return _b64e(raw)
+
+
+def auth_message(relay_id: str, agent_id: str, nonce: str) -> bytes:
+    """The bytes an agent signs. NUL separators: none of the parts may contain NUL."""
+    parts = (relay_id, agent_id, nonce)
+    if any("\x00" in p for p in parts):
+        raise ValueError("auth message parts must not contain NUL")
+    return b"\x00".join([_AUTH_DOMAIN, *(p.encode() for p in parts)])
+
+
+def sign_auth(key: Ed25519PrivateKey, relay_id: str, agent_id: str, nonce: str) -> str:
+    return _b64e(key.sign(auth_message(relay_id, agent_id, nonce)))
+
+
+def verify_auth(
+    public_key: str, signature: str, relay_id: str, agent_id: str, nonce: str
+) -> bool:
+    """True only for a valid signature by ``public_key``; never raises on bad input."""
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(_b64d(public_key))
+        pub.verify(_b64d(signature), auth_message(relay_id, agent_id, nonce))
+    except (InvalidSignature, ValueError, binascii.Error):
+        return False
+    return True
+
+
+def valid_public_key(public_key: str) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(_b64d(public_key))
+    except (ValueError, binascii.Error):
+        return False
+    return True
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare secrets without leaking where they differ through timing."""
+    a_b = a.encode() if isinstance(a, str) else a
+    b_b = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_b, b_b)
+
+
+def new_token(nbytes: int = 32) -> str:
+    """A URL-safe random secret (default 256 bits)."""
+    return secrets.token_urlsafe(nbytes)
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 hex of a high-entropy secret, for storing and indexing it without keeping it."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _b64e(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

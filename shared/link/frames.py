@@ -1,0 +1,284 @@
+"""Typed frames of the relay ⇄ agent link and their JSON codec.
+
+WebSocket already frames messages, so a link "frame" is one JSON text message::
+
+    {"v": 1, "type": "ack", "seq": 42}
+
+``encode`` writes a frame; ``decode`` reads one and raises ``RemoteProtocolError`` (carrying the
+close code the link must close with) for anything that is not a well-formed frame of a known type
+and version. Unknown *fields* are ignored so that a newer peer may add optional data; unknown
+*event parameters* are inside ``Event.event`` and pass through untouched (DESIGN principle 2).
+
+Which side sends what (DESIGN §Link protocol):
+
+========================  ==============  =================================================
+frame                     direction       meaning
+========================  ==============  =================================================
+``hello``                 agent → relay   my agent id, and the last seq my inbox committed
+``challenge``             relay → agent   relay identity and a fresh nonce to sign
+``auth``                  agent → relay   Ed25519 signature over (relay id, agent id, nonce)
+``welcome``               relay → agent   authenticated; where delivery resumes; the window
+``event``                 relay → agent   one event with its sequence number
+``ack``                   agent → relay   cumulative: every seq ≤ this one is committed
+``command``               agent → relay   a CTOX command with its request id
+``command_result``        relay → agent   X-on's answer to a command
+``status``                relay → agent   status values (a snapshot on connect, then changes)
+``goaway``                relay → agent   the relay is shutting down: reconnect elsewhere
+``error``                 either          why the sender is about to close the link
+========================  ==============  =================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, NewType
+
+from ..errors import RemoteProtocolError
+
+__all__ = [
+    "LINK_VERSION",
+    "SUBPROTOCOL",
+    "CloseCode",
+    "FATAL_CLOSE_CODES",
+    "AgentId",
+    "AccountId",
+    "EventId",
+    "Seq",
+    "Hello",
+    "Challenge",
+    "Auth",
+    "Welcome",
+    "Event",
+    "Ack",
+    "Command",
+    "CommandResult",
+    "Status",
+    "GoAway",
+    "Error",
+    "Frame",
+    "encode",
+    "decode",
+]
+
+LINK_VERSION = 1
+SUBPROTOCOL = "xon-relay.v1"
+
+AgentId = NewType("AgentId", str)
+AccountId = NewType("AccountId", str)
+EventId = NewType("EventId", str)
+Seq = NewType("Seq", int)
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of the link, in the private-use range 4000–4999 (RFC 6455 §7.4.2).
+
+    Codes 44xx mean "do not retry": the agent stops and tells its operator.
+    """
+
+    PROTOCOL_ERROR = 4000
+    UNSUPPORTED_VERSION = 4001
+    UNKNOWN_FRAME = 4002
+    AUTH_TIMEOUT = 4008
+    REPLACED = 4010
+    INTERNAL_ERROR = 4011
+    UNAUTHORIZED = 4401
+    REVOKED = 4403
+
+
+FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.REVOKED})
+
+_FRAME = dict(frozen=True, slots=True, kw_only=True)
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Hello:
+    """Agent → relay, first frame: who I am and where my inbox stands."""
+
+    type: ClassVar[str] = "hello"
+    agent_id: str
+    resume_after: int = 0
+    """Highest seq the agent's inbox has committed (0: nothing yet)."""
+    client: str = ""
+    """Free-form software version, for the relay's logs."""
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Challenge:
+    """Relay → agent: sign this nonce, bound to this relay's identity."""
+
+    type: ClassVar[str] = "challenge"
+    relay_id: str
+    nonce: str
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Auth:
+    """Agent → relay: base64 Ed25519 signature of ``crypto.auth_message(...)``."""
+
+    type: ClassVar[str] = "auth"
+    signature: str
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Welcome:
+    """Relay → agent: authenticated; events follow with seq > ``resume_after``."""
+
+    type: ClassVar[str] = "welcome"
+    agent_id: str
+    account_id: str
+    resume_after: int
+    window: int
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Event:
+    """Relay → agent: one event object (DESIGN §Agent local API, without ``cursor``)."""
+
+    type: ClassVar[str] = "event"
+    seq: int
+    event: dict[str, Any]
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Ack:
+    """Agent → relay: every event with seq ≤ ``seq`` is committed in the agent's inbox."""
+
+    type: ClassVar[str] = "ack"
+    seq: int
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Command:
+    """Agent → relay: perform a CTOX call to X-on."""
+
+    type: ClassVar[str] = "command"
+    request_id: str
+    ctox_type: str
+    params: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class CommandResult:
+    """Relay → agent: X-on's answer (or the relay's refusal, with ``error`` set)."""
+
+    type: ClassVar[str] = "command_result"
+    request_id: str
+    status: int
+    content_type: str = ""
+    body_b64: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Status:
+    """Relay → agent: status items; ``snapshot`` replaces everything the agent had."""
+
+    type: ClassVar[str] = "status"
+    items: list[Any]
+    snapshot: bool = False
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class GoAway:
+    """Relay → agent: this relay is going away; reconnect (possibly to another instance)."""
+
+    type: ClassVar[str] = "goaway"
+    reason: str = ""
+
+
+@dataclass(**_FRAME)  # type: ignore[call-overload]
+class Error:
+    """Either side: why the sender is closing the link."""
+
+    type: ClassVar[str] = "error"
+    code: str
+    message: str = ""
+
+
+Frame = (
+    Hello
+    | Challenge
+    | Auth
+    | Welcome
+    | Event
+    | Ack
+    | Command
+    | CommandResult
+    | Status
+    | GoAway
+    | Error
+)
+
+_TYPES: dict[str, type[Any]] = {
+    cls.type: cls
+    for cls in (Hello, Challenge, Auth, Welcome, Event, Ack, Command, CommandResult, Status, GoAway, Error)
+}
+
+
+def _field_checks(cls: type[Any]) -> list[tuple[str, type, bool]]:
+    """(name, runtime type, required) for each field of a frame class."""
+    hints = typing.get_type_hints(cls)
+    checks = []
+    for f in dataclasses.fields(cls):
+        origin = typing.get_origin(hints[f.name]) or hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        checks.append((f.name, origin, required))
+    return checks
+
+
+_CHECKS = {name: _field_checks(cls) for name, cls in _TYPES.items()}
+
+
+def encode(frame: Frame) -> str:
+    """Encode a frame as one JSON text message."""
+    data: dict[str, Any] = {"v": LINK_VERSION, "type": frame.type}
+    for f in dataclasses.fields(frame):
+        data[f.name] = getattr(frame, f.name)
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(text: str | bytes) -> Frame:
+    """Decode one JSON text message into a frame.
+
+    Raises:
+        RemoteProtocolError: not JSON, not an object, unknown version or type, a missing field
+            or a field of the wrong type. ``close_code`` says how to close the link.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError("frame is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise RemoteProtocolError("frame is not a JSON object")
+    version = data.get("v")
+    if version != LINK_VERSION or isinstance(version, bool):
+        raise RemoteProtocolError(
+            f"unsupported link version {version!r}", close_code=CloseCode.UNSUPPORTED_VERSION
+        )
+    kind = data.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise RemoteProtocolError(
+            f"unknown frame type {kind!r}"[:200], close_code=CloseCode.UNKNOWN_FRAME
+        )
+    kwargs: dict[str, Any] = {}
+    for name, expected, required in _CHECKS[kind]:
+        if name not in data:
+            if required:
+                raise RemoteProtocolError(f"{kind} frame lacks field {name!r}")
+            continue
+        value = data[name]
+        # bool is an int subclass: a seq of `true` is a malformed frame, not seq 1.
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise RemoteProtocolError(
+                f"{kind} frame field {name!r} must be {expected.__name__}"
+            )
+        kwargs[name] = value
+    frame: Frame = cls(**kwargs)
+    return frame

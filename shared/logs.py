@@ -1,0 +1,107 @@
+"""Logging setup: text or JSON lines, per-connection context, and secret redaction.
+
+Log calls name an event and put the details in ``extra`` (STYLE §6)::
+
+    log.info("agent.connected", extra={"agent_id": agent_id, "resume_after": seq})
+
+Never pass secrets (ingress keys, tokens, signatures, private keys) or event bodies in a log
+call. As a second line of defence the formatters redact any field whose name looks secret and
+any ingress URL path (``/xon/<key>``) that reaches a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+__all__ = ["setup", "bind", "JsonFormatter", "TextFormatter", "redact"]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra``.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_SECRET_NAMES = re.compile(r"(key|token|secret|password|signature|authorization|code)$", re.I)
+_INGRESS_PATH = re.compile(r"(/xon/)[A-Za-z0-9_\-]+")
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"']+", re.I)
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """Mask ingress keys in URLs and bearer tokens inside free text."""
+    return _BEARER.sub(r"\1" + REDACTED, _INGRESS_PATH.sub(r"\1" + REDACTED, text))
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in vars(record).items():
+        if name in _STANDARD or name.startswith("_"):
+            continue
+        if _SECRET_NAMES.search(name):
+            value = REDACTED
+        elif isinstance(value, str):
+            value = redact(value)
+        out[name] = value
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts, level, logger, event`` and the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": redact(record.getMessage()),
+        }
+        data.update(_fields(record))
+        if record.exc_info:
+            data["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(data, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``HH:MM:SS level logger event key=value …`` for a console."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = (
+            f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
+            f"{record.levelname.lower():7} {record.name} {redact(record.getMessage())}"
+        )
+        if fields:
+            line += " " + fields
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        return line
+
+
+def setup(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
+    """Configure the root logger once for a CLI process (stderr by default)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log repeats every ingress URL (with its key); ours logs requests instead.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _Bound(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+def bind(logger: logging.Logger, **context: Any) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+    """A logger that adds ``context`` (conn_id, agent_id, account…) to every record."""
+    ctx: Mapping[str, Any] = context
+    return _Bound(logger, ctx)
