@@ -26,8 +26,6 @@ middleware can answer ``{"error": {"code": e.code, "message": str(e)}}`` with ``
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 __all__ = [
     "RelayError",
     "ConfigError",
@@ -52,8 +50,9 @@ __all__ = [
 class RelayError(Exception):
     """Root of every error raised on purpose by this project."""
 
-    code: ClassVar[str] = "error"
-    http_status: ClassVar[int] = 500
+    # Plain class attributes, not ClassVar: ApiError sets them per instance.
+    code: str = "error"
+    http_status: int = 500
 
 
 class ConfigError(RelayError):
@@ -151,18 +150,9 @@ class ApiError(RelayError):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(status, code, message)
-        self.status = status
-        self.api_code = code
+        self.http_status = status
+        self.code = code
         self.message = message
-
-    # Instance values shadow the class-level hints used by the other errors.
-    @property  # type: ignore[override]
-    def http_status(self) -> int:  # noqa: D401
-        return self.status
-
-    @property  # type: ignore[override]
-    def code(self) -> str:
-        return self.api_code
 
     def __str__(self) -> str:
         return self.message

@@ -91,10 +91,8 @@ class CloseCode(IntEnum):
 
 FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.REVOKED})
 
-_FRAME = dict(frozen=True, slots=True, kw_only=True)
 
-
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
     """Agent → relay, first frame: who I am and where my inbox stands."""
 
@@ -106,7 +104,7 @@ class Hello:
     """Free-form software version, for the relay's logs."""
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Challenge:
     """Relay → agent: sign this nonce, bound to this relay's identity."""
 
@@ -115,7 +113,7 @@ class Challenge:
     nonce: str
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Auth:
     """Agent → relay: base64 Ed25519 signature of ``crypto.auth_message(...)``."""
 
@@ -123,7 +121,7 @@ class Auth:
     signature: str
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
     """Relay → agent: authenticated; events follow with seq > ``resume_after``."""
 
@@ -134,7 +132,7 @@ class Welcome:
     window: int
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """Relay → agent: one event object (DESIGN §Agent local API, without ``cursor``)."""
 
@@ -143,7 +141,7 @@ class Event:
     event: dict[str, Any]
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
     """Agent → relay: every event with seq ≤ ``seq`` is committed in the agent's inbox."""
 
@@ -151,7 +149,7 @@ class Ack:
     seq: int
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Command:
     """Agent → relay: perform a CTOX call to X-on."""
 
@@ -162,7 +160,7 @@ class Command:
     idempotency_key: str = ""
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommandResult:
     """Relay → agent: X-on's answer (or the relay's refusal, with ``error`` set)."""
 
@@ -175,7 +173,7 @@ class CommandResult:
     error: str = ""
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Status:
     """Relay → agent: status items; ``snapshot`` replaces everything the agent had."""
 
@@ -184,7 +182,7 @@ class Status:
     snapshot: bool = False
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GoAway:
     """Relay → agent: this relay is going away; reconnect (possibly to another instance)."""
 
@@ -192,7 +190,7 @@ class GoAway:
     reason: str = ""
 
 
-@dataclass(**_FRAME)  # type: ignore[call-overload]
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
     """Either side: why the sender is closing the link."""
 
@@ -217,7 +215,19 @@ Frame = (
 
 _TYPES: dict[str, type[Any]] = {
     cls.type: cls
-    for cls in (Hello, Challenge, Auth, Welcome, Event, Ack, Command, CommandResult, Status, GoAway, Error)
+    for cls in (
+        Hello,
+        Challenge,
+        Auth,
+        Welcome,
+        Event,
+        Ack,
+        Command,
+        CommandResult,
+        Status,
+        GoAway,
+        Error,
+    )
 }
 
 
@@ -252,14 +262,18 @@ def decode(text: str | bytes) -> Frame:
     """
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a message of nothing but "[[[[…" nests deeper than the parser's
+        # stack; it is the peer's fault like any other bad JSON.
         raise RemoteProtocolError("frame is not valid JSON") from exc
     if not isinstance(data, dict):
         raise RemoteProtocolError("frame is not a JSON object")
     version = data.get("v")
-    if version != LINK_VERSION or isinstance(version, bool):
+    # type() rather than isinstance: neither `true` nor `1.0` is version 1.
+    if type(version) is not int or version != LINK_VERSION:
         raise RemoteProtocolError(
-            f"unsupported link version {version!r}", close_code=CloseCode.UNSUPPORTED_VERSION
+            f"unsupported link version {version!r}"[:200],
+            close_code=CloseCode.UNSUPPORTED_VERSION,
         )
     kind = data.get("type")
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
@@ -268,7 +282,7 @@ def decode(text: str | bytes) -> Frame:
             f"unknown frame type {kind!r}"[:200], close_code=CloseCode.UNKNOWN_FRAME
         )
     kwargs: dict[str, Any] = {}
-    for name, expected, required in _CHECKS[kind]:
+    for name, expected, required in _CHECKS[cls.type]:
         if name not in data:
             if required:
                 raise RemoteProtocolError(f"{kind} frame lacks field {name!r}")
@@ -276,9 +290,7 @@ def decode(text: str | bytes) -> Frame:
         value = data[name]
         # bool is an int subclass: a seq of `true` is a malformed frame, not seq 1.
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise RemoteProtocolError(
-                f"{kind} frame field {name!r} must be {expected.__name__}"
-            )
+            raise RemoteProtocolError(f"{kind} frame field {name!r} must be {expected.__name__}")
         kwargs[name] = value
     frame: Frame = cls(**kwargs)
     return frame
