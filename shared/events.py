@@ -9,17 +9,34 @@ API::
      "request": {"method", "path", "query", "content_type", "body_b64"}}
 
 The agent adds ``cursor`` when it hands an event to a local app.
+
+:func:`parse_ingress` turns a raw ingress request into the event type, the flat ``params`` and
+X-on's own event id (used to drop X-on's retries). DESIGN §Relay server endpoints: params come
+from the query string, a form body, a JSON object or an XML/SOAP body; the event type is the path
+suffix or a type parameter.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import urllib.parse
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["RawRequest", "XonEvent", "format_time", "parse_time"]
+from .errors import ApiError
+
+__all__ = [
+    "RawRequest",
+    "XonEvent",
+    "ParsedIngress",
+    "parse_ingress",
+    "format_time",
+    "parse_time",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,3 +126,192 @@ def format_time(ts: float) -> str:
 def parse_time(text: str) -> float:
     """ISO 8601 → Unix time. Raises ``ValueError``."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# -- ingress parsing -------------------------------------------------------------------------
+
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+_XML_TYPES = frozenset({"text/xml", "application/xml", "application/soap+xml"})
+_TYPE_PARAMS = ("type", "event", "EventType")
+_XML_BOMB_MARKERS = (b"<!doctype", b"<!entity")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedIngress:
+    """What :func:`parse_ingress` read from an ingress request."""
+
+    type: str
+    """Event type: the path suffix, else a type parameter, else ``"unknown"``."""
+    params: dict[str, str]
+    """Query params, overridden by body params; nested JSON keys are dotted (``a.b``)."""
+    xon_id: str | None
+    """X-on's own event id (envelope ``event.id`` or an ``id`` param), for dedup."""
+
+
+def parse_ingress(raw: RawRequest) -> ParsedIngress:
+    """Parse an X-on ingress request (pure).
+
+    Unknown content types keep their body untouched and take params from the query only;
+    unknown params and event types pass through (DESIGN principle 2).
+
+    Raises:
+        ApiError: 400 ``bad_body`` when the body cannot be decoded as its content type says.
+    """
+    params = _parse_query(raw.query)
+    mime, _, ct_params = raw.content_type.partition(";")
+    mime = mime.strip().lower()
+    if raw.body.strip():
+        if mime in _FORM_TYPES:
+            params.update(_parse_form(raw.body, _charset(ct_params)))
+        elif mime in _JSON_TYPES or mime.endswith("+json"):
+            params.update(_parse_json(raw.body))
+        elif mime in _XML_TYPES:
+            params.update(_parse_xml(raw.body))
+    return ParsedIngress(
+        type=_event_type(raw.path, params),
+        params=params,
+        xon_id=params.get("id") or None,
+    )
+
+
+def _event_type(path: str, params: dict[str, str]) -> str:
+    suffix = urllib.parse.unquote(path.strip("/"))
+    if suffix:
+        return suffix
+    for name in _TYPE_PARAMS:
+        if params.get(name):
+            return params[name]
+    return "unknown"
+
+
+def _first_wins(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    # The query is never refused: odd encodings are replaced here, and kept byte-exact in
+    # RawRequest.query for anyone who needs them.
+    return _first_wins(urllib.parse.parse_qsl(query, keep_blank_values=True, errors="replace"))
+
+
+def _charset(ct_params: str) -> str:
+    for part in ct_params.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def _parse_form(body: bytes, charset: str) -> dict[str, str]:
+    try:
+        text = body.decode(charset)
+        pairs = urllib.parse.parse_qsl(
+            text, keep_blank_values=True, encoding=charset, errors="strict"
+        )
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ApiError(400, "bad_body", f"form body is not valid {charset}") from exc
+    return _first_wins(pairs)
+
+
+def _parse_json(body: bytes) -> dict[str, str]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(400, "bad_body", "body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_body", "JSON body must be an object")
+    envelope = data.get("event")
+    if isinstance(envelope, dict):
+        # X-on webhook envelope {"event": {"id", "createdAt", "type", ...}}: the event's own
+        # fields become the params, like the same event sent by GET or form.
+        rest = {k: v for k, v in data.items() if k != "event"}
+        out = _flatten(rest, "")
+        out.update(_flatten(envelope, ""))
+        return out
+    return _flatten(data, "")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(value, dict):
+        items: list[tuple[str, Any]] = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return {prefix: _scalar(value)}
+    for key, item in items:
+        out.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value)  # true/false and numbers as JSON spells them
+
+
+class _XmlRefused(Exception):
+    """Raised from the parser target to stop at a DTD (entity expansion bombs)."""
+
+
+class _LeafCollector:
+    """ElementTree parser target: leaf element local name -> text, SOAP Header skipped.
+
+    Namespaces and the SOAP Envelope/Body wrappers disappear because only leaves count.
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self._stack: list[str] = []
+        self._has_child: list[bool] = []
+        self._text: list[str] = []
+        self._skip_depth: int | None = None
+
+    def doctype(self, name: str, pubid: str | None, system: str | None) -> None:
+        raise _XmlRefused("DTDs are not accepted")
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        local = tag.rpartition("}")[2]
+        if self._has_child:
+            self._has_child[-1] = True
+        if self._skip_depth is None and local == "Header" and self._stack == ["Envelope"]:
+            self._skip_depth = len(self._stack)
+        self._stack.append(local)
+        self._has_child.append(False)
+        self._text = []
+
+    def end(self, tag: str) -> None:
+        local = self._stack.pop()
+        had_child = self._has_child.pop()
+        if self._skip_depth is not None:
+            if len(self._stack) == self._skip_depth:
+                self._skip_depth = None
+        elif not had_child:
+            self.params.setdefault(local, "".join(self._text))
+        self._text = []
+
+    def data(self, text: str) -> None:
+        self._text.append(text)
+
+    def close(self) -> None:
+        pass
+
+
+def _parse_xml(body: bytes) -> dict[str, str]:
+    lowered = body.lower()
+    if any(marker in lowered for marker in _XML_BOMB_MARKERS):
+        raise ApiError(400, "bad_body", "XML with a DTD or entity declarations is refused")
+    target = _LeafCollector()
+    parser = ET.XMLParser(target=target)
+    try:
+        parser.feed(body)
+        parser.close()
+    except (ET.ParseError, _XmlRefused) as exc:
+        raise ApiError(400, "bad_body", "body is not valid XML") from exc
+    return target.params

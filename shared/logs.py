@@ -23,7 +23,9 @@ __all__ = ["setup", "bind", "JsonFormatter", "TextFormatter", "redact"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_SECRET_NAMES = re.compile(r"(key|token|secret|password|signature|authorization|code)$", re.I)
+_SECRET_NAMES = re.compile(
+    r"(key|token|secret|password|signature|authorization|nonce|^code|enrollment_code)$", re.I
+)
 _INGRESS_PATH = re.compile(r"(/xon/)[A-Za-z0-9_\-]+")
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"']+", re.I)
 REDACTED = "[redacted]"
@@ -41,8 +43,12 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
             continue
         if _SECRET_NAMES.search(name):
             value = REDACTED
-        elif isinstance(value, str):
-            value = redact(value)
+        elif isinstance(value, str | int | float | bool) or value is None:
+            value = redact(value) if isinstance(value, str) else value
+        else:
+            # URLs, dicts, lists: redact their text form, so a yarl.URL or a header dict
+            # carrying an ingress key or a bearer token cannot slip through.
+            value = redact(str(value))
         out[name] = value
     return out
 

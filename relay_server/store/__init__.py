@@ -1,0 +1,34 @@
+"""Relay store backends behind one interface (:class:`~relay_server.store.base.Store`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.errors import StoreError
+
+from .base import AccountRecord, AgentRecord, AppendResult, Store, StoredEvent
+
+__all__ = ["open_store", "Store", "AccountRecord", "AgentRecord", "AppendResult", "StoredEvent"]
+
+_SQLITE = "sqlite:///"
+
+
+async def open_store(url: str) -> Store:
+    """Open the store named by ``url`` (DESIGN §Command line ``--store``).
+
+    ``sqlite:///path/relay.db`` (the parent directory must exist) or ``redis://host:port/db``.
+
+    Raises:
+        StoreError: unknown scheme, unavailable backend, or the store cannot be opened.
+    """
+    if url.startswith(_SQLITE):
+        from .sqlite import SqliteStore
+
+        path = url[len(_SQLITE) :]
+        if not path:
+            raise StoreError("sqlite store URL needs a path: sqlite:///path/relay.db")
+        # sqlite:///relative and sqlite:////absolute both name a file path after the prefix.
+        return await SqliteStore.open(Path(path))
+    if url.startswith(("redis://", "rediss://")):
+        raise StoreError("redis backend not available yet")
+    raise StoreError(f"unknown store URL scheme: {url.split(':', 1)[0]!r}")

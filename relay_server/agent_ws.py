@@ -1,0 +1,328 @@
+"""``GET /v1/agent``: the relay end of the agent link, a thin pump around ``RelaySession``.
+
+All protocol decisions live in ``shared/link/session.py`` (DESIGN principle 4). This module only
+moves messages between the WebSocket and the session, answers the session's questions from the
+store (who is this agent? where is its cursor?), and feeds it events from the account's log
+while the window has room (STYLE §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import assert_never
+
+from aiohttp import WSMsgType, web
+
+from shared import crypto
+from shared.errors import StoreError
+from shared.link import frames
+from shared.link.frames import SUBPROTOCOL, CloseCode
+from shared.link.session import (
+    Acked,
+    Authenticated,
+    AuthFailed,
+    Close,
+    Closed,
+    CommandReceived,
+    CommandResultReceived,
+    EventReceived,
+    GoingAway,
+    HelloReceived,
+    LinkEvent,
+    LinkState,
+    PeerError,
+    RelaySession,
+    StatusReceived,
+    Welcomed,
+)
+from shared.logs import bind
+
+from .appkeys import config_key, hub_key
+from .hub import AgentHub
+
+__all__ = ["handle", "AgentLink"]
+
+log = logging.getLogger(__name__)
+
+GOING_AWAY = 1001
+_MAX_REASON = 123  # RFC 6455 §5.5: a close frame's payload is 125 bytes, 2 of them the code
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Serve one agent WebSocket until it closes."""
+    hub = request.app[hub_key]
+    config = request.app[config_key]
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        timeout=hub.close_timeout,
+        heartbeat=config.link.ping_interval,
+        max_msg_size=config.link.max_message_size,
+    )
+    await ws.prepare(request)
+    link = AgentLink(hub, ws, request.transport, peer=request.remote or "")
+    await link.run()
+    return ws
+
+
+class AgentLink:
+    """One agent connection: the session, its WebSocket, and the task that offers events."""
+
+    def __init__(
+        self,
+        hub: AgentHub,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        *,
+        peer: str,
+    ) -> None:
+        self.hub = hub
+        self.ws = ws
+        self._transport = transport
+        self.conn_id = crypto.new_token(6)
+        self.agent_id: str | None = None
+        self.account_id: str | None = None
+        self.log = bind(log, conn_id=self.conn_id, peer=peer)
+        self._loop = asyncio.get_running_loop()
+        self.session = RelaySession(
+            relay_id=hub.relay_id,
+            nonce=crypto.new_nonce(),
+            window=hub.link.window,
+            auth_timeout=hub.link.auth_timeout,
+            now=self._loop.time(),
+            logger=self.log,
+        )
+        self._send_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._may_send = True
+        self._closing = False
+        self._done = asyncio.Event()
+
+    # -- called by the hub ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the link with ``code`` (an ``error`` frame goes first for 4xxx codes).
+
+        No event is sent once this starts; the close handshake is bounded by
+        ``hub.close_timeout``, after which the connection is dropped.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        await self._stop_sender()
+        self.session.close(code, reason)
+        await self._close_transport(code, reason)
+
+    async def replace(self) -> None:
+        """A newer link of this agent won: stop sending now, finish closing in the background.
+
+        The old peer is often a dead half-open link, so the new link must not wait for its
+        close handshake (DESIGN §Link protocol, Liveness).
+        """
+        await self._stop_sender()
+        self._closer = asyncio.create_task(
+            self.close(CloseCode.REPLACED, "replaced by a newer connection")
+        )
+
+    async def go_away(self, reason: str) -> None:
+        """Relay shutdown: ``goaway`` to an authenticated agent, then close 1001."""
+        if self._closing:
+            return
+        self._closing = True
+        await self._stop_sender()
+        # DESIGN §Link protocol, Liveness: "tells agents to go elsewhere and closes cleanly".
+        if self.session.state is LinkState.OPEN:
+            self.session.go_away(reason)
+        else:
+            self.session.close(GOING_AWAY, reason)
+        await self._close_transport(GOING_AWAY, reason)
+
+    async def _close_transport(self, code: int, reason: str) -> None:
+        message = reason.encode()[:_MAX_REASON].decode(errors="ignore").encode()
+        try:
+            async with asyncio.timeout(self.hub.close_timeout):
+                await self._flush()
+                await self.ws.close(code=code, message=message)
+        except TimeoutError:
+            self.log.warning("agent.close_timeout", extra={"close_code": code})
+            if self._transport is not None:
+                self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+    # -- the pump -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.hub.attach(self)
+        try:
+            if self.ws.ws_protocol != SUBPROTOCOL:
+                self.log.warning("agent.protocol_error", extra={"reason": "no subprotocol"})
+                await self.close(CloseCode.PROTOCOL_ERROR, f"subprotocol {SUBPROTOCOL} required")
+            elif self.hub.shutting_down:
+                await self.go_away("relay shutting down")
+            await self._pump()
+        except StoreError as exc:
+            self.log.error("agent.store_error", extra={"error": str(exc)})
+            await self.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
+        finally:
+            # Bookkeeping first: the server may cancel this handler while it cleans up.
+            self.hub.detach(self)
+            try:
+                await self._stop_sender()
+                if self._closer is not None:
+                    await self._closer
+            finally:
+                self.log.info("agent.disconnected", extra={"close_code": self.ws.close_code})
+                self._done.set()
+
+    async def _pump(self) -> None:
+        session = self.session
+        while True:
+            try:
+                async with asyncio.timeout_at(session.next_deadline()):
+                    msg = await self.ws.receive()
+            except TimeoutError:
+                session.handle_timer(self._loop.time())
+            else:
+                if msg.type is WSMsgType.TEXT:
+                    session.receive_message(msg.data, self._loop.time())
+                elif msg.type is WSMsgType.BINARY:
+                    self.log.warning("agent.protocol_error", extra={"reason": "binary message"})
+                    session.close(CloseCode.PROTOCOL_ERROR, "binary messages are not allowed")
+                else:
+                    session.receive_closed(self.ws.close_code, "", self._loop.time())
+            for event in session.events_received():
+                if await self._handle(event):
+                    return
+            await self._flush()
+            request = session.close_requested
+            if request is not None and not self.ws.closed:
+                self._report_failure()
+                await self.close(request.code, request.reason)
+
+    async def _handle(self, event: LinkEvent) -> bool:
+        """Act on one session event; True when the link is over."""
+        match event:
+            case HelloReceived(agent_id=agent_id):
+                await self._lookup(agent_id)
+            case Authenticated(agent_id=agent_id, account_id=account_id, resume_after=resume):
+                self.account_id = account_id
+                await self.hub.register(self)
+                # DESIGN §Link protocol, Events: the agent's inbox is authoritative.
+                await self.hub.store.set_cursor(agent_id, resume)
+                await self.hub.store.touch_agent(agent_id, now=time.time())
+                self.log.info(
+                    "agent.connected", extra={"account": account_id, "resume_after": resume}
+                )
+                if self._may_send:
+                    self._sender = asyncio.create_task(self._send_events())
+                    self._wake.set()
+            case Acked(seq=seq):
+                await self.hub.store.set_cursor(self.agent_id or "", seq)
+                self._wake.set()
+            case CommandReceived(command=command):
+                # CTOX commands come with a later issue; refuse them clearly meanwhile.
+                self.session.send_command_result(
+                    frames.CommandResult(
+                        request_id=command.request_id, status=501, error="not_implemented"
+                    )
+                )
+            case AuthFailed(reason=reason):
+                self.log.warning("agent.auth_failed", extra={"reason": reason})
+            case PeerError(code=code, message=message):
+                self.log.info("agent.peer_error", extra={"error": code, "reason": message})
+            case Closed():
+                return True
+            case (
+                Welcomed() | EventReceived() | CommandResultReceived() | StatusReceived()
+                | GoingAway()
+            ):
+                pass  # agent-side events: a RelaySession never emits them
+            case _:
+                assert_never(event)
+        return False
+
+    async def _lookup(self, agent_id: str) -> None:
+        """Answer the session's hello before the next message is fed (docs/protocol.md)."""
+        self.agent_id = agent_id
+        self.log = bind(log, conn_id=self.conn_id, agent_id=agent_id)
+        agent = await self.hub.store.get_agent(agent_id)
+        if agent is None or agent.public_key is None:
+            self.log.warning("agent.auth_failed", extra={"reason": "unknown agent"})
+            self.session.close(CloseCode.UNAUTHORIZED, "unknown agent")
+        elif agent.revoked:
+            self.log.warning("agent.auth_failed", extra={"reason": "agent revoked"})
+            self.session.close(CloseCode.REVOKED, "agent revoked")
+        else:
+            self.session.agent_found(agent.public_key, agent.account_id)
+
+    def _report_failure(self) -> None:
+        """WARNING for a link the peer broke (STYLE §6); the error names no secret."""
+        error = self.session.error
+        if error is not None:
+            self.log.warning(
+                "agent.protocol_error", extra={"close_code": error.close_code, "reason": str(error)}
+            )
+        elif self.session.close_requested == Close(CloseCode.AUTH_TIMEOUT, "handshake timed out"):
+            self.log.warning("agent.auth_timeout")
+
+    # -- the sender -----------------------------------------------------------------------------
+
+    async def _send_events(self) -> None:
+        """Offer the account's log while the window has room; sleep until an ack or a commit."""
+        session, store = self.session, self.hub.store
+        assert self.account_id is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while session.can_offer:
+                    # Reading no more than the free slots is the back-pressure (STYLE §2 rule 4).
+                    limit = self._free_slots()
+                    batch = await store.read_events(
+                        self.account_id, after=session.last_offered, limit=limit
+                    )
+                    if not batch:
+                        break
+                    for stored in batch:
+                        if not session.offer(stored.seq, stored.event.to_json()):
+                            break
+                    await self._flush()
+                    if len(batch) < limit:
+                        break
+        except StoreError as exc:
+            self.log.error("agent.store_error", extra={"error": str(exc)})
+            await self.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
+        except Exception:
+            self.log.exception("agent.sender_failed")
+            await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _free_slots(self) -> int:
+        return self.hub.link.window - self.session.in_flight
+
+    async def _stop_sender(self) -> None:
+        """No event goes out on this link once this returns (nor after a later handshake)."""
+        self._may_send = False
+        task, self._sender = self._sender, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            for text in self.session.data_to_send():
+                if self.ws.closed:
+                    return
+                try:
+                    await self.ws.send_str(text)
+                except ConnectionResetError:
+                    # The transport is gone; the pump's next receive reports the close.
+                    self.log.debug("agent.write_failed")
+                    return

@@ -1,0 +1,103 @@
+"""X-on ingress: ``GET|POST /xon/{ingress_key}[/{event_type}]`` (DESIGN §Relay server endpoints).
+
+The request is kept losslessly (DESIGN principle 2) and answered 2xx only after the store
+committed it (principle 1); then the hub is told so connected agents get it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from aiohttp import web
+
+from shared import crypto
+from shared.errors import ApiError
+from shared.events import RawRequest, XonEvent, format_time, parse_ingress
+
+from .appkeys import config_key, hub_key, store_key
+
+__all__ = ["routes", "new_event_id"]
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+_PREFIX = "/xon/"
+
+
+def new_event_id(now: float) -> str:
+    """``ev_`` + 12 hex digits of milliseconds + 16 random hex digits: sorts by time."""
+    return f"ev_{int(now * 1000):012x}{secrets.token_hex(8)}"
+
+
+def _split_raw_path(raw_path: str) -> tuple[str, str]:
+    """``/xon/KEY/sms?a=%41`` → (``"/sms"``, ``"a=%41"``), byte-exact as sent."""
+    path, _, query = raw_path.partition("?")
+    _, slash, suffix = path[len(_PREFIX) :].partition("/")
+    return slash + suffix, query
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    too_large = ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+
+
+async def ingress(request: web.Request) -> web.Response:
+    app = request.app
+    store = app[store_key]
+    key_hash = crypto.hash_secret(request.match_info["key"])
+    account = await store.account_by_ingress_hash(key_hash)
+    if account is None or not crypto.constant_time_equal(account.ingress_key_hash, key_hash):
+        # Never say more: an unknown key and a revoked one look the same.
+        raise ApiError(404, "unknown_ingress_key", "unknown ingress key")
+    body = await _read_body(request, app[config_key].max_body_size)
+    path, query = _split_raw_path(request.raw_path)
+    raw = RawRequest(
+        method=request.method,
+        path=path,
+        query=query,
+        content_type=request.headers.get("Content-Type", ""),
+        body=body,
+    )
+    parsed = parse_ingress(raw)
+    now = time.time()
+    event = XonEvent(
+        id=new_event_id(now),
+        account=account.id,
+        type=parsed.type,
+        received_at=format_time(now),
+        params=parsed.params,
+        request=raw,
+    )
+    result = await store.append_event(event, xon_id=parsed.xon_id)
+    if not result.duplicate:
+        app[hub_key].notify(account.id)
+    stored = result.stored
+    log.info(
+        "ingress.accepted",
+        extra={
+            "account": account.id,
+            "event_id": stored.event.id,
+            "seq": stored.seq,
+            "type": parsed.type,
+            "bytes": len(body),
+            "duplicate": result.duplicate,
+        },
+    )
+    return web.json_response({"id": stored.event.id, "duplicate": result.duplicate})
+
+
+for _pattern in ("/xon/{key}", "/xon/{key}/{suffix:.*}"):
+    routes.get(_pattern, allow_head=False)(ingress)
+    routes.post(_pattern)(ingress)

@@ -1,0 +1,67 @@
+"""Shared services of one relay process, built once and injected into both aiohttp apps.
+
+STYLE §7: the public and admin listeners are two ``web.Application``s; what they share (config,
+store, relay identity, agent hub) is built here, inside an ``AsyncExitStack`` that tears it down
+in reverse order (hub before store).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from shared.config import ServerConfig
+
+from .hub import AgentHub
+from .store import Store, open_store
+
+__all__ = ["Services", "open_services", "services_key"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class Services:
+    config: ServerConfig
+    store: Store
+    relay_id: str
+    hub: AgentHub
+    admin_token: str
+    """Bearer token of the admin API (DESIGN §Relay server endpoints: admin token)."""
+    draining: bool = False
+    """Set at shutdown so /readyz fails before the listeners stop."""
+    _drained: bool = field(default=False, init=False, repr=False)
+
+    async def drain(self) -> None:
+        """Fail readiness, then tell every agent to go elsewhere and close its link (once)."""
+        self.draining = True
+        if self._drained:
+            return
+        self._drained = True
+        await self.hub.shutdown()
+
+
+services_key = web.AppKey("services", Services)
+
+
+@asynccontextmanager
+async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncIterator[Services]:
+    """Open the store and build the hub; on exit drain the hub, then close the store.
+
+    Raises:
+        StoreError: the store cannot be opened.
+    """
+    async with AsyncExitStack() as stack:
+        store = await open_store(config.store_url)
+        stack.push_async_callback(store.close)
+        relay_id = await store.relay_id()
+        hub = AgentHub(store, relay_id=relay_id, link=config.link)
+        services = Services(
+            config=config, store=store, relay_id=relay_id, hub=hub, admin_token=admin_token
+        )
+        stack.push_async_callback(services.drain)
+        yield services

@@ -1,0 +1,355 @@
+"""The Store contract (relay_server/store/base.py), run against every backend.
+
+DESIGN principle 5: the same tests run against every store; Redis joins when it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay_server.store import AppendResult, Store, open_store
+from relay_server.store.sqlite import SqliteStore
+from shared import crypto
+from shared.errors import ApiError, StoreError
+from shared.events import RawRequest, XonEvent, format_time
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def make_event(account: str, n: int | str, *, body: bytes = b"") -> XonEvent:
+    return XonEvent(
+        id=f"ev_{n}_{crypto.new_token(6)}",
+        account=account,
+        type="sms.received",
+        received_at=format_time(time.time()),
+        params={"n": str(n), "ü": "ß"},
+        request=RawRequest(
+            method="POST",
+            path="/sms.received",
+            query=f"n={n}&x=%FF+",
+            content_type="a/b",
+            body=body,
+        ),
+    )
+
+
+async def new_account(store: Store, name: str = "acme") -> str:
+    record = await store.create_account(
+        name=name, ingress_key_hash=crypto.hash_secret(crypto.new_token())
+    )
+    return record.id
+
+
+async def new_agent(store: Store, account_id: str, *, ttl: float = 3600.0) -> tuple[str, str]:
+    code = crypto.new_token(16)
+    agent = await store.create_agent(
+        account_id=account_id,
+        name="pc",
+        code_hash=crypto.hash_secret(code),
+        code_expires_at=time.time() + ttl,
+    )
+    return agent.id, code
+
+
+# -- identity and health -----------------------------------------------------------------------
+
+
+async def test_relay_id_is_stable_across_reopen(tmp_path: Path) -> None:
+    """The relay id is made once and survives a restart."""
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    first = await open_store(url)
+    relay_id = await first.relay_id()
+    assert relay_id == await first.relay_id()
+    await first.close()
+    second = await open_store(url)
+    try:
+        assert await second.relay_id() == relay_id
+    finally:
+        await second.close()
+
+
+async def test_ping_fails_after_close(tmp_path: Path) -> None:
+    """A closed store raises StoreError, never a raw sqlite error."""
+    closed = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    await closed.ping()
+    await closed.close()
+    await closed.close()  # idempotent
+    with pytest.raises(StoreError):
+        await closed.ping()
+    with pytest.raises(StoreError):
+        await closed.append_event(make_event("acc", 1), xon_id=None)
+
+
+async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
+    """A database path in a missing directory is a StoreError."""
+    with pytest.raises(StoreError):
+        await open_store(f"sqlite:///{tmp_path / 'missing' / 'relay.db'}")
+
+
+async def test_unknown_store_urls_are_refused() -> None:
+    """redis:// is not available yet; other schemes are unknown."""
+    with pytest.raises(StoreError, match="redis backend not available"):
+        await open_store("redis://127.0.0.1:6379/0")
+    with pytest.raises(StoreError, match="unknown store URL"):
+        await open_store("mysql://x")
+
+
+async def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    """The database is in WAL mode (DESIGN §Storage)."""
+    path = tmp_path / "relay.db"
+    opened = await open_store(f"sqlite:///{path}")
+    try:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await opened.close()
+
+
+# -- accounts ----------------------------------------------------------------------------------
+
+
+async def test_accounts_are_found_by_id_name_and_ingress_hash(store: Store) -> None:
+    """An account can be fetched by id, by name and by its ingress key hash."""
+    key_hash = crypto.hash_secret("k")
+    created = await store.create_account(
+        name="acme", ingress_key_hash=key_hash, xon_api_url="https://x", xon_api_key="s"
+    )
+    assert await store.get_account(created.id) == created
+    assert await store.get_account("acme") == created
+    assert await store.account_by_ingress_hash(key_hash) == created
+    assert await store.account_by_ingress_hash(crypto.hash_secret("other")) is None
+    assert await store.get_account("nobody") is None
+    assert created.xon_api_url == "https://x" and created.xon_api_key == "s"
+
+
+async def test_account_names_are_unique(store: Store) -> None:
+    """A second account with a taken name is a 409 account_exists."""
+    await new_account(store, "acme")
+    with pytest.raises(ApiError) as info:
+        await new_account(store, "acme")
+    assert (info.value.http_status, info.value.code) == (409, "account_exists")
+
+
+async def test_list_accounts_in_creation_order(store: Store) -> None:
+    """list_accounts returns every account, oldest first."""
+    ids = [await new_account(store, name) for name in ("a", "b", "c")]
+    assert [a.id for a in await store.list_accounts()] == ids
+
+
+# -- agents and enrollment -----------------------------------------------------------------------
+
+
+async def test_enrollment_binds_key_and_spends_code(store: Store) -> None:
+    """A valid code enrolls once; the agent then has its public key."""
+    account_id = await new_account(store)
+    agent_id, code = await new_agent(store, account_id)
+    pending = await store.get_agent(agent_id)
+    assert pending is not None and pending.public_key is None and pending.enrolled_at is None
+    enrolled = await store.enroll_agent(
+        code_hash=crypto.hash_secret(code), public_key="PK", now=time.time()
+    )
+    assert (enrolled.id, enrolled.account_id, enrolled.public_key) == (agent_id, account_id, "PK")
+    assert enrolled.enrolled_at is not None
+    with pytest.raises(ApiError) as info:
+        await store.enroll_agent(
+            code_hash=crypto.hash_secret(code), public_key="PK2", now=time.time()
+        )
+    assert (info.value.http_status, info.value.code) == (400, "invalid_code")
+    again = await store.get_agent(agent_id)
+    assert again is not None and again.public_key == "PK"
+
+
+async def test_expired_and_unknown_codes_are_invalid(store: Store) -> None:
+    """An expired or unknown code gets the same invalid_code answer."""
+    account_id = await new_account(store)
+    _, code = await new_agent(store, account_id, ttl=60.0)
+    for code_hash, now in (
+        (crypto.hash_secret(code), time.time() + 61.0),
+        (crypto.hash_secret("guess"), time.time()),
+    ):
+        with pytest.raises(ApiError, match="invalid") as info:
+            await store.enroll_agent(code_hash=code_hash, public_key="PK", now=now)
+        assert info.value.code == "invalid_code"
+
+
+async def test_concurrent_enrollments_spend_a_code_once(store: Store) -> None:
+    """Racing uses of one code: exactly one succeeds."""
+    account_id = await new_account(store)
+    _, code = await new_agent(store, account_id)
+    results = await asyncio.gather(
+        *(
+            store.enroll_agent(
+                code_hash=crypto.hash_secret(code), public_key=f"PK{i}", now=time.time()
+            )
+            for i in range(5)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, ApiError) for r in results if isinstance(r, BaseException))
+
+
+async def test_revoke_marks_agent_and_kills_its_code(store: Store) -> None:
+    """A revoked agent stays revoked, and its unused code no longer enrolls."""
+    account_id = await new_account(store)
+    agent_id, code = await new_agent(store, account_id)
+    revoked = await store.revoke_agent(agent_id, now=123.0)
+    assert revoked is not None and revoked.revoked and revoked.revoked_at == 123.0
+    again = await store.revoke_agent(agent_id, now=456.0)
+    assert again is not None and again.revoked_at == 123.0
+    with pytest.raises(ApiError):
+        await store.enroll_agent(
+            code_hash=crypto.hash_secret(code), public_key="PK", now=time.time()
+        )
+    assert await store.revoke_agent("agt_unknown", now=1.0) is None
+
+
+async def test_list_agents_filters_by_account(store: Store) -> None:
+    """list_agents lists all agents, or one account's."""
+    acc_a, acc_b = await new_account(store, "a"), await new_account(store, "b")
+    a1, _ = await new_agent(store, acc_a)
+    b1, _ = await new_agent(store, acc_b)
+    a2, _ = await new_agent(store, acc_a)
+    assert [a.id for a in await store.list_agents()] == [a1, b1, a2]
+    assert [a.id for a in await store.list_agents(acc_a)] == [a1, a2]
+    assert await store.list_agents("acc_none") == []
+
+
+async def test_touch_agent_records_last_seen(store: Store) -> None:
+    """touch_agent sets last_seen; unknown agents are ignored."""
+    agent_id, _ = await new_agent(store, await new_account(store))
+    await store.touch_agent(agent_id, now=99.5)
+    await store.touch_agent("agt_unknown", now=1.0)
+    agent = await store.get_agent(agent_id)
+    assert agent is not None and agent.last_seen == 99.5
+    assert await store.get_agent("agt_unknown") is None
+
+
+# -- events and cursors ------------------------------------------------------------------------
+
+
+async def test_events_round_trip_byte_exact(store: Store) -> None:
+    """A stored event reads back equal, binary body included."""
+    account_id = await new_account(store)
+    event = make_event(account_id, 1, body=bytes(range(256)) * 3)
+    result = await store.append_event(event, xon_id=None)
+    assert not result.duplicate and result.stored.event == event
+    [read] = await store.read_events(account_id, after=0, limit=10)
+    assert read == result.stored
+    assert read.event.request.body == bytes(range(256)) * 3
+
+
+async def test_read_events_after_and_limit(store: Store) -> None:
+    """read_events returns seq > after, oldest first, at most limit; head_seq is the last."""
+    acc_a, acc_b = await new_account(store, "a"), await new_account(store, "b")
+    seqs = []
+    for n in range(6):
+        seqs.append((await store.append_event(make_event(acc_a, n), xon_id=None)).stored.seq)
+        await store.append_event(make_event(acc_b, n), xon_id=None)
+    assert seqs == sorted(seqs) and len(set(seqs)) == 6
+    assert [e.seq for e in await store.read_events(acc_a, after=0, limit=100)] == seqs
+    assert [e.seq for e in await store.read_events(acc_a, after=seqs[1], limit=3)] == seqs[2:5]
+    assert await store.read_events(acc_a, after=seqs[-1], limit=10) == []
+    assert await store.head_seq(acc_a) == seqs[-1]
+    assert await store.head_seq("acc_empty") == 0
+
+
+async def test_dedup_by_xon_id_only(store: Store) -> None:
+    """Same X-on id → the first copy, duplicate=True; identical events without id are both kept."""
+    account_id = await new_account(store)
+    first = await store.append_event(make_event(account_id, 1), xon_id="x-1")
+    again = await store.append_event(make_event(account_id, 2), xon_id="x-1")
+    assert again.duplicate and again.stored == first.stored
+    other_account = await new_account(store, "other")
+    elsewhere = await store.append_event(make_event(other_account, 3), xon_id="x-1")
+    assert not elsewhere.duplicate
+    e1 = await store.append_event(make_event(account_id, 4), xon_id=None)
+    e2 = await store.append_event(make_event(account_id, 4), xon_id=None)
+    assert not e1.duplicate and not e2.duplicate and e1.stored.seq < e2.stored.seq
+    assert len(await store.read_events(account_id, after=0, limit=10)) == 3
+
+
+async def test_dedup_within_one_batch(store: Store) -> None:
+    """Duplicates committed in the same batch still resolve to the first copy."""
+    account_id = await new_account(store)
+    results = await asyncio.gather(
+        *(store.append_event(make_event(account_id, n), xon_id="same") for n in range(5))
+    )
+    assert [r.duplicate for r in results] == [False, True, True, True, True]
+    assert {r.stored.event.id for r in results} == {results[0].stored.event.id}
+    assert len(await store.read_events(account_id, after=0, limit=10)) == 1
+
+
+async def test_seq_is_never_reused(tmp_path: Path) -> None:
+    """Seqs keep increasing across a reopen (AUTOINCREMENT)."""
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    first = await open_store(url)
+    account_id = await new_account(first)
+    last = (await first.append_event(make_event(account_id, 1), xon_id=None)).stored.seq
+    await first.close()
+    second = await open_store(url)
+    try:
+        seq = (await second.append_event(make_event(account_id, 2), xon_id=None)).stored.seq
+        assert seq > last
+    finally:
+        await second.close()
+
+
+async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    """Group commit: many concurrent appends take fewer commits than events."""
+    store = await SqliteStore.open(tmp_path / "relay.db")
+    try:
+        account_id = await new_account(store)
+        before = store.commit_count
+        results = await asyncio.gather(
+            *(store.append_event(make_event(account_id, n), xon_id=None) for n in range(100))
+        )
+        commits = store.commit_count - before
+        assert 1 <= commits < 100
+        seqs = [r.stored.seq for r in results]
+        assert len(set(seqs)) == 100
+        assert len(await store.read_events(account_id, after=0, limit=1000)) == 100
+    finally:
+        await store.close()
+
+
+async def test_close_commits_queued_appends(tmp_path: Path) -> None:
+    """Appends already queued when close starts are committed, not dropped."""
+    store = await SqliteStore.open(tmp_path / "relay.db")
+    account_id = await new_account(store)
+    # gather starts the appends first (FIFO), so all are queued when close() begins.
+    *results, _ = await asyncio.gather(
+        *(store.append_event(make_event(account_id, n), xon_id=None) for n in range(20)),
+        store.close(),
+    )
+    reopened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    try:
+        stored = await reopened.read_events(account_id, after=0, limit=100)
+        assert [e.seq for e in stored] == [
+            r.stored.seq for r in results if isinstance(r, AppendResult)
+        ]
+        assert len(stored) == 20
+    finally:
+        await reopened.close()
+
+
+async def test_cursors_default_to_zero_and_persist(store: Store) -> None:
+    """get_cursor is 0 until set_cursor; unknown agents read 0."""
+    agent_id, _ = await new_agent(store, await new_account(store))
+    assert await store.get_cursor(agent_id) == 0
+    await store.set_cursor(agent_id, 42)
+    assert await store.get_cursor(agent_id) == 42
+    assert await store.get_cursor("agt_unknown") == 0
