@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import string
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -111,8 +112,12 @@ def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
 
 
 def new_token(nbytes: int = 32) -> str:
-    """A URL-safe random secret (default 256 bits)."""
-    return secrets.token_urlsafe(nbytes)
+    """A URL-safe random secret (default 256 bits of randomness).
+
+    It starts with a letter so that it never reads as an option on a command line
+    (``--code -abc`` would be parsed as a flag).
+    """
+    return secrets.choice(string.ascii_letters) + secrets.token_urlsafe(nbytes)
 
 
 def new_nonce() -> str:

@@ -1,0 +1,171 @@
+"""Enrollment: register this PC's public key with the relay and write the agent's data dir.
+
+The one-time code proves the operator's intent; the key pair is made here and the private key
+never leaves the data dir (DESIGN §Link protocol, Auth). Files holding secrets are 0600 and the
+directory 0700 (DESIGN §Agent local API: the token is readable by its user only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from shared import crypto
+from shared.errors import ApiError, ConfigError, UpstreamError
+from shared.files import ensure_private_dir, write_private_file
+
+__all__ = [
+    "Enrollment",
+    "check_relay_url",
+    "is_loopback_host",
+    "is_enrolled",
+    "register",
+    "write_enrollment",
+    "KEY_FILE",
+    "TOKEN_FILE",
+    "CONFIG_FILE",
+    "STATE_FILE",
+    "INBOX_FILE",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "agent.key"
+TOKEN_FILE = "local-token"
+CONFIG_FILE = "config.toml"
+STATE_FILE = "agent.json"
+"""Written by ``run`` once listening: the local API URL and the pid (for ``status``)."""
+INBOX_FILE = "inbox.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    agent_id: str
+    account_id: str
+    relay_id: str
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_relay_url(url: str, *, insecure: bool) -> bool:
+    """Refuse a relay URL the agent must not use; return True when it is plain http.
+
+    DESIGN §Command line: https for any relay host; http only for a loopback relay or with
+    ``--insecure``.
+
+    Raises:
+        ConfigError: not an http(s) URL with a host, or http to a non-loopback host without
+            ``insecure``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"relay URL must be https://HOST[:PORT], got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"relay URL must not have a query or fragment, got {url!r}")
+    plain = parts.scheme == "http"
+    if plain and not insecure and not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"refusing plain http:// to {parts.hostname}: use https://, or --insecure to "
+            "accept an unencrypted link"
+        )
+    return plain
+
+
+def is_enrolled(data_dir: Path) -> bool:
+    return (data_dir / KEY_FILE).exists() or (data_dir / CONFIG_FILE).exists()
+
+
+async def register(
+    relay_url: str, *, code: str, public_key: str, name: str = "", timeout: float = 30.0
+) -> Enrollment:
+    """POST the code and public key to ``<relay>/v1/enroll``.
+
+    Raises:
+        ApiError: the relay refused (e.g. 400 ``invalid_code``), with its code and message.
+        UpstreamError: the relay is unreachable or answered something unusable.
+    """
+    body: dict[str, Any] = {"code": code, "public_key": public_key}
+    if name:
+        body["name"] = name
+    url = relay_url.rstrip("/") + "/v1/enroll"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.post(url, json=body) as response:
+                status = response.status
+                try:
+                    data = await response.json(content_type=None)
+                except ValueError:
+                    data = None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise UpstreamError(f"cannot reach the relay at {relay_url}: {detail}") from exc
+    if status >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            raise ApiError(status, str(error.get("code", "error")), str(error.get("message", "")))
+        raise ApiError(status, "enroll_failed", f"the relay answered HTTP {status}")
+    if not isinstance(data, dict):
+        raise UpstreamError("the relay's enrollment answer is not a JSON object")
+    try:
+        return Enrollment(
+            agent_id=_text(data, "agent_id"),
+            account_id=_text(data, "account_id"),
+            relay_id=_text(data, "relay_id"),
+        )
+    except (KeyError, TypeError) as exc:
+        raise UpstreamError(f"the relay's enrollment answer is malformed ({exc})") from exc
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{key} must be a non-empty string")
+    return value
+
+
+def _toml_str(value: str) -> str:
+    # A JSON string is a valid TOML basic string for everything json.dumps emits.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_enrollment(
+    data_dir: Path,
+    *,
+    key: crypto.Ed25519PrivateKey,
+    enrollment: Enrollment,
+    relay_url: str,
+    listen: str,
+    insecure: bool,
+) -> None:
+    """Write agent.key, local-token (kept if present) and config.toml into ``data_dir``."""
+    ensure_private_dir(data_dir)
+    data_dir.chmod(0o700)
+    write_private_file(data_dir / KEY_FILE, crypto.private_key_to_pem(key))
+    token = data_dir / TOKEN_FILE
+    if not token.exists():
+        write_private_file(token, crypto.new_token() + "\n")
+    lines = [
+        f"relay_url = {_toml_str(relay_url.rstrip('/'))}",
+        f"agent_id = {_toml_str(enrollment.agent_id)}",
+        f"relay_id = {_toml_str(enrollment.relay_id)}",
+        f"data_dir = {_toml_str(str(data_dir.resolve()))}",
+        f"listen = {_toml_str(listen)}",
+    ]
+    if insecure:
+        lines.append("insecure = true")
+    write_private_file(data_dir / CONFIG_FILE, "\n".join(lines) + "\n")
+    log.info("agent.enrolled", extra={"agent_id": enrollment.agent_id})

@@ -1,0 +1,357 @@
+"""The agent's local inbox: a SQLite log of the events the relay delivered.
+
+DESIGN principle 1: the agent acks an event to the relay only after it is committed here, so the
+database runs in WAL mode with ``synchronous=FULL`` (a commit survives a power cut). Every
+statement runs in one worker thread, which owns the connection; the event loop never blocks on
+disk.
+
+Each stored event gets a *cursor* (``INTEGER PRIMARY KEY AUTOINCREMENT``: increasing, never
+reused, even after pruning). Local apps read by cursor (DESIGN §Agent local API). The relay's
+``seq`` is kept separately: ``last_seq()`` is the resume point sent in ``hello``.
+
+Duplicates (same event ``id``, DESIGN principle 1) are not stored twice, but their seq still
+moves ``last_seq`` so that the relay does not send them again.
+
+Retention (by count and by age) deletes the oldest events and records the highest cursor it
+deleted, so a reader who fell behind it gets a clear :class:`CursorExpired` instead of silently
+missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared.errors import ApiError, StoreError
+
+__all__ = ["Inbox", "InboxEvent", "InboxStats", "CommitResult", "CursorExpired", "offline_stats"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    cursor      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    seq         INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    stored_at   REAL NOT NULL,
+    event       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+class CursorExpired(ApiError):
+    """The reader's cursor is older than what retention kept (410)."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(
+            410,
+            "cursor_expired",
+            f"cursor {after} was pruned by retention; the oldest available cursor is "
+            f"{oldest} (read with after={oldest} to continue, or without after to start over)",
+        )
+        self.oldest = oldest
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEvent:
+    cursor: int
+    event: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The event object of DESIGN §Agent local API, with its cursor as an opaque string."""
+        return {**self.event, "cursor": str(self.cursor)}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    stored: int
+    """Events newly stored (duplicates excluded)."""
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxStats:
+    events: int
+    last_cursor: int
+    last_seq: int
+    pruned_cursor: int
+
+
+class Inbox:
+    """The SQLite inbox. Build it with :meth:`open`; :meth:`close` it when done."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_events: int | None,
+        max_age: float | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_events = max_events
+        self.max_age = max_age
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox")
+        self._db: sqlite3.Connection | None = None
+        self._last_seq = 0
+        self._last_cursor = 0
+        self._pruned_cursor = 0
+        self._changed = asyncio.Event()
+        self._released = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        max_events: int | None = None,
+        max_age: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Inbox:
+        inbox = cls(path, max_events=max_events, max_age=max_age, clock=clock)
+        try:
+            await inbox._run(inbox._open_sync)
+        except BaseException:
+            inbox._executor.shutdown(wait=False)
+            raise
+        return inbox
+
+    async def close(self) -> None:
+        self.release_waiters()
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    # -- state kept in memory, mirrored from the database -------------------------------------
+
+    def last_seq(self) -> int:
+        """Highest relay seq committed: the resume point for the next ``hello``."""
+        return self._last_seq
+
+    @property
+    def last_cursor(self) -> int:
+        return self._last_cursor
+
+    @property
+    def pruned_cursor(self) -> int:
+        """Highest cursor retention deleted (0: none)."""
+        return self._pruned_cursor
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def commit(self, items: Sequence[tuple[int, dict[str, Any]]]) -> CommitResult:
+        """Store ``(seq, event)`` pairs in one transaction; return after it is durable.
+
+        Then wake long-polls and apply retention.
+
+        Raises:
+            StoreError: the database failed; nothing was committed (do not ack).
+        """
+        result = await self._run(self._commit_sync, list(items))
+        if result.stored:
+            self._wake()
+        if self.max_events is not None and self._count_maybe_over():
+            await self.prune()
+        return result
+
+    async def prune(self) -> int:
+        """Apply retention now; return how many events were deleted."""
+        return await self._run(self._prune_sync)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def read(self, after: int | None, limit: int) -> list[InboxEvent]:
+        """Events with cursor > ``after``, oldest first; ``None`` means from the oldest kept.
+
+        Raises:
+            CursorExpired: ``after`` is below the highest pruned cursor.
+        """
+        rows = await self._run(self._read_sync, after, limit)
+        return [InboxEvent(cursor, json.loads(text)) for cursor, text in rows]
+
+    async def wait_beyond(self, after: int | None, timeout: float) -> None:
+        """Return once an event with cursor > ``after`` is committed, or after ``timeout``."""
+        threshold = 0 if after is None else after
+        try:
+            async with asyncio.timeout(timeout):
+                while self._last_cursor <= threshold and not self._released:
+                    await self._changed.wait()
+        except TimeoutError:
+            return
+
+    def release_waiters(self) -> None:
+        """Wake every long-poll for good (shutdown): they answer with what they have."""
+        self._released = True
+        self._wake()
+
+    async def stats(self) -> InboxStats:
+        count = await self._run(self._count_sync)
+        return InboxStats(count, self._last_cursor, self._last_seq, self._pruned_cursor)
+
+    # -- worker-thread side --------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"inbox database {self.path}: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        assert self._db is not None, "inbox is closed"
+        return self._db
+
+    def _open_sync(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # DESIGN principle 1: an acked event must survive a crash or power cut.
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self._last_seq = int(meta.get("last_seq", 0))
+        self._pruned_cursor = int(meta.get("pruned_cursor", 0))
+        self._last_cursor = int(row[0]) if row else 0
+
+    def _commit_sync(self, items: list[tuple[int, dict[str, Any]]]) -> CommitResult:
+        db = self._conn()
+        now = self._clock()
+        stored = 0
+        last_seq = self._last_seq
+        last_cursor = self._last_cursor
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for seq, event in items:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO events (id, seq, received_at, stored_at, event)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        str(event["id"]),
+                        seq,
+                        str(event.get("received_at", "")),
+                        now,
+                        json.dumps(event, separators=(",", ":"), ensure_ascii=False),
+                    ),
+                )
+                if cur.rowcount == 1:
+                    stored += 1
+                    last_cursor = max(last_cursor, int(cur.lastrowid or 0))
+                # A duplicate's seq counts too: the relay must not send it again.
+                last_seq = max(last_seq, seq)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_seq', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (last_seq,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._last_seq = last_seq
+        self._last_cursor = last_cursor
+        return CommitResult(stored, last_seq)
+
+    def _count_maybe_over(self) -> bool:
+        assert self.max_events is not None
+        return self._last_cursor - self._pruned_cursor > self.max_events
+
+    def _prune_sync(self) -> int:
+        db = self._conn()
+        cutoffs: list[int] = []
+        if self.max_events is not None:
+            row = db.execute(
+                "SELECT cursor FROM events ORDER BY cursor DESC LIMIT 1 OFFSET ?",
+                (self.max_events,),
+            ).fetchone()
+            if row:
+                cutoffs.append(int(row[0]))
+        if self.max_age is not None:
+            row = db.execute(
+                "SELECT MAX(cursor) FROM events WHERE stored_at < ?",
+                (self._clock() - self.max_age,),
+            ).fetchone()
+            if row and row[0] is not None:
+                cutoffs.append(int(row[0]))
+        if not cutoffs:
+            return 0
+        cutoff = max(cutoffs)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = db.execute("DELETE FROM events WHERE cursor <= ?", (cutoff,)).rowcount
+            pruned = max(self._pruned_cursor, cutoff)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('pruned_cursor', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (pruned,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._pruned_cursor = pruned
+        return int(deleted)
+
+    def _read_sync(self, after: int | None, limit: int) -> list[tuple[int, str]]:
+        # Checked here, in the thread that prunes, so a prune cannot slip in between.
+        if after is not None and after < self._pruned_cursor:
+            raise CursorExpired(after, self._pruned_cursor)
+        rows = self._conn().execute(
+            "SELECT cursor, event FROM events WHERE cursor > ? ORDER BY cursor LIMIT ?",
+            (self._pruned_cursor if after is None else after, limit),
+        )
+        return [(int(c), str(e)) for c, e in rows]
+
+    def _count_sync(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    # -- long-poll wake-up ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        # One Event per generation: waiters of this generation wake, later ones wait anew.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+def offline_stats(path: Path) -> InboxStats | None:
+    """Counts from an inbox no agent has open (``status``); ``None`` if there is no inbox.
+
+    Opened read-only so that looking never creates or changes anything.
+    """
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            count = int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"inbox database {path}: {exc}") from exc
+    return InboxStats(
+        count,
+        int(row[0]) if row else 0,
+        int(meta.get("last_seq", 0)),
+        int(meta.get("pruned_cursor", 0)),
+    )

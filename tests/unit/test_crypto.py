@@ -1,0 +1,168 @@
+"""shared/crypto.py (agent auth signatures, secrets) and shared/files.py (secret files)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared import crypto
+from shared.files import ensure_private_dir, write_private_file
+
+RELAY, AGENT, NONCE = "relay-1", "agent-1", "nonce-1"
+
+
+@pytest.fixture
+def key() -> crypto.Ed25519PrivateKey:
+    return crypto.generate_private_key()
+
+
+def test_signature_verifies(key: crypto.Ed25519PrivateKey) -> None:
+    """A signature over (relay id, agent id, nonce) verifies with the agent's public key."""
+    sig = crypto.sign_auth(key, RELAY, AGENT, NONCE)
+    assert crypto.verify_auth(crypto.public_key_b64(key), sig, RELAY, AGENT, NONCE)
+
+
+@pytest.mark.parametrize(
+    ("relay", "agent", "nonce"),
+    [("relay-2", AGENT, NONCE), (RELAY, "agent-2", NONCE), (RELAY, AGENT, "nonce-2")],
+)
+def test_signature_is_bound_to_relay_agent_and_nonce(
+    key: crypto.Ed25519PrivateKey, relay: str, agent: str, nonce: str
+) -> None:
+    """Changing the relay id, the agent id or the nonce makes the signature fail."""
+    sig = crypto.sign_auth(key, RELAY, AGENT, NONCE)
+    assert not crypto.verify_auth(crypto.public_key_b64(key), sig, relay, agent, nonce)
+
+
+def test_parts_cannot_be_shifted_across_separators(key: crypto.Ed25519PrivateKey) -> None:
+    """("ab", "c") and ("a", "bc") sign different messages."""
+    sig = crypto.sign_auth(key, "ab", "c", NONCE)
+    assert not crypto.verify_auth(crypto.public_key_b64(key), sig, "a", "bc", NONCE)
+
+
+def test_another_key_does_not_verify(key: crypto.Ed25519PrivateKey) -> None:
+    """A signature by one key does not verify under another agent's public key."""
+    other = crypto.generate_private_key()
+    sig = crypto.sign_auth(key, RELAY, AGENT, NONCE)
+    assert not crypto.verify_auth(crypto.public_key_b64(other), sig, RELAY, AGENT, NONCE)
+
+
+@pytest.mark.parametrize("public_key", ["", "!!!", "abc", "A" * 43 + "é", "AAAA" * 20])
+def test_garbage_public_key_is_false(key: crypto.Ed25519PrivateKey, public_key: str) -> None:
+    """A malformed public key gives False, never an exception."""
+    sig = crypto.sign_auth(key, RELAY, AGENT, NONCE)
+    assert not crypto.verify_auth(public_key, sig, RELAY, AGENT, NONCE)
+    assert not crypto.valid_public_key(public_key)
+
+
+@pytest.mark.parametrize("signature", ["", "!!!", "abc", "é", "A" * 86, "A" * 200])
+def test_garbage_signature_is_false(key: crypto.Ed25519PrivateKey, signature: str) -> None:
+    """A malformed or wrong signature gives False, never an exception."""
+    assert not crypto.verify_auth(crypto.public_key_b64(key), signature, RELAY, AGENT, NONCE)
+
+
+def test_nul_in_a_part_is_false_not_an_error(key: crypto.Ed25519PrivateKey) -> None:
+    """A nonce or id containing NUL cannot be signed, and verifying it answers False."""
+    with pytest.raises(ValueError):
+        crypto.auth_message(RELAY, AGENT, "a\x00b")
+    sig = crypto.sign_auth(key, RELAY, AGENT, NONCE)
+    assert not crypto.verify_auth(crypto.public_key_b64(key), sig, RELAY, "x\x00", NONCE)
+
+
+def test_public_key_is_valid(key: crypto.Ed25519PrivateKey) -> None:
+    """public_key_b64 is 32 raw bytes in unpadded base64url."""
+    pub = crypto.public_key_b64(key)
+    assert crypto.valid_public_key(pub)
+    assert len(pub) == 43
+    assert "=" not in pub
+
+
+def test_private_key_pem_round_trip(key: crypto.Ed25519PrivateKey) -> None:
+    """A key written as PEM loads back as the same key."""
+    loaded = crypto.private_key_from_pem(crypto.private_key_to_pem(key))
+    assert crypto.public_key_b64(loaded) == crypto.public_key_b64(key)
+
+
+def test_private_key_from_pem_refuses_other_keys() -> None:
+    """A PEM file holding an EC key, or garbage, raises ValueError."""
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(ValueError):
+        crypto.private_key_from_pem(ec_pem)
+    with pytest.raises(ValueError):
+        crypto.private_key_from_pem(b"-----BEGIN PRIVATE KEY-----\nnope\n")
+
+
+def test_constant_time_equal() -> None:
+    """Equal secrets compare equal, as str or bytes; different ones do not."""
+    assert crypto.constant_time_equal("s3cret", "s3cret")
+    assert crypto.constant_time_equal("s3cret", b"s3cret")
+    assert crypto.constant_time_equal("café", "café")
+    assert not crypto.constant_time_equal("s3cret", "s3creT")
+    assert not crypto.constant_time_equal("s3cret", "s3cret!")
+    assert not crypto.constant_time_equal(b"", b"x")
+
+
+def test_tokens_and_nonces_are_fresh_and_long() -> None:
+    """new_token/new_nonce carry at least 128 bits and do not repeat."""
+    tokens = {crypto.new_token() for _ in range(50)} | {crypto.new_nonce() for _ in range(50)}
+    assert len(tokens) == 100
+    assert all(len(t) >= 22 for t in tokens)
+
+
+def test_hash_secret() -> None:
+    """hash_secret is SHA-256 hex: stable, 64 characters, not the secret."""
+    h = crypto.hash_secret("key")
+    assert h == crypto.hash_secret("key")
+    assert len(h) == 64
+    assert h != crypto.hash_secret("key2")
+
+
+# -- shared/files.py ---------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_private_file_is_0600(tmp_path: Path) -> None:
+    """A secret file is written owner-only, with its content, and no temp file left."""
+    path = tmp_path / "local-token"
+    write_private_file(path, "t0ken")
+    assert path.read_text() == "t0ken"
+    assert _mode(path) == 0o600
+    assert os.listdir(tmp_path) == ["local-token"]
+
+
+def test_private_file_rewrite_tightens_mode(tmp_path: Path) -> None:
+    """Rewriting a world-readable file leaves it 0600 with the new bytes."""
+    path = tmp_path / "agent.key"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    write_private_file(path, b"\x00new")
+    assert path.read_bytes() == b"\x00new"
+    assert _mode(path) == 0o600
+
+
+def test_private_file_ignores_a_stale_temp_file(tmp_path: Path) -> None:
+    """A leftover world-readable temp file from a crash does not make the secret readable."""
+    stale = tmp_path / ".secret.tmp"
+    stale.write_bytes(b"junk")
+    stale.chmod(0o666)
+    write_private_file(tmp_path / "secret", b"s")
+    assert _mode(tmp_path / "secret") == 0o600
+
+
+def test_private_dir_is_0700(tmp_path: Path) -> None:
+    """A new data directory (with parents) is owner-only."""
+    path = ensure_private_dir(tmp_path / "a" / "data")
+    assert path.is_dir()
+    assert _mode(path) & 0o077 == 0
