@@ -2,7 +2,7 @@
 
 Every request needs ``Authorization: Bearer <admin token>``, compared in constant time. Secrets
 are shown once at creation (the ingress URL, the enrollment code) and stored only as hashes;
-X-on API keys are never returned.
+X-on API keys are never returned (only whether one is set) and never logged.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from shared import crypto
 from shared.errors import ApiError, Unauthorized
@@ -47,6 +48,23 @@ def _name(data: dict[str, object], field: str, *, default: str | None = None) ->
     value = string_field(data, field).strip()
     if not value or len(value) > _MAX_NAME or not value.isprintable():
         raise ApiError(400, "bad_request", f"{field!r} must be 1-{_MAX_NAME} printable characters")
+    return value
+
+
+def _xon_api_url(data: dict[str, object]) -> str | None:
+    """The ``xon_api_url`` field if given: empty (no X-on API) or an http(s) URL with a host."""
+    if "xon_api_url" not in data:
+        return None
+    value = string_field(data, "xon_api_url", required=False).strip()
+    if value:
+        try:
+            url = URL(value)
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host or url.query_string:
+            raise ApiError(
+                400, "bad_request", "'xon_api_url' must be an http(s) URL without a query"
+            )
     return value
 
 
@@ -85,7 +103,7 @@ async def create_account(request: web.Request) -> web.Response:
     services = request.app[services_key]
     data = await read_json_object(request)
     name = _name(data, "name")
-    xon_api_url = string_field(data, "xon_api_url", required=False)
+    xon_api_url = _xon_api_url(data) or ""
     xon_api_key = string_field(data, "xon_api_key", required=False)
     ingress_key = crypto.new_token(24)  # 192 bits (DESIGN: ≥128)
     account = await services.store.create_account(
@@ -115,6 +133,28 @@ async def list_accounts(request: web.Request) -> web.Response:
 async def get_account(request: web.Request) -> web.Response:
     account = await _account(request.app[services_key], request.match_info["account"])
     return web.json_response(_account_json(account))
+
+
+@routes.patch("/v1/accounts/{account}")
+async def update_account(request: web.Request) -> web.Response:
+    """Change the account's X-on API URL and/or key; fields left out stay as they are."""
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    data = await read_json_object(request)
+    unknown = set(data) - {"xon_api_url", "xon_api_key"}
+    if unknown or not data:
+        raise ApiError(400, "bad_request", "give xon_api_url and/or xon_api_key, nothing else")
+    xon_api_url = _xon_api_url(data)
+    xon_api_key = (
+        string_field(data, "xon_api_key", required=False) if "xon_api_key" in data else None
+    )
+    updated = await services.store.update_account(
+        account.id, xon_api_url=xon_api_url, xon_api_key=xon_api_key
+    )
+    if updated is None:
+        raise ApiError(404, "unknown_account", f"no account {account.id!r}")
+    log.info("account.updated", extra={"account": account.id, "fields": sorted(data)})
+    return web.json_response(_account_json(updated))
 
 
 @routes.post("/v1/accounts/{account}/agents")

@@ -3,7 +3,9 @@
 All protocol decisions live in ``shared/link/session.py`` (DESIGN principle 4). This module only
 moves messages between the WebSocket and the session, answers the session's questions from the
 store (who is this agent? where is its cursor?), and feeds it events from the account's log
-while the window has room (STYLE §7).
+while the window has room (STYLE §7). It also sends the account's status snapshot right after
+the handshake, then status changes, and runs each CTOX command in its own task so that the pump
+keeps reading while X-on answers (relay_server/ctox.py).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from shared.link.session import (
 from shared.logs import bind
 
 from .appkeys import config_key, hub_key
+from .ctox import refusal
 from .hub import AgentHub
+from .store.base import StatusItem
 
 __all__ = ["handle", "AgentLink"]
 
@@ -100,10 +104,25 @@ class AgentLink:
         self._may_send = True
         self._closing = False
         self._done = asyncio.Event()
+        self._commands: set[asyncio.Task[None]] = set()
+        # Status pushes that arrive between registration and the snapshot, newest per item;
+        # None once the snapshot went out (DESIGN §Link protocol, Status: snapshot first).
+        self._early_status: dict[str, StatusItem] | None = {}
 
     # -- called by the hub ----------------------------------------------------------------------
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def push_status(self, items: list[StatusItem]) -> None:
+        """Queue changed status items; the sender writes them (never blocks ingress)."""
+        if self._early_status is not None:
+            for item in items:
+                known = self._early_status.get(item.key)
+                if known is None or item.seq > known.seq:
+                    self._early_status[item.key] = item
+            return
+        self.session.send_status([item.to_json() for item in items])
         self._wake.set()
 
     async def close(self, code: int, reason: str) -> None:
@@ -175,6 +194,7 @@ class AgentLink:
             # Bookkeeping first: the server may cancel this handler while it cleans up.
             self.hub.detach(self)
             try:
+                await self._stop_commands()
                 await self._stop_sender()
                 if self._closer is not None:
                     await self._closer
@@ -221,6 +241,7 @@ class AgentLink:
                 self.log.info(
                     "agent.connected", extra={"account": account_id, "resume_after": resume}
                 )
+                await self._send_snapshot(account_id)
                 if self._may_send:
                     self._sender = asyncio.create_task(self._send_events())
                     self._wake.set()
@@ -228,12 +249,7 @@ class AgentLink:
                 await self.hub.store.set_cursor(self.agent_id or "", seq)
                 self._wake.set()
             case CommandReceived(command=command):
-                # CTOX commands come with a later issue; refuse them clearly meanwhile.
-                self.session.send_command_result(
-                    frames.CommandResult(
-                        request_id=command.request_id, status=501, error="not_implemented"
-                    )
-                )
+                self._start_command(command)
             case AuthFailed(reason=reason):
                 self.log.warning("agent.auth_failed", extra={"reason": reason})
             case PeerError(code=code, message=message):
@@ -241,7 +257,10 @@ class AgentLink:
             case Closed():
                 return True
             case (
-                Welcomed() | EventReceived() | CommandResultReceived() | StatusReceived()
+                Welcomed()
+                | EventReceived()
+                | CommandResultReceived()
+                | StatusReceived()
                 | GoingAway()
             ):
                 pass  # agent-side events: a RelaySession never emits them
@@ -263,6 +282,60 @@ class AgentLink:
         else:
             self.session.agent_found(agent.public_key, agent.account_id)
 
+    async def _send_snapshot(self, account_id: str) -> None:
+        """The account's whole status before any event (DESIGN §Link protocol, Status)."""
+        items = await self.hub.store.status_snapshot(account_id)
+        self.session.send_status([item.to_json() for item in items], snapshot=True)
+        early, self._early_status = self._early_status or {}, None
+        # A change pushed while the snapshot was being read may be missing from it.
+        seqs = {item.key: item.seq for item in items}
+        newer = [item for item in early.values() if item.seq > seqs.get(item.key, 0)]
+        if newer:
+            self.session.send_status([item.to_json() for item in newer])
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _start_command(self, command: frames.Command) -> None:
+        ctox = self.hub.ctox
+        if ctox is None:
+            # A hub built without CTOX egress (link-only tests, tools) cannot send commands.
+            self.session.send_command_result(
+                refusal(
+                    501,
+                    "not_implemented",
+                    "this relay sends no commands",
+                    request_id=command.request_id,
+                )
+            )
+        elif len(self._commands) >= ctox.config.max_per_link:
+            self.session.send_command_result(
+                refusal(
+                    429,
+                    "rate_limited",
+                    "too many commands pending on this link",
+                    request_id=command.request_id,
+                    retry_after=1,
+                )
+            )
+        else:
+            task = asyncio.create_task(self._run_command(command))
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+
+    async def _run_command(self, command: frames.Command) -> None:
+        assert self.hub.ctox is not None and self.account_id is not None
+        result = await self.hub.ctox.execute(self.account_id, command)
+        self.session.send_command_result(result)
+        await self._flush()
+
+    async def _stop_commands(self) -> None:
+        """Stop waiting for results nobody can receive; X-on calls run on (ctox.py)."""
+        tasks = list(self._commands)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
     def _report_failure(self) -> None:
         """WARNING for a link the peer broke (STYLE §6); the error names no secret."""
         error = self.session.error
@@ -283,6 +356,7 @@ class AgentLink:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                await self._flush()  # status changes queued by push_status()
                 while session.can_offer:
                     # Reading no more than the free slots is the back-pressure (STYLE §2 rule 4).
                     limit = self._free_slots()

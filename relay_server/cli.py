@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("name", metavar="NAME")
     add.add_argument("--xon-api-url", default="")
     add.add_argument("--xon-api-key", default="")
+    account_set = account_sub.add_parser(
+        "set", parents=[admin], help="change an account's X-on API URL or key"
+    )
+    account_set.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    account_set.add_argument("--xon-api-url", default=None, help="X-on API base URL ('' clears)")
+    account_set.add_argument("--xon-api-key", default=None, help="X-on API key (never printed)")
 
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -344,6 +350,30 @@ def _cmd_account_add(args: argparse.Namespace, admin: _Admin) -> int:
     return 0
 
 
+def _cmd_account_set(args: argparse.Namespace, admin: _Admin) -> int:
+    body = {
+        name: value
+        for name, value in (("xon_api_url", args.xon_api_url), ("xon_api_key", args.xon_api_key))
+        if value is not None
+    }
+    if not body:
+        raise CliFailure("nothing to change: give --xon-api-url and/or --xon-api-key")
+    res = _call(admin, "PATCH", f"/v1/accounts/{_quote(args.account)}", body)
+    summary = {
+        "id": res["id"],
+        "name": res["name"],
+        "xon_api_url": res["xon_api_url"],
+        "xon_api_key_set": res["xon_api_key_set"],
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        key_state = "set" if res["xon_api_key_set"] else "not set"
+        print(f"account {res['name']} ({res['id']}) updated")
+        print(f"  X-on API URL: {res['xon_api_url'] or '(none)'}; X-on API key: {key_state}")
+    return 0
+
+
 def _cmd_agent_add(args: argparse.Namespace, admin: _Admin) -> int:
     body = {} if args.name is None else {"name": args.name}
     res = _call(admin, "POST", f"/v1/accounts/{_quote(args.account)}/agents", body)
@@ -411,6 +441,8 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     match (args.command, args.action):
         case ("account", "add"):
             return _cmd_account_add(args, admin)
+        case ("account", "set"):
+            return _cmd_account_set(args, admin)
         case ("agent", "add"):
             return _cmd_agent_add(args, admin)
         case ("agent", "list"):

@@ -3,7 +3,8 @@
 Each WebSocket on ``/v1/agent`` is one :class:`~relay_server.agent_ws.AgentLink`. The hub knows
 every open connection (so that shutdown reaches all of them) and, once a link authenticated, maps
 its agent id to it: one link per agent, the newest wins (DESIGN §Link protocol). Ingress calls
-:meth:`AgentHub.notify` after a commit so that the links of that account read the store again.
+:meth:`AgentHub.notify` after a commit so that the links of that account read the store again,
+and :meth:`AgentHub.push_status` when a status item changed (DESIGN §Link protocol, Status).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from shared.config import LinkConfig
 
-from .store.base import Store
+from .store.base import StatusItem, Store
 
 if TYPE_CHECKING:
     from .agent_ws import AgentLink
+    from .ctox import CtoxService
 
 __all__ = ["AgentHub"]
 
@@ -34,12 +36,20 @@ class AgentHub:
         link: link protocol settings (window, auth timeout, ping, message size).
         close_timeout: seconds a closing link may take (error frame, close handshake) before
             its connection is dropped.
+        ctox: performs the agents' CTOX commands; ``None`` refuses them (503).
     """
 
     def __init__(
-        self, store: Store, *, relay_id: str, link: LinkConfig, close_timeout: float = 10.0
+        self,
+        store: Store,
+        *,
+        relay_id: str,
+        link: LinkConfig,
+        close_timeout: float = 10.0,
+        ctox: CtoxService | None = None,
     ) -> None:
         self.store = store
+        self.ctox = ctox
         self.relay_id = relay_id
         self.link = link
         self.close_timeout = close_timeout
@@ -57,6 +67,11 @@ class AgentHub:
         """New events of ``account_id`` are committed: wake the links that deliver them."""
         for link in self._accounts.get(account_id, ()):
             link.wake()
+
+    def push_status(self, account_id: str, items: list[StatusItem]) -> None:
+        """Status items of ``account_id`` changed: send them to its connected agents."""
+        for link in self._accounts.get(account_id, ()):
+            link.push_status(items)
 
     async def disconnect(self, agent_id: str, code: int, reason: str) -> bool:
         """Close every connection of ``agent_id`` now (e.g. revoked), handshaking ones too.

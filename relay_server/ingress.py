@@ -1,7 +1,9 @@
 """X-on ingress: ``GET|POST /xon/{ingress_key}[/{event_type}]`` (DESIGN §Relay server endpoints).
 
 The request is kept losslessly (DESIGN principle 2) and answered 2xx only after the store
-committed it (principle 1); then the hub is told so connected agents get it at once.
+committed it (principle 1); then the hub is told so connected agents get it at once. A status
+event (``ServerConfig.status``) also updates the account's status cache, and a changed item is
+pushed to the connected agents (DESIGN §Link protocol, Status).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import time
 from aiohttp import web
 
 from shared import crypto
-from shared.errors import ApiError
+from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, format_time, parse_ingress
 
 from .appkeys import config_key, hub_key, store_key
+from .hub import AgentHub
+from .status import status_item
+from .store.base import Store, StoredEvent
 
 __all__ = ["routes", "new_event_id"]
 
@@ -81,9 +86,10 @@ async def ingress(request: web.Request) -> web.Response:
         request=raw,
     )
     result = await store.append_event(event, xon_id=parsed.xon_id)
+    stored = result.stored
     if not result.duplicate:
         app[hub_key].notify(account.id)
-    stored = result.stored
+        await _update_status(store, app[hub_key], stored, app[config_key].status.types)
     log.info(
         "ingress.accepted",
         extra={
@@ -96,6 +102,23 @@ async def ingress(request: web.Request) -> web.Response:
         },
     )
     return web.json_response({"id": stored.event.id, "duplicate": result.duplicate})
+
+
+async def _update_status(
+    store: Store, hub: AgentHub, stored: StoredEvent, types: dict[str, list[str]]
+) -> None:
+    item = status_item(stored, types)
+    if item is None:
+        return
+    try:
+        changed = await store.put_status(item)
+    except StoreError as exc:
+        # The event itself is committed and on its way; the cache catches up with the next
+        # status event X-on sends (it orders them at intervals).
+        log.warning("status.update_failed", extra={"account": item.account_id, "error": str(exc)})
+        return
+    if changed:
+        hub.push_status(item.account_id, [item])
 
 
 for _pattern in ("/xon/{key}", "/xon/{key}/{suffix:.*}"):

@@ -1,8 +1,8 @@
 """Shared services of one relay process, built once and injected into both aiohttp apps.
 
 STYLE §7: the public and admin listeners are two ``web.Application``s; what they share (config,
-store, relay identity, agent hub) is built here, inside an ``AsyncExitStack`` that tears it down
-in reverse order (hub before store).
+store, relay identity, CTOX egress, agent hub) is built here, inside an ``AsyncExitStack`` that
+tears it down in reverse order (hub, then CTOX egress, then store).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from aiohttp import web
 
 from shared.config import ServerConfig
 
+from .ctox import CtoxService
 from .hub import AgentHub
 from .store import Store, open_store
 
@@ -30,6 +31,7 @@ class Services:
     store: Store
     relay_id: str
     hub: AgentHub
+    ctox: CtoxService
     admin_token: str
     """Bearer token of the admin API (DESIGN §Relay server endpoints: admin token)."""
     draining: bool = False
@@ -50,7 +52,8 @@ services_key = web.AppKey("services", Services)
 
 @asynccontextmanager
 async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncIterator[Services]:
-    """Open the store and build the hub; on exit drain the hub, then close the store.
+    """Open the store, build CTOX egress and the hub; on exit drain the hub, let running X-on
+    calls finish, then close the store.
 
     Raises:
         StoreError: the store cannot be opened.
@@ -59,9 +62,16 @@ async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncItera
         store = await open_store(config.store_url)
         stack.push_async_callback(store.close)
         relay_id = await store.relay_id()
-        hub = AgentHub(store, relay_id=relay_id, link=config.link)
+        ctox = CtoxService(store, config.ctox)
+        stack.push_async_callback(ctox.close)
+        hub = AgentHub(store, relay_id=relay_id, link=config.link, ctox=ctox)
         services = Services(
-            config=config, store=store, relay_id=relay_id, hub=hub, admin_token=admin_token
+            config=config,
+            store=store,
+            relay_id=relay_id,
+            hub=hub,
+            ctox=ctox,
+            admin_token=admin_token,
         )
         stack.push_async_callback(services.drain)
         yield services

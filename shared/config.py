@@ -13,6 +13,7 @@ Only the CLIs read files and the environment; everything below them receives the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import tomllib
@@ -27,6 +28,9 @@ from .errors import ConfigError
 
 __all__ = [
     "LinkConfig",
+    "CtoxTypeConfig",
+    "CtoxConfig",
+    "StatusConfig",
     "ServerConfig",
     "AgentConfig",
     "load",
@@ -86,6 +90,82 @@ class LinkConfig:
             raise ConfigError("link.max_message_size must be at least 1024 bytes")
 
 
+_HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_ENCODINGS = ("form", "json", "query")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CtoxTypeConfig:
+    """One CTOX command type: how the relay calls X-on for it (docs/ctox.md)."""
+
+    method: str = "POST"
+    """HTTP method of the X-on call."""
+    path: str = ""
+    """Path appended to the account's X-on API base URL, e.g. ``/api/v1/clicktocall``."""
+    encoding: str = "form"
+    """How params travel: ``form`` (urlencoded body), ``json`` (JSON body) or ``query``."""
+    required: list[str] = field(default_factory=list)
+    """Params the relay insists on before calling X-on (400 ``missing_params`` otherwise)."""
+
+    def __post_init__(self) -> None:
+        if self.method.upper() not in _HTTP_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(_HTTP_METHODS)}")
+        if not self.path.startswith("/") or "//" in self.path or ".." in self.path.split("/"):
+            raise ConfigError(f"path must be an absolute path like /api/v1/x, got {self.path!r}")
+        if self.encoding not in _ENCODINGS:
+            raise ConfigError(f"encoding must be one of {', '.join(_ENCODINGS)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CtoxConfig:
+    """CTOX egress to X-on: timeouts, idempotency, per-account limits, the catalogue."""
+
+    timeout: float = 10.0
+    """Seconds an X-on call may take in total; beyond it the command answers 504."""
+    idempotency_ttl: float = 24 * 3600.0
+    """Seconds a command's result is kept per (account, idempotency key) (issue: ≥ 24 h)."""
+    claim_grace: float = 5.0
+    """Seconds past ``timeout`` after which an unfinished claim counts as abandoned (a relay
+    died mid-call): its key then answers 502 ``outcome_unknown``, never a second X-on call."""
+    max_in_flight: int | None = 8
+    """X-on calls one account may have running at once (429 beyond); ``None``: no limit."""
+    per_minute: int | None = 120
+    """X-on calls one account may start per minute (429 beyond); ``None``: no limit."""
+    max_per_link: int = 32
+    """Commands one agent link may have pending at once (429 beyond)."""
+    max_response_size: int = 256 * 1024
+    """Largest X-on response body passed back, in bytes (502 beyond)."""
+    types: dict[str, CtoxTypeConfig] = field(default_factory=dict)
+    """Catalogue entries added to (or replacing) the built-in ones, by CTOX type."""
+    accounts: dict[str, dict[str, CtoxTypeConfig]] = field(default_factory=dict)
+    """Per-account catalogue entries: account id or name → CTOX type → entry."""
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.claim_grace < 0:
+            raise ConfigError("ctox.timeout must be positive and ctox.claim_grace not negative")
+        if self.idempotency_ttl <= 0:
+            raise ConfigError("ctox.idempotency_ttl must be positive")
+        for name, limit in (("max_in_flight", self.max_in_flight), ("per_minute", self.per_minute)):
+            if limit is not None and limit < 1:
+                raise ConfigError(f"ctox.{name} must be at least 1 (or none)")
+        if self.max_per_link < 1 or self.max_response_size < 1:
+            raise ConfigError("ctox.max_per_link and ctox.max_response_size must be positive")
+
+
+def _default_status_types() -> dict[str, list[str]]:
+    # The simulator's status event (shared/sim/catalogue.py): one item per mailbox.
+    return {"messages.waiting": ["mailbox"]}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusConfig:
+    """Which X-on events are status events, and which params identify a status item."""
+
+    types: dict[str, list[str]] = field(default_factory=_default_status_types)
+    """Event type → names of the params that identify one item (empty: one item per type).
+    Replaces the default as a whole when set."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """Relay server settings."""
@@ -108,6 +188,8 @@ class ServerConfig:
     log_format: str = "text"
     """``text`` for a console, ``json`` for machines."""
     link: LinkConfig = field(default_factory=LinkConfig)
+    ctox: CtoxConfig = field(default_factory=CtoxConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, what="listen")
@@ -219,10 +301,41 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ValueError("expected a list")
-            return value
+            (item_hint,) = typing.get_args(hint) or (Any,)
+            if item_hint is Any:
+                return value
+            return [_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        if origin is dict:
+            # A TOML table, or a JSON object from the environment or a flag.
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError("expected a table")
+            _, value_hint = typing.get_args(hint)
+            return {
+                str(k): _coerce(v, value_hint, f"{key}.{k}", source) for k, v in value.items()
+            }
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError("expected a table")
+            return _table(hint, value, key, source)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key} from {source}: {exc} (got {value!r})") from exc
     raise ConfigError(f"{key} from {source}: unsupported setting type")  # pragma: no cover
+
+
+def _table(cls: Any, value: Mapping[str, Any], key: str, source: str) -> Any:
+    """A dataclass (e.g. a catalogue entry) from one table; unknown keys are refused."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in value:
+        if name not in names:
+            raise ConfigError(f"unknown key {key}.{name} from {source}")
+    kwargs = {n: _coerce(v, hints[n], f"{key}.{n}", source) for n, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{key} from {source}: {exc}") from exc
 
 
 def load(

@@ -16,7 +16,8 @@ _SQLITE = "sqlite:///"
 async def open_store(url: str) -> Store:
     """Open the store named by ``url`` (DESIGN §Command line ``--store``).
 
-    ``sqlite:///path/relay.db`` (the parent directory must exist) or ``redis://host:port/db``.
+    ``sqlite:///path/relay.db`` (the parent directory must exist) or
+    ``redis://[:password@]host:port/db[?prefix=P]`` (see docs/redis.md).
 
     Raises:
         StoreError: unknown scheme, unavailable backend, or the store cannot be opened.
@@ -30,5 +31,10 @@ async def open_store(url: str) -> Store:
         # sqlite:///relative and sqlite:////absolute both name a file path after the prefix.
         return await SqliteStore.open(Path(path))
     if url.startswith(("redis://", "rediss://")):
-        raise StoreError("redis backend not available yet")
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:  # the optional [redis] extra is not installed
+            raise StoreError("the redis store needs the [redis] extra (redis-py)") from exc
+
+        return await RedisStore.open(url)
     raise StoreError(f"unknown store URL scheme: {url.split(':', 1)[0]!r}")

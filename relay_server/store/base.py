@@ -7,12 +7,24 @@ every implementation (DESIGN principle 5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from shared.events import XonEvent
+from shared.link.frames import CommandResult
 
-__all__ = ["AccountRecord", "AgentRecord", "StoredEvent", "AppendResult", "Store"]
+__all__ = [
+    "AccountRecord",
+    "AgentRecord",
+    "StoredEvent",
+    "AppendResult",
+    "CommandRecord",
+    "StatusItem",
+    "result_to_json",
+    "result_from_json",
+    "Store",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +70,105 @@ class AppendResult:
     """True when X-on's own id was seen before: ``stored`` is the first copy."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRecord:
+    """One CTOX command's idempotency record, per (account, idempotency key) (docs/ctox.md).
+
+    While ``result`` is ``None`` the command is *claimed*: one relay is calling X-on for it.
+    """
+
+    account_id: str
+    key: str
+    request_hash: str
+    """SHA-256 hex of (CTOX type, params): the same key with another body is a conflict."""
+    claimed_at: float
+    claim_deadline: float
+    """Unix time by which the claiming relay must have stored a result; an unfinished claim
+    past it was abandoned (the relay died mid-call)."""
+    expires_at: float
+    """Unix time after which the record is forgotten (the key may then be used afresh)."""
+    result: CommandResult | None = None
+    """The answer every later use of the key gets (its ``request_id`` is the first one's)."""
+
+
+def result_to_json(result: CommandResult) -> str:
+    """A command result as JSON text, for backends that store strings."""
+    return json.dumps(
+        {
+            "request_id": result.request_id,
+            "status": result.status,
+            "content_type": result.content_type,
+            "body_b64": result.body_b64,
+            "headers": result.headers,
+            "error": result.error,
+        },
+        separators=(",", ":"),
+    )
+
+
+def result_from_json(text: str | bytes) -> CommandResult:
+    """Inverse of :func:`result_to_json`."""
+    data = json.loads(text)
+    return CommandResult(
+        request_id=str(data["request_id"]),
+        status=int(data["status"]),
+        content_type=str(data["content_type"]),
+        body_b64=str(data["body_b64"]),
+        headers=dict(data["headers"]),
+        error=str(data["error"]),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusItem:
+    """The latest value of one status item of an account (DESIGN §Link protocol, Status).
+
+    An item is an event type plus its identifying params (``ServerConfig.status``); its value
+    is the params of the newest status event for it.
+    """
+
+    account_id: str
+    key: str
+    """Stable item key: the type, then the identifying params, e.g.
+    ``messages.waiting?mailbox=201``."""
+    type: str
+    ids: dict[str, str] = field(default_factory=dict)
+    """The identifying params."""
+    params: dict[str, str] = field(default_factory=dict)
+    """All params of the newest event for this item."""
+    event_id: str
+    seq: int
+    """The event's seq in the account's log: a higher seq is a newer value."""
+    received_at: str
+    """When the relay committed that event (ISO 8601 UTC)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The item as sent in a ``status`` frame (docs/ctox.md, Status)."""
+        return {
+            "key": self.key,
+            "type": self.type,
+            "ids": dict(self.ids),
+            "params": dict(self.params),
+            "event_id": self.event_id,
+            "seq": self.seq,
+            "received_at": self.received_at,
+        }
+
+    @classmethod
+    def from_json(cls, account_id: str, data: dict[str, Any]) -> StatusItem:
+        """Inverse of :meth:`to_json`; raises ``KeyError``/``TypeError`` when malformed."""
+        return cls(
+            account_id=account_id,
+            key=str(data["key"]),
+            type=str(data["type"]),
+            ids={str(k): str(v) for k, v in data["ids"].items()},
+            params={str(k): str(v) for k, v in data["params"].items()},
+            event_id=str(data["event_id"]),
+            seq=int(data["seq"]),
+            received_at=str(data["received_at"]),
+        )
+
+
 class Store(Protocol):
     async def close(self) -> None: ...
 
@@ -78,6 +189,14 @@ class Store(Protocol):
     async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None: ...
 
     async def list_accounts(self) -> list[AccountRecord]: ...
+
+    async def update_account(
+        self, account_id: str, *, xon_api_url: str | None = None, xon_api_key: str | None = None
+    ) -> AccountRecord | None:
+        """Change the account's X-on API URL and/or key (``None``: leave as is).
+
+        Returns the updated record, or ``None`` when no account has id ``account_id``.
+        """
 
     # -- agents --------------------------------------------------------------------------------
     async def create_agent(
@@ -121,3 +240,57 @@ class Store(Protocol):
         """Highest seq the agent acked (0 when none)."""
 
     async def set_cursor(self, agent_id: str, seq: int) -> None: ...
+
+    # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
+    async def claim_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        now: float,
+        claim_deadline: float,
+        expires_at: float,
+    ) -> CommandRecord | None:
+        """Atomically claim (account, key) for one X-on call.
+
+        When no record exists, or the existing one expired (``expires_at <= now``), store a new
+        claim (``result=None``) and return ``None``: the caller must call X-on and then
+        ``finish_command`` or ``release_command``. Otherwise change nothing and return the
+        existing record (finished, or claimed by someone else).
+        """
+
+    async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
+        """The record of (account, key); ``None`` when there is none or it expired."""
+
+    async def finish_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        result: CommandResult,
+        now: float,
+        expires_at: float,
+    ) -> CommandRecord:
+        """Store ``result`` for (account, key) unless a result is stored already.
+
+        The first result wins: an existing result is kept and returned. A missing (or expired)
+        record is created with ``claimed_at = claim_deadline = now``. Sets ``expires_at``
+        only when this call stored the result. Returns the record as stored.
+        """
+
+    async def release_command(self, account_id: str, key: str) -> None:
+        """Delete the claim of (account, key) if it has no result (X-on provably did nothing,
+        so the key may be used again); a finished record is left alone."""
+
+    async def purge_commands(self, *, now: float) -> int:
+        """Delete every record with ``expires_at <= now``; returns how many went."""
+
+    # -- status cache (DESIGN §Link protocol, Status) -------------------------------------------
+    async def put_status(self, item: StatusItem) -> bool:
+        """Store ``item`` as the latest value of (item.account_id, item.key) unless the stored
+        one has a seq ≥ ``item.seq``. True when ``item`` was stored."""
+
+    async def status_snapshot(self, account_id: str) -> list[StatusItem]:
+        """Every status item of the account, ordered by key."""

@@ -25,8 +25,18 @@ from typing import Any, TypeVar
 
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent
+from shared.link.frames import CommandResult
 
-from .base import AccountRecord, AgentRecord, AppendResult, StoredEvent
+from .base import (
+    AccountRecord,
+    AgentRecord,
+    AppendResult,
+    CommandRecord,
+    StatusItem,
+    StoredEvent,
+    result_from_json,
+    result_to_json,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -74,6 +84,24 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_account_seq ON events(account_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS events_account_xon_id ON events(account_id, xon_id);
+CREATE TABLE IF NOT EXISTS commands (
+    account_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
+    claim_deadline REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    result TEXT,
+    PRIMARY KEY (account_id, key)
+);
+CREATE INDEX IF NOT EXISTS commands_expires ON commands(expires_at);
+CREATE TABLE IF NOT EXISTS status_items (
+    account_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (account_id, key)
+);
 """
 
 _EVENT_COLUMNS = (
@@ -81,6 +109,7 @@ _EVENT_COLUMNS = (
 )
 _AGENT_COLUMNS = "id, account_id, name, created_at, public_key, enrolled_at, revoked_at, last_seen"
 _ACCOUNT_COLUMNS = "id, name, created_at, ingress_key_hash, xon_api_url, xon_api_key"
+_COMMAND_COLUMNS = "account_id, key, request_hash, claimed_at, claim_deadline, expires_at, result"
 
 
 @dataclass(slots=True)
@@ -251,6 +280,20 @@ class SqliteStore:
 
         return await self._run(select)
 
+    async def update_account(
+        self, account_id: str, *, xon_api_url: str | None = None, xon_api_key: str | None = None
+    ) -> AccountRecord | None:
+        def update(conn: sqlite3.Connection) -> AccountRecord | None:
+            row = conn.execute(
+                "UPDATE accounts SET xon_api_url = COALESCE(?, xon_api_url),"
+                " xon_api_key = COALESCE(?, xon_api_key)"
+                f" WHERE id = ? RETURNING {_ACCOUNT_COLUMNS}",
+                (xon_api_url, xon_api_key, account_id),
+            ).fetchone()
+            return None if row is None else _account(row)
+
+        return await self._tx(update)
+
     def _one_account(self, where: str, args: tuple[str, ...]) -> AccountRecord | None:
         row = (
             self._db()
@@ -407,6 +450,128 @@ class SqliteStore:
             conn.execute("UPDATE agents SET cursor = ? WHERE id = ?", (seq, agent_id))
 
         await self._tx(update)
+
+
+    # -- CTOX idempotency ---------------------------------------------------------------------
+
+    async def claim_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        now: float,
+        claim_deadline: float,
+        expires_at: float,
+    ) -> CommandRecord | None:
+        def claim(conn: sqlite3.Connection) -> CommandRecord | None:
+            # BEGIN IMMEDIATE (in _write) holds the write lock, so check-then-insert is atomic.
+            existing = _one_command(conn, account_id, key)
+            if existing is not None and existing.expires_at > now:
+                return existing
+            conn.execute(
+                f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (account_id, key, request_hash, now, claim_deadline, expires_at),
+            )
+            return None
+
+        return await self._tx(claim)
+
+    async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
+        def select() -> CommandRecord | None:
+            record = _one_command(self._db(), account_id, key)
+            return record if record is not None and record.expires_at > now else None
+
+        return await self._run(select)
+
+    async def finish_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        result: CommandResult,
+        now: float,
+        expires_at: float,
+    ) -> CommandRecord:
+        def finish(conn: sqlite3.Connection) -> CommandRecord:
+            existing = _one_command(conn, account_id, key)
+            if existing is not None and existing.expires_at > now:
+                if existing.result is not None:
+                    return existing
+                conn.execute(
+                    "UPDATE commands SET result = ?, expires_at = ?"
+                    " WHERE account_id = ? AND key = ?",
+                    (result_to_json(result), expires_at, account_id, key),
+                )
+            else:
+                conn.execute(
+                    f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account_id, key, request_hash, now, now, expires_at, result_to_json(result)),
+                )
+            stored = _one_command(conn, account_id, key)
+            assert stored is not None
+            return stored
+
+        return await self._tx(finish)
+
+    async def release_command(self, account_id: str, key: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM commands WHERE account_id = ? AND key = ? AND result IS NULL",
+                (account_id, key),
+            )
+
+        await self._tx(delete)
+
+    async def purge_commands(self, *, now: float) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM commands WHERE expires_at <= ?", (now,)).rowcount
+
+        return await self._tx(delete)
+
+    # -- status cache -------------------------------------------------------------------------
+
+    async def put_status(self, item: StatusItem) -> bool:
+        def upsert(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO status_items (account_id, key, seq, item) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (account_id, key) DO UPDATE SET seq = excluded.seq,"
+                " item = excluded.item WHERE excluded.seq > status_items.seq",
+                (item.account_id, item.key, item.seq, json.dumps(item.to_json())),
+            )
+            return cur.rowcount > 0
+
+        return await self._tx(upsert)
+
+    async def status_snapshot(self, account_id: str) -> list[StatusItem]:
+        def select() -> list[StatusItem]:
+            rows = self._db().execute(
+                "SELECT item FROM status_items WHERE account_id = ? ORDER BY key", (account_id,)
+            )
+            return [StatusItem.from_json(account_id, json.loads(row[0])) for row in rows]
+
+        return await self._run(select)
+
+
+def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> CommandRecord | None:
+    row = conn.execute(
+        f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE account_id = ? AND key = ?",
+        (account_id, key),
+    ).fetchone()
+    if row is None:
+        return None
+    return CommandRecord(
+        account_id=row[0],
+        key=row[1],
+        request_hash=row[2],
+        claimed_at=row[3],
+        claim_deadline=row[4],
+        expires_at=row[5],
+        result=None if row[6] is None else result_from_json(row[6]),
+    )
 
 
 def _append_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[AppendResult]:

@@ -1,4 +1,8 @@
-"""Fixtures for the relay's HTTP tests: real SQLite in tmp_path, real aiohttp test servers."""
+"""Fixtures for the relay's tests: real SQLite in tmp_path, real Redis, real aiohttp servers.
+
+``store_backend`` / ``store`` are parametrized over every store backend, so a test that takes
+them is a contract test run against SQLite and Redis alike (DESIGN principle 5).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from relay_server.app import create_admin_app, create_public_app
 from relay_server.services import Services, open_services
+from relay_server.store import Store, open_store
 from shared.config import ServerConfig
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -31,6 +36,34 @@ class Account:
     def path(self) -> str:
         """The ingress path (``/xon/KEY``) to use with the public test client."""
         return "/xon/" + self.ingress_url.rsplit("/xon/", 1)[1]
+
+
+@dataclass(slots=True)
+class StoreBackend:
+    """One backend's store URL; every :meth:`open` is another instance on the same data."""
+
+    name: str
+    url: str
+
+    async def open(self) -> Store:
+        return await open_store(self.url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    if request.param == "redis":
+        # A fresh key prefix, deleted before and after (tests/conftest.py).
+        return StoreBackend("redis", request.getfixturevalue("redis_store_url"))
+    return StoreBackend("sqlite", f"sqlite:///{tmp_path / 'relay.db'}")
+
+
+@pytest.fixture
+async def store(store_backend: StoreBackend) -> AsyncIterator[Store]:
+    opened = await store_backend.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

@@ -1,32 +1,35 @@
 """The Store contract (relay_server/store/base.py), run against every backend.
 
-DESIGN principle 5: the same tests run against every store; Redis joins when it exists.
+DESIGN principle 5: the same tests run against SQLite and Redis. Tests taking ``store`` or
+``store_backend`` (tests/integration/relay/conftest.py) run once per backend; the few that check
+one backend's own mechanics (SQLite's WAL and commit count, Redis's key layout) say so in their
+name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
 import sqlite3
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from relay_server.store import AppendResult, Store, open_store
+from relay_server.store.redis import RedisStore
 from relay_server.store.sqlite import SqliteStore
 from shared import crypto
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, format_time
+from tests.conftest import delete_prefix, redis_missing
+from tests.helpers.timing import MS
 
-
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
-    try:
-        yield opened
-    finally:
-        await opened.close()
+from .conftest import StoreBackend
 
 
 def make_event(account: str, n: int | str, *, body: bytes = b"") -> XonEvent:
@@ -64,51 +67,61 @@ async def new_agent(store: Store, account_id: str, *, ttl: float = 3600.0) -> tu
     return agent.id, code
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 # -- identity and health -----------------------------------------------------------------------
 
 
-async def test_relay_id_is_stable_across_reopen(tmp_path: Path) -> None:
-    """The relay id is made once and survives a restart."""
-    url = f"sqlite:///{tmp_path / 'relay.db'}"
-    first = await open_store(url)
-    relay_id = await first.relay_id()
-    assert relay_id == await first.relay_id()
-    await first.close()
-    second = await open_store(url)
+async def test_relay_id_is_stable_and_shared(store_backend: StoreBackend) -> None:
+    """The relay id is made once, shared by concurrent instances and survives a restart."""
+    first, second = await store_backend.open(), await store_backend.open()
     try:
-        assert await second.relay_id() == relay_id
+        ids = await asyncio.gather(first.relay_id(), second.relay_id(), first.relay_id())
+        assert len(set(ids)) == 1 and ids[0].startswith("rly_")
     finally:
+        await first.close()
         await second.close()
+    third = await store_backend.open()
+    try:
+        assert await third.relay_id() == ids[0]
+    finally:
+        await third.close()
 
 
-async def test_ping_fails_after_close(tmp_path: Path) -> None:
-    """A closed store raises StoreError, never a raw sqlite error."""
-    closed = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+async def test_ping_fails_after_close(store_backend: StoreBackend) -> None:
+    """A closed store raises StoreError, never a raw backend error; close is idempotent."""
+    closed = await store_backend.open()
     await closed.ping()
     await closed.close()
-    await closed.close()  # idempotent
+    await closed.close()
     with pytest.raises(StoreError):
         await closed.ping()
     with pytest.raises(StoreError):
         await closed.append_event(make_event("acc", 1), xon_id=None)
+    with pytest.raises(StoreError):
+        await closed.get_account("acme")
 
 
-async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
+async def test_unknown_store_urls_are_refused() -> None:
+    """A URL scheme that names no backend is a StoreError."""
+    with pytest.raises(StoreError, match="unknown store URL"):
+        await open_store("mysql://x")
+
+
+async def test_unopenable_sqlite_path_is_a_store_error(tmp_path: Path) -> None:
     """A database path in a missing directory is a StoreError."""
     with pytest.raises(StoreError):
         await open_store(f"sqlite:///{tmp_path / 'missing' / 'relay.db'}")
 
 
-async def test_unknown_store_urls_are_refused() -> None:
-    """redis:// is not available yet; other schemes are unknown."""
-    with pytest.raises(StoreError, match="redis backend not available"):
-        await open_store("redis://127.0.0.1:6379/0")
-    with pytest.raises(StoreError, match="unknown store URL"):
-        await open_store("mysql://x")
-
-
 async def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
-    """The database is in WAL mode (DESIGN §Storage)."""
+    """The SQLite database is in WAL mode (DESIGN §Storage)."""
     path = tmp_path / "relay.db"
     opened = await open_store(f"sqlite:///{path}")
     try:
@@ -116,6 +129,31 @@ async def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         await opened.close()
+
+
+async def test_unreachable_redis_names_the_address_not_the_password() -> None:
+    """Nothing listening: a StoreError naming host:port/db, without the URL's password."""
+    port = free_port()
+    with pytest.raises(StoreError) as info:
+        await open_store(f"redis://:hunter2secret@127.0.0.1:{port}/3")
+    message = str(info.value)
+    assert f"127.0.0.1:{port}/3" in message and "cannot reach redis" in message
+    assert "hunter2secret" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw-secret@127.0.0.1:notaport/0",
+        "redis://:pw-secret@127.0.0.1:6379/abc",
+        "redis://:pw-secret@127.0.0.1:6379/0?prefix=a{b}",
+    ],
+)
+async def test_malformed_redis_urls_are_refused(url: str) -> None:
+    """A bad port, database number or key prefix is a StoreError that never echoes secrets."""
+    with pytest.raises(StoreError) as info:
+        await open_store(url)
+    assert "pw-secret" not in str(info.value)
 
 
 # -- accounts ----------------------------------------------------------------------------------
@@ -293,14 +331,13 @@ async def test_dedup_within_one_batch(store: Store) -> None:
     assert len(await store.read_events(account_id, after=0, limit=10)) == 1
 
 
-async def test_seq_is_never_reused(tmp_path: Path) -> None:
-    """Seqs keep increasing across a reopen (AUTOINCREMENT)."""
-    url = f"sqlite:///{tmp_path / 'relay.db'}"
-    first = await open_store(url)
+async def test_seq_is_never_reused(store_backend: StoreBackend) -> None:
+    """Seqs keep increasing across a reopen."""
+    first = await store_backend.open()
     account_id = await new_account(first)
     last = (await first.append_event(make_event(account_id, 1), xon_id=None)).stored.seq
     await first.close()
-    second = await open_store(url)
+    second = await store_backend.open()
     try:
         seq = (await second.append_event(make_event(account_id, 2), xon_id=None)).stored.seq
         assert seq > last
@@ -308,8 +345,51 @@ async def test_seq_is_never_reused(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
-    """Group commit: many concurrent appends take fewer commits than events."""
+async def test_instances_sharing_a_store_get_distinct_ordered_seqs(
+    store_backend: StoreBackend,
+) -> None:
+    """Two instances appending concurrently to one account: distinct seqs, one order, one log."""
+    first, second = await store_backend.open(), await store_backend.open()
+    try:
+        account_id = await new_account(first)
+        results = await asyncio.gather(
+            *(
+                (first if n % 2 else second).append_event(make_event(account_id, n), xon_id=None)
+                for n in range(60)
+            )
+        )
+        seqs = sorted(r.stored.seq for r in results)
+        assert len(set(seqs)) == 60
+        read = await second.read_events(account_id, after=0, limit=1000)
+        assert [e.seq for e in read] == seqs
+        assert {e.event.id for e in read} == {r.stored.event.id for r in results}
+        assert await first.head_seq(account_id) == seqs[-1]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_dedup_across_instances(store_backend: StoreBackend) -> None:
+    """The same X-on id arriving on two instances at once is stored once."""
+    first, second = await store_backend.open(), await store_backend.open()
+    try:
+        account_id = await new_account(first)
+        results = await asyncio.gather(
+            *(
+                (first if n % 2 else second).append_event(make_event(account_id, n), xon_id="dup")
+                for n in range(10)
+            )
+        )
+        assert sum(not r.duplicate for r in results) == 1
+        assert all(r.stored == results[0].stored for r in results)
+        assert len(await first.read_events(account_id, after=0, limit=100)) == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sqlite_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    """SQLite group commit: many concurrent appends take fewer commits than events."""
     store = await SqliteStore.open(tmp_path / "relay.db")
     try:
         account_id = await new_account(store)
@@ -326,16 +406,16 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_close_commits_queued_appends(tmp_path: Path) -> None:
+async def test_close_commits_queued_appends(store_backend: StoreBackend) -> None:
     """Appends already queued when close starts are committed, not dropped."""
-    store = await SqliteStore.open(tmp_path / "relay.db")
+    store = await store_backend.open()
     account_id = await new_account(store)
     # gather starts the appends first (FIFO), so all are queued when close() begins.
     *results, _ = await asyncio.gather(
         *(store.append_event(make_event(account_id, n), xon_id=None) for n in range(20)),
         store.close(),
     )
-    reopened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    reopened = await store_backend.open()
     try:
         stored = await reopened.read_events(account_id, after=0, limit=100)
         assert [e.seq for e in stored] == [
@@ -346,6 +426,27 @@ async def test_close_commits_queued_appends(tmp_path: Path) -> None:
         await reopened.close()
 
 
+async def test_cancelled_calls_end_at_once_and_leave_the_store_usable(store: Store) -> None:
+    """Cancelling a caller mid-call ends it promptly; later calls get their own answers."""
+    account_id = await new_account(store)
+    stored = (await store.append_event(make_event(account_id, 1), xon_id=None)).stored
+
+    async def reader() -> None:
+        while True:
+            await store.read_events(account_id, after=0, limit=10)
+
+    for steps in range(30):
+        task = asyncio.create_task(reader())
+        for _ in range(steps % 7):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2000 * MS)
+        assert done, f"cancelled store call still running (after {steps} loop steps)"
+        assert task.cancelled()
+    assert await store.read_events(account_id, after=0, limit=10) == [stored]
+    assert await store.head_seq(account_id) == stored.seq
+
+
 async def test_cursors_default_to_zero_and_persist(store: Store) -> None:
     """get_cursor is 0 until set_cursor; unknown agents read 0."""
     agent_id, _ = await new_agent(store, await new_account(store))
@@ -353,3 +454,139 @@ async def test_cursors_default_to_zero_and_persist(store: Store) -> None:
     await store.set_cursor(agent_id, 42)
     assert await store.get_cursor(agent_id) == 42
     assert await store.get_cursor("agt_unknown") == 0
+
+
+# -- Redis mechanics (docs/redis.md) -------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_redis_layout_stream_ids_are_seqs_and_keys_are_hash_tagged(
+    redis_store_url: str,
+) -> None:
+    """Events live in the account's stream under id "<seq>-0"; all its keys share one tag."""
+    store = await RedisStore.open(redis_store_url)
+    raw = aioredis.Redis.from_url(redis_store_url.split("?", 1)[0], decode_responses=True)
+    try:
+        account_id = await new_account(store)
+        agent_id, _ = await new_agent(store, account_id)
+        await store.set_cursor(agent_id, 1)
+        results = [
+            await store.append_event(make_event(account_id, n), xon_id=f"x{n}") for n in range(3)
+        ]
+        stream = f"{store.prefix}{{acct:{account_id}}}:events"
+        entries = await raw.xrange(stream) or []
+        assert [entry_id for entry_id, _ in entries] == [f"{r.stored.seq}-0" for r in results]
+        assert [(fields or {}).get("seq") for _, fields in entries] == [
+            str(r.stored.seq) for r in results
+        ]
+        keys = [key async for key in raw.scan_iter(match=store.prefix + "*")]
+        tags = {key[len(store.prefix) :].split("}", 1)[0] + "}" for key in keys}
+        assert tags == {"{relay}", f"{{acct:{account_id}}}"}
+        assert all(key.startswith(store.prefix + "{") for key in keys)
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_concurrent_appends_share_pipelines(redis_store_url: str) -> None:
+    """Concurrent appends go to Redis in fewer pipelines than events, in one order."""
+    store = await RedisStore.open(redis_store_url)
+    try:
+        account_id = await new_account(store)
+        before = store.pipeline_count
+        results = await asyncio.gather(
+            *(store.append_event(make_event(account_id, n), xon_id=None) for n in range(100))
+        )
+        assert 1 <= store.pipeline_count - before < 100
+        assert sorted(r.stored.seq for r in results) == list(range(1, 101))
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_prefixes_isolate_relays(redis_url: str) -> None:
+    """Two key prefixes on one database are two separate relays."""
+    tag = crypto.new_token(6).replace("-", "").replace("_", "").lower()
+    urls = [f"{redis_url}?prefix=xontest:{tag}{side}:" for side in "ab"]
+    a, b = await RedisStore.open(urls[0]), await RedisStore.open(urls[1])
+    try:
+        await new_account(a, "acme")
+        await new_account(b, "acme")
+        assert [x.name for x in await a.list_accounts()] == ["acme"]
+        assert await a.relay_id() != await b.relay_id()
+    finally:
+        await a.close()
+        await b.close()
+        await delete_prefix(redis_url, f"xontest:{tag}")
+
+
+class OwnRedis:
+    """A private redis-server (AOF, fsync always) on a free port: tests may kill this one,
+    never the shared server."""
+
+    def __init__(self, binary: str, data_dir: Path) -> None:
+        self.binary = binary
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen([self.binary, *args], stdout=subprocess.DEVNULL)
+        client = aioredis.Redis(host="127.0.0.1", port=self.port)
+        try:
+            for _ in range(500):  # up to 5 s, in steps of 10 ms
+                try:
+                    await client.ping()
+                    return
+                except aioredis.RedisError:
+                    await asyncio.sleep(10 * MS)
+            pytest.fail(f"redis-server on port {self.port} did not start")
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        redis_missing("redis-server not found on PATH; install it (the outage test starts its own)")
+    server = OwnRedis(binary, tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_a_store_error_and_recovers(own_redis: OwnRedis) -> None:
+    """Redis down: StoreError naming the address, never a false success; back up: appends
+    resume on the same store and the seq continues (AOF kept the acknowledged event)."""
+    await own_redis.start()
+    store = await RedisStore.open(f"redis://127.0.0.1:{own_redis.port}/0")
+    try:
+        account_id = await new_account(store)
+        first = await store.append_event(make_event(account_id, 1), xon_id="x1")
+        own_redis.kill()
+        with pytest.raises(StoreError, match=f"127.0.0.1:{own_redis.port}/0"):
+            await store.append_event(make_event(account_id, 2), xon_id="x2")
+        with pytest.raises(StoreError):
+            await store.read_events(account_id, after=0, limit=10)
+        with pytest.raises(StoreError):
+            await store.ping()
+        await own_redis.start()
+        await store.ping()
+        second = await store.append_event(make_event(account_id, 3), xon_id="x3")
+        assert second.stored.seq == first.stored.seq + 1
+        stored = await store.read_events(account_id, after=0, limit=10)
+        assert stored == [first.stored, second.stored]
+    finally:
+        await store.close()

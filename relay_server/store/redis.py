@@ -1,0 +1,939 @@
+"""The shared Redis store, for several relay instances behind a load balancer.
+
+DESIGN principle 5 / §Storage: streams and hashes on one Redis, the same contract as SQLite.
+The layout (``P`` is the key prefix, ``xon:`` by default)::
+
+    P{relay}:relay_id              string   this relay's identity, shared by all instances
+    P{relay}:account_names         hash     account name -> account id
+    P{relay}:ingress               hash     ingress key hash -> account id
+    P{relay}:accounts              zset     account ids, scored by created_at
+    P{relay}:agent_account         hash     agent id -> account id
+    P{relay}:agents                zset     agent ids, scored by created_at
+    P{relay}:code:<code_hash>      string   "<agent id> <account id> <expires_at>", TTL = expiry
+    P{acct:<id>}:account           hash     the AccountRecord fields
+    P{acct:<id>}:agents            zset     the account's agent ids, scored by created_at
+    P{acct:<id>}:agent:<agent id>  hash     the AgentRecord fields, plus cursor and code_hash
+    P{acct:<id>}:seq               string   last seq given out in this account's log
+    P{acct:<id>}:events            stream   entry id "<seq>-0", fields seq, event (JSON)
+    P{acct:<id>}:xon_ids           hash     X-on event id -> seq (dedup)
+    P{acct:<id>}:cmd:<key>         hash     CTOX idempotency record, TTL = expiry + a margin
+    P{acct:<id>}:commands          zset     the account's command keys, scored by expires_at
+    P{relay}:command_accounts      set      accounts that have command records (for purging)
+    P{acct:<id>}:status            hash     status item key -> StatusItem JSON
+    P{acct:<id>}:status_seq        hash     status item key -> seq of the stored value
+
+Everything about one account shares the hash tag ``{acct:<id>}``, so a Redis Cluster keeps it in
+one slot and every hot-path step (append, read, cursor) is a single-slot command or Lua script.
+Global lookups share the tag ``{relay}``. Admin writes that touch both are split into single-slot
+steps, ordered so a failure between them leaves only an inert record (a pointer to nothing, or a
+record nothing points to), never a half-visible one.
+
+Events: the stream entry id is ``<seq>-0``, so ``XRANGE key (<after>-0 + COUNT n`` reads by seq.
+One Lua script per append reads the dedup hash, assigns ``seq`` (last + 1), XADDs and records the
+X-on id: all or nothing, so seq is strictly increasing per account, never reused, and a duplicate
+returns the first copy (DESIGN principle 1). Concurrent appends are sent in one pipeline by a
+single writer task; each caller's coroutine returns only after Redis answered its script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from shared.errors import ApiError, StoreError
+from shared.events import XonEvent
+from shared.link.frames import CommandResult
+
+from .base import (
+    AccountRecord,
+    AgentRecord,
+    AppendResult,
+    CommandRecord,
+    StatusItem,
+    StoredEvent,
+    result_from_json,
+    result_to_json,
+)
+
+__all__ = ["RedisStore", "DEFAULT_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "xon:"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_SCHEMES = ("redis://", "rediss://")
+
+# KEYS: seq counter, events stream, xon-id hash (one account's slot). ARGV: xon id ('' = none),
+# event JSON. Returns {1, seq} when stored, {0, first seq, first event JSON} for a duplicate.
+# seq is computed first and written after the XADD, so a failed XADD consumes no seq.
+_APPEND = """
+if ARGV[1] ~= '' then
+  local first = redis.call('HGET', KEYS[3], ARGV[1])
+  if first then
+    local entry = redis.call('XRANGE', KEYS[2], first .. '-0', first .. '-0')[1]
+    if entry then
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'event' then return {0, tonumber(first), fields[i + 1]} end
+      end
+    end
+    return {0, tonumber(first)}
+  end
+end
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+redis.call('XADD', KEYS[2], seq .. '-0', 'seq', seq, 'event', ARGV[2])
+redis.call('SET', KEYS[1], seq)
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], seq) end
+return {1, seq}
+"""
+
+# KEYS: account names, ingress, accounts zset (global slot). ARGV: name, id, key hash, created.
+_INDEX_ACCOUNT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+return 1
+"""
+
+# KEYS: account record, account's agents zset, agent hash. ARGV: agent id, created, then the
+# agent hash's field/value pairs. An agent only joins an existing account.
+_CREATE_AGENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: agent hash. ARGV: code hash, public key, now. The code must still be the agent's own
+# (revocation removes it) and the agent not yet enrolled.
+_ENROLL = """
+if redis.call('HGET', KEYS[1], 'code_hash') ~= ARGV[1] then return false end
+if redis.call('HEXISTS', KEYS[1], 'public_key') == 1 then return false end
+if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return false end
+redis.call('HSET', KEYS[1], 'public_key', ARGV[2], 'enrolled_at', ARGV[3])
+redis.call('HDEL', KEYS[1], 'code_hash')
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: agent hash. ARGV: now. Returns {spent code hash or '', agent fields}.
+_REVOKE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1])
+local code = redis.call('HGET', KEYS[1], 'code_hash') or ''
+redis.call('HDEL', KEYS[1], 'code_hash')
+return {code, redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: account record. ARGV: field/value pairs to set (may be none). Returns the record.
+_UPDATE_ACCOUNT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# CTOX records. KEYS: command record, the account's command index. Times compare with the
+# caller's ``now`` (docs/ctox.md); the Redis TTL is only a backstop for records nothing purges.
+# ARGV: request hash, now, claim deadline, expires_at, ttl ms, key. An unexpired record wins.
+_CLAIM_COMMAND = """
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if expires and tonumber(expires) > tonumber(ARGV[2]) then
+  return redis.call('HGETALL', KEYS[1])
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'request_hash', ARGV[1], 'claimed_at', ARGV[2],
+  'claim_deadline', ARGV[3], 'expires_at', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+return false
+"""
+
+# ARGV: request hash, result JSON, now, expires_at, ttl ms, key. The first result wins.
+_FINISH_COMMAND = """
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if expires and tonumber(expires) > tonumber(ARGV[3]) then
+  if redis.call('HEXISTS', KEYS[1], 'result') == 1 then return redis.call('HGETALL', KEYS[1]) end
+  redis.call('HSET', KEYS[1], 'result', ARGV[2], 'expires_at', ARGV[4])
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'request_hash', ARGV[1], 'claimed_at', ARGV[3],
+    'claim_deadline', ARGV[3], 'expires_at', ARGV[4], 'result', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# ARGV: key. Only an unfinished claim is released.
+_RELEASE_COMMAND = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'result') == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 0
+"""
+
+# KEYS: the account's command index, then one record per candidate. ARGV: now, then the
+# candidates' keys. Re-checks each record (it may have been claimed afresh since it was listed);
+# a record already gone (its TTL fired) counts as purged. Returns how many went.
+_PURGE_COMMANDS = """
+local now = tonumber(ARGV[1])
+local purged = 0
+for i = 2, #KEYS do
+  local expires = redis.call('HGET', KEYS[i], 'expires_at')
+  if not expires or tonumber(expires) <= now then
+    redis.call('DEL', KEYS[i])
+    purged = purged + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return purged
+"""
+
+# KEYS: status JSON hash, status seq hash. ARGV: item key, seq, item JSON. Newer seq wins.
+_PUT_STATUS = """
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if current and tonumber(current) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: a record hash. ARGV: field, value. Updates never resurrect a missing record.
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"""
+
+
+def _finish_uncancelled(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run the store call in its own task, shielded from the caller's cancellation.
+
+    redis-py (8.1 on Python 3.11) can lose a cancellation that lands while a command is in
+    flight, leaving the cancelled task hung on the socket; the relay cancels its senders on
+    every disconnect and shutdown. Shielded, the command always completes (bounded by the
+    socket timeout) while the caller is cancelled at once.
+    """
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody awaits the orphan now: retrieve its outcome so none is reported as lost.
+            task.add_done_callback(_discard_outcome)
+            raise
+
+    return call
+
+
+def _discard_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+@dataclass(slots=True)
+class _Pending:
+    event: XonEvent
+    xon_id: str | None
+    done: asyncio.Future[AppendResult]
+
+
+class RedisStore:
+    """:class:`~relay_server.store.base.Store` on a shared Redis (streams and hashes).
+
+    Open it with :meth:`open`; ``pipeline_count`` counts append pipelines (tests, metrics).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        address: str,
+        prefix: str = DEFAULT_PREFIX,
+        batch_size: int = 256,
+        queue_size: int = 4096,
+    ) -> None:
+        self._r = client
+        self.address = address
+        """``host:port/db`` of the server, safe to print (never the password)."""
+        self.prefix = prefix
+        self._batch_size = batch_size
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._agent_accounts: dict[str, str] = {}
+        """agent id -> account id; an agent never changes account, so this never goes stale."""
+        self._append = client.register_script(_APPEND)
+        self._index_account = client.register_script(_INDEX_ACCOUNT)
+        self._create_agent = client.register_script(_CREATE_AGENT)
+        self._enroll = client.register_script(_ENROLL)
+        self._revoke = client.register_script(_REVOKE)
+        self._set_if_exists = client.register_script(_SET_IF_EXISTS)
+        self._update_account = client.register_script(_UPDATE_ACCOUNT)
+        self._claim_command = client.register_script(_CLAIM_COMMAND)
+        self._finish_command = client.register_script(_FINISH_COMMAND)
+        self._release_command = client.register_script(_RELEASE_COMMAND)
+        self._purge_commands = client.register_script(_PURGE_COMMANDS)
+        self._put_status = client.register_script(_PUT_STATUS)
+        self.pipeline_count = 0
+        """Append pipelines Redis answered so far."""
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        prefix: str | None = None,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        **kwargs: Any,
+    ) -> RedisStore:
+        """Connect to ``redis://[:password@]host:port/db[?prefix=P]`` and ping it.
+
+        ``prefix`` (argument, else the URL's ``prefix`` query parameter, else ``xon:``) starts
+        every key, so several relays or test runs can share one database.
+
+        Raises:
+            StoreError: the URL is malformed or the server does not answer; the message names
+                the address, never the password.
+        """
+        client_url, address, url_prefix = _parse_url(url)
+        key_prefix = prefix if prefix is not None else url_prefix
+        if "{" in key_prefix or "}" in key_prefix:
+            raise StoreError("redis key prefix must not contain { or } (they mark hash tags)")
+        try:
+            client = aioredis.Redis.from_url(
+                client_url,
+                decode_responses=True,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                # One immediate retry replaces a pooled connection that died (Redis restarted);
+                # more would only delay the 503 that tells X-on to retry.
+                retry=Retry(NoBackoff(), 1),
+            )
+        except ValueError as exc:
+            raise StoreError(f"invalid redis URL for {address}: {exc}") from exc
+        store = cls(client, address=address, prefix=key_prefix, **kwargs)
+        try:
+            await store.ping()
+        except StoreError as exc:
+            await client.aclose()
+            raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
+        store._writer = asyncio.create_task(store._write_loop(), name="redis-store-writer")
+        log.info("store.opened", extra={"backend": "redis", "address": address})
+        return store
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _calls(self) -> Iterator[None]:
+        """Translate Redis failures into ``StoreError`` (ingress answers 503)."""
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis at {self.address}: {exc}") from exc
+
+    def _global(self, name: str) -> str:
+        return f"{self.prefix}{{relay}}:{name}"
+
+    def _acct(self, account_id: str, name: str) -> str:
+        return f"{self.prefix}{{acct:{account_id}}}:{name}"
+
+    def _agent_key(self, account_id: str, agent_id: str) -> str:
+        return self._acct(account_id, f"agent:{agent_id}")
+
+    async def close(self) -> None:
+        """Send what is queued, then disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._writer is not None and not self._writer.done():
+            await self._queue.join()
+            self._writer.cancel()  # now idle in queue.get()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        self._closed = True
+        await self._r.aclose()
+
+    @_finish_uncancelled
+    async def ping(self) -> None:
+        with self._calls():
+            await self._r.ping()
+
+    @_finish_uncancelled
+    async def relay_id(self) -> str:
+        key = self._global("relay_id")
+        with self._calls():
+            # SET NX: the first instance to ask makes the id; every other one reads it.
+            await self._r.set(key, "rly_" + secrets.token_urlsafe(12), nx=True)
+            value = await self._r.get(key)
+        if value is None:  # pragma: no cover - deleted between the two calls
+            raise StoreError("relay id vanished from redis")
+        return str(value)
+
+    # -- accounts ------------------------------------------------------------------------------
+
+    @_finish_uncancelled
+    async def create_account(
+        self, *, name: str, ingress_key_hash: str, xon_api_url: str = "", xon_api_key: str = ""
+    ) -> AccountRecord:
+        record = AccountRecord(
+            id="acc_" + secrets.token_urlsafe(9),
+            name=name,
+            created_at=time.time(),
+            ingress_key_hash=ingress_key_hash,
+            xon_api_url=xon_api_url,
+            xon_api_key=xon_api_key,
+        )
+        record_key = self._acct(record.id, "account")
+        with self._calls():
+            # The record first: until the index script points to it, nothing can find it.
+            await self._r.hset(record_key, items=_flatten(_account_fields(record)))
+            indexed = await self._index_account(
+                keys=[
+                    self._global("account_names"),
+                    self._global("ingress"),
+                    self._global("accounts"),
+                ],
+                args=[name, record.id, ingress_key_hash, repr(record.created_at)],
+            )
+            if indexed != 1:
+                await self._r.delete(record_key)
+        if indexed == 0:
+            raise ApiError(409, "account_exists", f"an account named {name!r} exists")
+        if indexed != 1:
+            raise StoreError("ingress key hash already belongs to another account")
+        return record
+
+    @_finish_uncancelled
+    async def get_account(self, id_or_name: str) -> AccountRecord | None:
+        with self._calls():
+            record = await self._account(id_or_name)
+            if record is not None:
+                return record
+            account_id = await self._r.hget(self._global("account_names"), id_or_name)
+            return None if account_id is None else await self._account(_text(account_id))
+
+    @_finish_uncancelled
+    async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None:
+        with self._calls():
+            account_id = await self._r.hget(self._global("ingress"), key_hash)
+            return None if account_id is None else await self._account(_text(account_id))
+
+    @_finish_uncancelled
+    async def list_accounts(self) -> list[AccountRecord]:
+        with self._calls():
+            # A zset orders equal scores by member, matching SQLite's ORDER BY created_at, id.
+            ids = _texts(await self._r.zrange(self._global("accounts"), 0, -1))
+            rows = await self._hgetall_many([self._acct(i, "account") for i in ids])
+        return [_account(row) for row in rows if row]
+
+    @_finish_uncancelled
+    async def update_account(
+        self, account_id: str, *, xon_api_url: str | None = None, xon_api_key: str | None = None
+    ) -> AccountRecord | None:
+        changes = {"xon_api_url": xon_api_url, "xon_api_key": xon_api_key}
+        fields = {name: value for name, value in changes.items() if value is not None}
+        with self._calls():
+            row = await self._update_account(
+                keys=[self._acct(account_id, "account")], args=_flatten(fields)
+            )
+        return _account(_pairs(row)) if row else None
+
+    async def _account(self, account_id: str) -> AccountRecord | None:
+        row = await self._r.hgetall(self._acct(account_id, "account"))
+        return _account(_pairs(row)) if row else None
+
+    async def _hgetall_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        if not keys:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return [_pairs(row) for row in await pipe.execute()]
+
+    # -- agents --------------------------------------------------------------------------------
+
+    @_finish_uncancelled
+    async def create_agent(
+        self, *, account_id: str, name: str, code_hash: str, code_expires_at: float
+    ) -> AgentRecord:
+        record = AgentRecord(
+            id="agt_" + secrets.token_urlsafe(9),
+            account_id=account_id,
+            name=name,
+            created_at=time.time(),
+        )
+        fields = {**_agent_fields(record), "code_hash": code_hash, "cursor": "0"}
+        code_value = f"{record.id} {account_id} {code_expires_at!r}"
+        ttl_ms = max(1, int((code_expires_at - time.time()) * 1000))
+        with self._calls():
+            # Pointer first: it leads nowhere until the record exists.
+            await self._r.hset(self._global("agent_account"), record.id, account_id)
+            created = await self._create_agent(
+                keys=[
+                    self._acct(account_id, "account"),
+                    self._acct(account_id, "agents"),
+                    self._agent_key(account_id, record.id),
+                ],
+                args=[record.id, repr(record.created_at), *_flatten(fields)],
+            )
+            if created != 1:
+                await self._r.hdel(self._global("agent_account"), record.id)
+                raise StoreError(f"unknown account {account_id!r}")
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._global("agents"), {record.id: record.created_at})
+                # The code lives exactly as long as it is valid (one-time, DESIGN §CLI agent add).
+                pipe.set(self._global(f"code:{code_hash}"), code_value, px=ttl_ms)
+                await pipe.execute()
+        self._agent_accounts[record.id] = account_id
+        return record
+
+    @_finish_uncancelled
+    async def enroll_agent(self, *, code_hash: str, public_key: str, now: float) -> AgentRecord:
+        with self._calls():
+            # GETDEL spends the code atomically: of racing requests exactly one gets it.
+            value = await self._r.getdel(self._global(f"code:{code_hash}"))
+            agent: AgentRecord | None = None
+            if value is not None:
+                agent_id, account_id, expires_at = str(value).split(" ")
+                if float(expires_at) > now:
+                    row = await self._enroll(
+                        keys=[self._agent_key(account_id, agent_id)],
+                        args=[code_hash, public_key, repr(now)],
+                    )
+                    agent = _agent(_pairs(row)) if row else None
+        if agent is None:
+            raise ApiError(400, "invalid_code", "enrollment code is invalid, used or expired")
+        return agent
+
+    @_finish_uncancelled
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is None:
+                return None
+            row = await self._r.hgetall(self._agent_key(account_id, agent_id))
+        return _agent(_pairs(row)) if row else None
+
+    @_finish_uncancelled
+    async def list_agents(self, account_id: str | None = None) -> list[AgentRecord]:
+        with self._calls():
+            if account_id is not None:
+                ids = _texts(await self._r.zrange(self._acct(account_id, "agents"), 0, -1))
+                keys = [self._agent_key(account_id, i) for i in ids]
+            else:
+                ids = _texts(await self._r.zrange(self._global("agents"), 0, -1))
+                owners = await self._r.hmget(self._global("agent_account"), ids) if ids else []
+                keys = [
+                    self._agent_key(_text(owner), i)
+                    for i, owner in zip(ids, owners, strict=True)
+                    if owner is not None
+                ]
+            rows = await self._hgetall_many(keys)
+        return [_agent(row) for row in rows if row]
+
+    @_finish_uncancelled
+    async def revoke_agent(self, agent_id: str, *, now: float) -> AgentRecord | None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is None:
+                return None
+            reply = await self._revoke(
+                keys=[self._agent_key(account_id, agent_id)], args=[repr(now)]
+            )
+            if not reply:
+                return None
+            code_hash, row = reply
+            # An unused enrollment code dies with the agent (the enroll script checks too).
+            if code_hash:
+                await self._r.delete(self._global(f"code:{code_hash}"))
+        return _agent(_pairs(row))
+
+    @_finish_uncancelled
+    async def touch_agent(self, agent_id: str, *, now: float) -> None:
+        await self._set_agent_field(agent_id, "last_seen", repr(now))
+
+    async def _set_agent_field(self, agent_id: str, field: str, value: str) -> None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is not None:
+                await self._set_if_exists(
+                    keys=[self._agent_key(account_id, agent_id)], args=[field, value]
+                )
+
+    async def _account_of(self, agent_id: str) -> str | None:
+        account_id = self._agent_accounts.get(agent_id)
+        if account_id is None:
+            found = await self._r.hget(self._global("agent_account"), agent_id)
+            if found is None:
+                return None
+            account_id = self._agent_accounts[agent_id] = str(found)
+        return account_id
+
+    # -- events and cursors --------------------------------------------------------------------
+
+    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+        if self._closing or self._writer is None or self._writer.done():
+            raise StoreError("store is closed")
+        done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        # A bounded queue: when Redis falls behind, ingress handlers wait here.
+        await self._queue.put(_Pending(event, xon_id, done))
+        return await done
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                replies = await self._send_appends(batch)
+            except StoreError as exc:
+                log.warning("store.append_failed", extra={"events": len(batch), "error": str(exc)})
+                replies = [exc] * len(batch)
+            for pending, reply in zip(batch, replies, strict=True):
+                if pending.done.done():  # the caller was cancelled
+                    continue
+                if isinstance(reply, BaseException):
+                    pending.done.set_exception(_as_store_error(reply, self.address))
+                else:
+                    pending.done.set_result(_append_result(pending.event, reply))
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _send_appends(self, batch: list[_Pending]) -> list[Any]:
+        """One pipeline of append scripts; Redis runs them in order, each atomically."""
+        with self._calls():
+            async with self._r.pipeline(transaction=False) as pipe:
+                for pending in batch:
+                    account = pending.event.account
+                    await self._append(
+                        keys=[
+                            self._acct(account, "seq"),
+                            self._acct(account, "events"),
+                            self._acct(account, "xon_ids"),
+                        ],
+                        args=[pending.xon_id or "", json.dumps(pending.event.to_json())],
+                        client=pipe,
+                    )
+                replies = list(await pipe.execute(raise_on_error=False))
+        self.pipeline_count += 1
+        return replies
+
+    @_finish_uncancelled
+    async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
+        with self._calls():
+            # Entry ids are "<seq>-0": an exclusive range start reads seq > after.
+            entries = await self._r.xrange(
+                self._acct(account_id, "events"), min=f"({after}-0", max="+", count=limit
+            )
+        return [_stored(entry_id, fields) for entry_id, fields in entries or ()]
+
+    @_finish_uncancelled
+    async def head_seq(self, account_id: str) -> int:
+        with self._calls():
+            last = await self._r.xrevrange(self._acct(account_id, "events"), count=1)
+        return _seq_of(last[0][0]) if last else 0
+
+    @_finish_uncancelled
+    async def get_cursor(self, agent_id: str) -> int:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is None:
+                return 0
+            value = await self._r.hget(self._agent_key(account_id, agent_id), "cursor")
+        return 0 if value is None else int(value)
+
+    @_finish_uncancelled
+    async def set_cursor(self, agent_id: str, seq: int) -> None:
+        await self._set_agent_field(agent_id, "cursor", str(seq))
+
+    # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
+
+    def _command_keys(self, account_id: str, key: str) -> list[str]:
+        return [self._acct(account_id, f"cmd:{key}"), self._acct(account_id, "commands")]
+
+    @_finish_uncancelled
+    async def claim_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        now: float,
+        claim_deadline: float,
+        expires_at: float,
+    ) -> CommandRecord | None:
+        with self._calls():
+            async with self._r.pipeline(transaction=False) as pipe:
+                # The account joins the purge list before its record exists, so nothing is
+                # ever stored that purge_commands cannot find.
+                pipe.sadd(self._global("command_accounts"), account_id)
+                await self._claim_command(
+                    keys=self._command_keys(account_id, key),
+                    args=[
+                        request_hash,
+                        repr(now),
+                        repr(claim_deadline),
+                        repr(expires_at),
+                        _backstop_ttl_ms(now, expires_at),
+                        key,
+                    ],
+                    client=pipe,
+                )
+                _, row = await pipe.execute()
+        return _command(account_id, key, _pairs(row)) if row else None
+
+    @_finish_uncancelled
+    async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
+        with self._calls():
+            row = await self._r.hgetall(self._command_keys(account_id, key)[0])
+        if not row:
+            return None
+        record = _command(account_id, key, _pairs(row))
+        return record if record.expires_at > now else None
+
+    @_finish_uncancelled
+    async def finish_command(
+        self,
+        account_id: str,
+        key: str,
+        *,
+        request_hash: str,
+        result: CommandResult,
+        now: float,
+        expires_at: float,
+    ) -> CommandRecord:
+        with self._calls():
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.sadd(self._global("command_accounts"), account_id)
+                await self._finish_command(
+                    keys=self._command_keys(account_id, key),
+                    args=[
+                        request_hash,
+                        result_to_json(result),
+                        repr(now),
+                        repr(expires_at),
+                        _backstop_ttl_ms(now, expires_at),
+                        key,
+                    ],
+                    client=pipe,
+                )
+                _, row = await pipe.execute()
+        return _command(account_id, key, _pairs(row))
+
+    @_finish_uncancelled
+    async def release_command(self, account_id: str, key: str) -> None:
+        with self._calls():
+            await self._release_command(keys=self._command_keys(account_id, key), args=[key])
+
+    @_finish_uncancelled
+    async def purge_commands(self, *, now: float) -> int:
+        purged = 0
+        with self._calls():
+            accounts = _texts(await self._r.smembers(self._global("command_accounts")))
+            for account_id in sorted(accounts):
+                index = self._acct(account_id, "commands")
+                due = _texts(await self._r.zrangebyscore(index, "-inf", now))
+                if due:
+                    records = [self._acct(account_id, f"cmd:{key}") for key in due]
+                    purged += int(
+                        await self._purge_commands(keys=[index, *records], args=[repr(now), *due])
+                    )
+        return purged
+
+    # -- status cache (DESIGN §Link protocol, Status) -------------------------------------------
+
+    @_finish_uncancelled
+    async def put_status(self, item: StatusItem) -> bool:
+        with self._calls():
+            stored = await self._put_status(
+                keys=[
+                    self._acct(item.account_id, "status"),
+                    self._acct(item.account_id, "status_seq"),
+                ],
+                args=[item.key, str(item.seq), json.dumps(item.to_json())],
+            )
+        return int(stored) == 1
+
+    @_finish_uncancelled
+    async def status_snapshot(self, account_id: str) -> list[StatusItem]:
+        with self._calls():
+            rows = _pairs(await self._r.hgetall(self._acct(account_id, "status")))
+        # Sorted by key like SQLite's ORDER BY key: code point order is UTF-8 byte order.
+        return [StatusItem.from_json(account_id, json.loads(rows[key])) for key in sorted(rows)]
+
+
+# -- URL and (de)serialisation -------------------------------------------------------------------
+
+
+def _parse_url(url: str) -> tuple[str, str, str]:
+    """Split ``url`` into (URL for the client, printable address, key prefix).
+
+    Raises:
+        StoreError: not a redis URL, or a malformed one (never echoing the password).
+    """
+    if not url.startswith(_SCHEMES):
+        raise StoreError("redis store URL must start with redis:// or rediss://")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise StoreError(f"invalid port in redis URL for host {parts.hostname!r}") from None
+    host = parts.hostname or "localhost"
+    db = parts.path.lstrip("/") or "0"
+    address = f"{host}:{port}/{db}"
+    if not db.isdigit():
+        raise StoreError(f"invalid redis database number in {address} (want /0 to /15)")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "prefix"), DEFAULT_PREFIX)
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), address, prefix
+
+
+def _as_store_error(exc: BaseException, address: str) -> StoreError:
+    """A fresh error per caller: one exception object raised in many tasks would tangle their
+    tracebacks."""
+    if isinstance(exc, StoreError):
+        return StoreError(str(exc))
+    return StoreError(f"redis at {address}: {exc}")
+
+
+def _flatten(fields: Mapping[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _text(value: Any) -> str:
+    """A reply value as text (the client decodes replies; bytes would mean a raw client)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _texts(values: Any) -> list[str]:
+    return [_text(value) for value in values]
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    """A hash reply as a dict: HGETALL's dict, or a Lua script's flat [field, value, ...] list."""
+    if isinstance(reply, Mapping):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def _account_fields(record: AccountRecord) -> dict[str, str]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "created_at": repr(record.created_at),
+        "ingress_key_hash": record.ingress_key_hash,
+        "xon_api_url": record.xon_api_url,
+        "xon_api_key": record.xon_api_key,
+    }
+
+
+def _account(row: Mapping[str, str]) -> AccountRecord:
+    return AccountRecord(
+        id=row["id"],
+        name=row["name"],
+        created_at=float(row["created_at"]),
+        ingress_key_hash=row["ingress_key_hash"],
+        xon_api_url=row.get("xon_api_url", ""),
+        xon_api_key=row.get("xon_api_key", ""),
+    )
+
+
+_OPTIONAL_AGENT_TIMES = ("enrolled_at", "revoked_at", "last_seen")
+
+
+def _agent_fields(record: AgentRecord) -> dict[str, str]:
+    fields = {
+        "id": record.id,
+        "account_id": record.account_id,
+        "name": record.name,
+        "created_at": repr(record.created_at),
+    }
+    if record.public_key is not None:
+        fields["public_key"] = record.public_key
+    for name in _OPTIONAL_AGENT_TIMES:
+        value = getattr(record, name)
+        if value is not None:
+            fields[name] = repr(value)
+    return fields
+
+
+def _agent(row: Mapping[str, str]) -> AgentRecord:
+    def when(name: str) -> float | None:
+        value = row.get(name)
+        return None if value is None else float(value)
+
+    return AgentRecord(
+        id=row["id"],
+        account_id=row["account_id"],
+        name=row["name"],
+        created_at=float(row["created_at"]),
+        public_key=row.get("public_key"),
+        enrolled_at=when("enrolled_at"),
+        revoked_at=when("revoked_at"),
+        last_seen=when("last_seen"),
+    )
+
+
+_COMMAND_TTL_MARGIN = 60.0
+"""Seconds a command record outlives its expires_at in Redis, so the TTL backstop never
+races the logical expiry the callers decide with their own ``now``."""
+
+
+def _backstop_ttl_ms(now: float, expires_at: float) -> int:
+    return int((max(0.0, expires_at - now) + _COMMAND_TTL_MARGIN) * 1000)
+
+
+def _command(account_id: str, key: str, row: Mapping[str, str]) -> CommandRecord:
+    result = row.get("result")
+    return CommandRecord(
+        account_id=account_id,
+        key=key,
+        request_hash=row["request_hash"],
+        claimed_at=float(row["claimed_at"]),
+        claim_deadline=float(row["claim_deadline"]),
+        expires_at=float(row["expires_at"]),
+        result=None if result is None else result_from_json(result),
+    )
+
+
+def _seq_of(entry_id: Any) -> int:
+    return int(_text(entry_id).split("-", 1)[0])
+
+
+def _stored(entry_id: Any, fields: Any) -> StoredEvent:
+    event = XonEvent.from_json(json.loads(_pairs(fields)["event"]))
+    return StoredEvent(seq=_seq_of(entry_id), event=event)
+
+
+def _append_result(event: XonEvent, reply: Sequence[Any]) -> AppendResult:
+    if int(reply[0]) == 1:
+        return AppendResult(stored=StoredEvent(seq=int(reply[1]), event=event), duplicate=False)
+    first = event if len(reply) < 3 else XonEvent.from_json(json.loads(reply[2]))
+    # len < 3: the first copy was trimmed away; its seq still identifies it.
+    return AppendResult(stored=StoredEvent(seq=int(reply[1]), event=first), duplicate=True)
