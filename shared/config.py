@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tomllib
@@ -88,6 +89,12 @@ class LinkConfig:
             raise ConfigError("link.auth_timeout must be positive")
         if self.max_message_size < 1024:
             raise ConfigError("link.max_message_size must be at least 1024 bytes")
+        for name, value in (
+            ("ping_interval", self.ping_interval),
+            ("ping_timeout", self.ping_timeout),
+        ):
+            if value is not None and value <= 0:
+                raise ConfigError(f"link.{name} must be positive (or none)")
 
 
 _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -198,6 +205,9 @@ class ServerConfig:
             raise ConfigError("max_body_size must be positive")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        _check_log_level(self.log_level)
+        if self.enrollment_ttl <= 0:
+            raise ConfigError("enrollment_ttl must be positive")
         if self.store and not self.store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError(
                 f"store must be sqlite:///PATH or redis://HOST:PORT/DB, got {self.store!r}"
@@ -254,8 +264,19 @@ class AgentConfig:
             raise ConfigError("retention_max_events must be at least 1 (or none)")
         if self.retention_max_age is not None and self.retention_max_age <= 0:
             raise ConfigError("retention_max_age must be positive (or none)")
+        if self.max_wait <= 0:
+            raise ConfigError("max_wait must be positive")
+        _check_log_level(self.log_level)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _check_log_level(level: str) -> None:
+    if level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -287,7 +308,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if hint is str:
             if not isinstance(value, str):
                 raise ValueError("expected a string")
