@@ -1,4 +1,5 @@
-"""Wire the agent together: inbox, link, local API and retention, until told to stop."""
+"""Wire the agent together: inbox, link (with its CTOX commands), local API and retention,
+until told to stop."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from shared.config import AgentConfig, parse_hostport
 from shared.crypto import Ed25519PrivateKey
 from shared.files import write_private_file
 
+from .commands import Commands
 from .enroll import INBOX_FILE, STATE_FILE
 from .inbox import Inbox
 from .link import AgentLink
@@ -58,8 +60,12 @@ async def run_agent(
         )
         stack.push_async_callback(inbox.close)
         await inbox.prune()
-        link = AgentLink(config, private_key=private_key, inbox=inbox)
-        app = create_local_app(config=config, inbox=inbox, link_status=link.status, token=token)
+        commands = Commands(
+            timeout=config.command_timeout, max_in_flight=config.max_commands_in_flight
+        )
+        link = AgentLink(config, private_key=private_key, inbox=inbox, commands=commands)
+        app = create_local_app(config=config, inbox=inbox, link_status=link.status, token=token,
+                               commands=link.commands)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

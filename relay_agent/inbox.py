@@ -15,6 +15,12 @@ moves ``last_seq`` so that the relay does not send them again.
 Retention (by count and by age) deletes the oldest events and records the highest cursor it
 deleted, so a reader who fell behind it gets a clear :class:`CursorExpired` instead of silently
 missing events.
+
+The same database keeps the latest status items the relay sent (DESIGN §Link protocol, Status),
+one row per item key, so that ``GET /v1/status`` answers at once after a restart, even with the
+relay unreachable. A snapshot replaces every row; a change replaces the rows of its keys unless
+the stored value is newer (a higher relay ``seq``: a late frame from another relay instance must
+not roll a value back).
 """
 
 from __future__ import annotations
@@ -30,8 +36,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shared.errors import ApiError, StoreError
+from shared.events import format_time
 
-__all__ = ["Inbox", "InboxEvent", "InboxStats", "CommitResult", "CursorExpired", "offline_stats"]
+__all__ = [
+    "Inbox",
+    "InboxEvent",
+    "InboxStats",
+    "CommitResult",
+    "CursorExpired",
+    "StatusView",
+    "offline_stats",
+]
 
 T = TypeVar("T")
 
@@ -48,6 +63,12 @@ CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS status (
+    key       TEXT PRIMARY KEY,
+    seq       INTEGER,
+    item      TEXT NOT NULL,
+    stored_at REAL NOT NULL
 );
 """
 
@@ -88,6 +109,31 @@ class InboxStats:
     last_cursor: int
     last_seq: int
     pruned_cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    items: list[dict[str, Any]]
+    """The latest item of each key, ordered by key, as the relay sent it."""
+    updated_at: float | None
+    """When the agent last stored a status frame (None: never)."""
+
+
+def _status_rows(items: Sequence[Any], now: float) -> list[tuple[str, int | None, str]]:
+    """(key, seq, JSON) for each well-formed item; an item needs a non-empty string ``key``."""
+    rows = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("key"), str) and item["key"]:
+            # Every value served has a time, even if the relay sent none (DESIGN §Agent local
+            # API: "latest status values with their times").
+            item = {"received_at": format_time(now), **item}
+            seq = item.get("seq")
+            rows.append((
+                item["key"],
+                seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+                json.dumps(item, separators=(",", ":"), ensure_ascii=False),
+            ))
+    return rows  # in frame order: of two items with one key, the upsert keeps the later
 
 
 class Inbox:
@@ -173,6 +219,14 @@ class Inbox:
         """Apply retention now; return how many events were deleted."""
         return await self._run(self._prune_sync)
 
+    async def save_status(self, items: Sequence[Any], *, snapshot: bool) -> int:
+        """Store status items (a snapshot replaces all); return how many were well-formed.
+
+        Raises:
+            StoreError: the database failed; nothing was changed.
+        """
+        return await self._run(self._save_status_sync, list(items), snapshot)
+
     # -- reads ---------------------------------------------------------------------------------
 
     async def read(self, after: int | None, limit: int) -> list[InboxEvent]:
@@ -198,6 +252,10 @@ class Inbox:
         """Wake every long-poll for good (shutdown): they answer with what they have."""
         self._released = True
         self._wake()
+
+    async def read_status(self) -> StatusView:
+        """The stored status items, ordered by key."""
+        return await self._run(self._read_status_sync)
 
     async def stats(self) -> InboxStats:
         count = await self._run(self._count_sync)
@@ -310,6 +368,44 @@ class Inbox:
             raise
         self._pruned_cursor = pruned
         return int(deleted)
+
+    def _save_status_sync(self, items: list[Any], snapshot: bool) -> int:
+        db = self._conn()
+        now = self._clock()
+        rows = _status_rows(items, now)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if snapshot:
+                db.execute("DELETE FROM status")
+            db.executemany(
+                "INSERT INTO status (key, seq, item, stored_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, item = excluded.item,"
+                " stored_at = excluded.stored_at"
+                " WHERE status.seq IS NULL OR excluded.seq IS NULL OR excluded.seq >= status.seq",
+                [(key, seq, item, now) for key, seq, item in rows],
+            )
+            # meta holds integers: the time goes in as milliseconds.
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('status_updated_ms', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (round(now * 1000),),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def _read_status_sync(self) -> StatusView:
+        db = self._conn()
+        rows = db.execute("SELECT item FROM status ORDER BY key").fetchall()
+        updated = db.execute(
+            "SELECT value FROM meta WHERE key = 'status_updated_ms'"
+        ).fetchone()
+        return StatusView(
+            [json.loads(text) for (text,) in rows],
+            None if updated is None else int(updated[0]) / 1000,
+        )
 
     def _read_sync(self, after: int | None, limit: int) -> list[tuple[int, str]]:
         # Checked here, in the thread that prunes, so a prune cannot slip in between.

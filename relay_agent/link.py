@@ -2,7 +2,9 @@
 
 The protocol lives in :class:`shared.link.session.AgentSession`; this module only moves
 messages between it and a ``websockets`` connection, commits delivered events to the inbox and
-acks them afterwards (DESIGN principle 1), and reconnects forever with exponential back-off and
+acks them afterwards (DESIGN principle 1), stores status items in the inbox's status table,
+hands each open connection to :class:`~relay_agent.commands.Commands` (which sends CTOX commands
+on it and gets their results back), and reconnects forever with exponential back-off and
 full jitter (DESIGN §Link protocol, Liveness). The only way out is a refusal by the relay (close
 4401/4403, or HTTP 401/403 on the upgrade), which :meth:`AgentLink.run` raises.
 """
@@ -33,12 +35,16 @@ from shared.link import (
     AuthFailed,
     CloseCode,
     Closed,
+    CommandResultReceived,
     EventReceived,
     GoingAway,
     PeerError,
+    StatusReceived,
     Welcomed,
+    frames,
 )
 
+from .commands import Commands
 from .inbox import Inbox
 
 __all__ = ["AgentLink", "LinkState", "LinkStatus", "backoff_delay", "websocket_url", "CLIENT"]
@@ -90,13 +96,41 @@ def _fatal(code: int | None, reason: str) -> AuthError | None:
     return Revoked(message) if code == CloseCode.REVOKED else Unauthorized(message)
 
 
+class _Connection:
+    """One WebSocket and its session; writes the session's frames in order.
+
+    The pump and :class:`Commands` both write on it, so draining ``data_to_send()`` and writing
+    happen under one lock: two writers must not reorder frames (a lower ack after a higher
+    one would be a protocol error).
+    """
+
+    def __init__(self, ws: ClientConnection, session: AgentSession) -> None:
+        self.ws = ws
+        self.session = session
+        self._lock = asyncio.Lock()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            try:
+                for text in self.session.data_to_send():
+                    await self.ws.send(text)
+            except ConnectionClosed:
+                pass  # the reader sees the close too and reports it to the session
+
+    async def send_command(self, command: frames.Command) -> None:
+        # Raises InvalidState unless OPEN: Commands turns that into 503 relay_unreachable.
+        self.session.send_command(command)
+        await self.flush()
+
+
 class AgentLink:
     """Keeps one link to the relay open and feeds delivered events to the inbox.
 
     Args:
         config: the agent's settings (relay URL, ids, back-off, ``link`` section).
         private_key: the key enrolled with the relay.
-        inbox: where events are committed before they are acked.
+        inbox: where events are committed before they are acked, and status items kept.
+        commands: CTOX commands waiting for a link; a fresh :class:`Commands` by default.
         rand: jitter source in [0, 1); tests pin it.
         clock: wall clock for the health report.
     """
@@ -107,12 +141,14 @@ class AgentLink:
         *,
         private_key: Ed25519PrivateKey,
         inbox: Inbox,
+        commands: Commands | None = None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.url = websocket_url(config.relay_url)
         self.status = LinkStatus()
+        self.commands = commands if commands is not None else Commands()
         self._key = private_key
         self._inbox = inbox
         self._rand = rand
@@ -177,13 +213,14 @@ class AgentLink:
             now=loop.time(),
             client=CLIENT,
         )
+        conn = _Connection(ws, session)
         # Bounded: when the inbox is slow, the reader stops and TCP pushes back on the relay.
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.config.link.window)
         reader = asyncio.create_task(self._read(ws, queue))
         welcomed = False
         closed: tuple[int | None, str] | None = None
         try:
-            await self._send(ws, session)
+            await conn.flush()
             while closed is None and session.close_requested is None:
                 try:
                     async with asyncio.timeout_at(session.next_deadline()):
@@ -199,13 +236,17 @@ class AgentLink:
                             session.receive_closed(ws.close_code, reason, loop.time())
                         else:
                             session.receive_message(text, loop.time())
-                await self._send(ws, session)
-                welcomed, closed = await self._handle(ws, session, welcomed)
+                await conn.flush()
+                welcomed, closed = await self._handle(conn, welcomed)
             if closed is None and session.close_requested is not None:
                 close = session.close_requested
                 await ws.close(close.code, close.reason)
                 closed = (close.code, close.reason)
         finally:
+            # From here on a new command is refused at once; waiting ones go out on the next link.
+            self.commands.detach(conn)
+            if welcomed:
+                self.status.state = LinkState.DISCONNECTED
             reader.cancel()
         assert closed is not None
         code, reason = closed
@@ -216,9 +257,10 @@ class AgentLink:
         return welcomed
 
     async def _handle(
-        self, ws: ClientConnection, session: AgentSession, welcomed: bool
+        self, conn: _Connection, welcomed: bool
     ) -> tuple[bool, tuple[int | None, str] | None]:
         """Act on the session's events; returns (welcomed, close code and reason if closed)."""
+        session = conn.session
         batch: list[tuple[int, dict[str, Any]]] = []
         closed: tuple[int | None, str] | None = None
         for event in session.events_received():
@@ -235,6 +277,11 @@ class AgentLink:
                         extra={"agent_id": self.config.agent_id, "account_id": account_id,
                                "resume_after": resume_after},
                     )
+                    await self.commands.attach(conn)
+                case CommandResultReceived(result=result):
+                    self.commands.deliver(result)
+                case StatusReceived(items=items, snapshot=snapshot):
+                    await self._store_status(session, items, snapshot)
                 case GoingAway(reason=reason):
                     log.info("link.goaway", extra={"reason": reason})
                 case AuthFailed(reason=reason):
@@ -245,15 +292,25 @@ class AgentLink:
                 case Closed(code=code, reason=reason):
                     closed = (code, reason)
                 case _:
-                    # Status and command results belong to later features (DESIGN §Link).
                     log.debug("link.event_ignored", extra={"kind": type(event).__name__})
         if batch:
-            await self._commit(ws, session, batch)
+            await self._commit(conn, batch)
         return welcomed, closed
 
-    async def _commit(
-        self, ws: ClientConnection, session: AgentSession, batch: list[tuple[int, dict[str, Any]]]
-    ) -> None:
+    async def _store_status(self, session: AgentSession, items: list[Any], snapshot: bool) -> None:
+        try:
+            stored = await self._inbox.save_status(items, snapshot=snapshot)
+        except StoreError as exc:
+            # A lost change would leave a stale value; a new link starts with a fresh snapshot.
+            log.error("status.store_failed", extra={"error": str(exc)})
+            session.close(CloseCode.INTERNAL_ERROR, "agent inbox unavailable")
+            return
+        if stored < len(items):
+            log.warning("status.items_refused", extra={"refused": len(items) - stored})
+        log.debug("status.stored", extra={"items": stored, "snapshot": snapshot})
+
+    async def _commit(self, conn: _Connection, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        session = conn.session
         if any(not isinstance(body.get("id"), str) or not body["id"] for _, body in batch):
             session.close(CloseCode.PROTOCOL_ERROR, "event without an id")
             return
@@ -267,17 +324,9 @@ class AgentLink:
         self.status.last_event_at = self._clock()
         # DESIGN principle 1: ack only after the inbox commit.
         session.ack(max(seq for seq, _ in batch))
-        await self._send(ws, session)
+        await conn.flush()
         log.debug("inbox.committed", extra={"events": len(batch), "stored": result.stored,
                                              "last_seq": result.last_seq})
-
-    @staticmethod
-    async def _send(ws: ClientConnection, session: AgentSession) -> None:
-        try:
-            for text in session.data_to_send():
-                await ws.send(text)
-        except ConnectionClosed:
-            pass  # the reader sees the close too and reports it to the session
 
     @staticmethod
     async def _read(ws: ClientConnection, queue: asyncio.Queue[str | None]) -> None:

@@ -4,12 +4,20 @@ It listens on loopback only. Every request needs the local token as a bearer tok
 ``Host`` header must name the loopback interface: a web page the user visits cannot rebind its
 own host name to 127.0.0.1 and read events through the user's browser. No CORS headers are
 ever sent, so browsers keep cross-origin pages out as well.
+
+``POST /v1/ctox/{type}`` hands a command to :class:`~relay_agent.commands.Commands` and answers
+with X-on's result as the relay relayed it; ``GET /v1/status`` reads the status items the link
+stored in the inbox, so it answers at once whether or not the relay is reachable.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,9 +27,11 @@ from shared.config import AgentConfig
 from shared.crypto import constant_time_equal
 from shared.errors import ApiError, RelayError, Unauthorized
 from shared.events import format_time
+from shared.link import frames
 
+from .commands import Commands
 from .inbox import Inbox
-from .link import LinkStatus
+from .link import LinkState, LinkStatus
 
 __all__ = ["create_local_app", "LOOPBACK_HOSTS", "DEFAULT_LIMIT", "MAX_LIMIT"]
 
@@ -35,6 +45,14 @@ config_key = web.AppKey("config", AgentConfig)
 inbox_key = web.AppKey("inbox", Inbox)
 status_key = web.AppKey("link_status", LinkStatus)
 token_key = web.AppKey("token", str)
+commands_key = web.AppKey("commands", Commands)
+
+_CTOX_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+"""Visible ASCII: the key travels in HTTP headers and is stored by the relay."""
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,1000}")
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+_BODYLESS = frozenset({204, 304})
 
 routes = web.RouteTableDef()
 
@@ -160,19 +178,137 @@ async def get_health(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+@routes.get("/v1/status")
+async def get_status(request: web.Request) -> web.Response:
+    # DESIGN §Agent local API: answered from the local cache, even while offline.
+    view = await request.app[inbox_key].read_status()
+    return web.json_response({
+        "link_up": request.app[status_key].state is LinkState.CONNECTED,
+        "updated_at": _time(view.updated_at),
+        "items": view.items,
+    })
+
+
+async def _command_params(request: web.Request) -> dict[str, Any]:
+    """Params from a JSON object (values kept as given) or a form (strings; a repeated name
+    gives a list of strings)."""
+    if not request.body_exists:
+        return {}
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "bad_params", "a JSON body must be an object of parameters")
+        return data
+    if request.content_type in _FORM_TYPES:
+        params: dict[str, Any] = {}
+        for name, value in (await request.post()).items():
+            if not isinstance(value, str):
+                raise ApiError(400, "bad_params", f"parameter {name!r} is a file; send text")
+            if name not in params:
+                params[name] = value
+            else:
+                # A repeated name becomes a list, which the relay sends to X-on repeated again.
+                previous = params[name]
+                params[name] = [*previous, value] if isinstance(previous, list) else [
+                    previous, value]
+        return params
+    raise ApiError(415, "unsupported_media_type",
+                   "send params as application/json or application/x-www-form-urlencoded")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "bad_idempotency_key",
+                       "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key
+
+
+def _result_response(result: frames.CommandResult, headers: dict[str, str]) -> web.Response:
+    """X-on's answer unchanged: status, content type, body, Retry-After (DESIGN §Commands)."""
+    try:
+        body = base64.b64decode(result.body_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(502, "bad_relay_response", "the relay sent an undecodable body") from None
+    if not 200 <= result.status <= 599:
+        raise ApiError(502, "bad_relay_response", f"the relay sent status {result.status}")
+    content_type = result.content_type
+    if result.error and not body:
+        # A refusal made by the relay normally carries its JSON error body; never answer blank.
+        error = {"error": {"code": result.error, "message": "refused by the relay"}}
+        body = json.dumps(error).encode()
+        content_type = "application/json"
+    retry_after = next(
+        (str(v) for k, v in result.headers.items() if k.lower() == "retry-after"), None
+    )
+    if retry_after is not None and _HEADER_VALUE.fullmatch(retry_after):
+        headers["Retry-After"] = retry_after
+    if content_type and _HEADER_VALUE.fullmatch(content_type):
+        headers["Content-Type"] = content_type
+    if result.status in _BODYLESS:
+        body = b""
+    return web.Response(status=result.status, body=body, headers=headers)
+
+
+@routes.post("/v1/ctox/{type}")
+async def post_ctox(request: web.Request) -> web.Response:
+    ctox_type = request.match_info["type"]
+    if not _CTOX_TYPE.fullmatch(ctox_type):
+        raise ApiError(400, "bad_ctox_type",
+                       "the CTOX type is 1 to 64 letters, digits, '_', '.', ':' or '-'")
+    key = _idempotency_key(request)
+    params = await _command_params(request)
+    commands = request.app[commands_key]
+    command = commands.new_command(ctox_type, params, key)
+    max_size = request.app[config_key].link.max_message_size
+    if len(frames.encode(command).encode()) > max_size:
+        # An oversized frame would make the relay drop the link, and the resend drop it again.
+        raise ApiError(413, "command_too_large",
+                       f"the command exceeds the link's message limit of {max_size} bytes")
+    # The app learns the key it may retry with, even the one made here for it.
+    headers = {"X-Request-Id": command.request_id, "Idempotency-Key": command.idempotency_key}
+    log.info("ctox.request", extra={"request_id": command.request_id, "ctox_type": ctox_type})
+    try:
+        result = await commands.call(command)
+    except ApiError as exc:
+        return web.json_response({"error": {"code": exc.code, "message": str(exc)}},
+                                 status=exc.http_status, headers=headers)
+    log.info("ctox.result", extra={"request_id": command.request_id, "status": result.status,
+                                   "error": result.error or None})
+    return _result_response(result, headers)
+
+
 async def _release_long_polls(app: web.Application) -> None:
     app[inbox_key].release_waiters()
 
 
+async def _stop_commands(app: web.Application) -> None:
+    app[commands_key].close()
+
+
 def create_local_app(
-    *, config: AgentConfig, inbox: Inbox, link_status: LinkStatus, token: str
+    *,
+    config: AgentConfig,
+    inbox: Inbox,
+    link_status: LinkStatus,
+    token: str,
+    commands: Commands | None = None,
 ) -> web.Application:
-    """The local API application; the caller binds it to a loopback address."""
+    """The local API application; the caller binds it to a loopback address.
+
+    ``commands`` is the link's :class:`Commands`; without one, every CTOX request gets 503
+    ``relay_unreachable``.
+    """
     app = web.Application(middlewares=[error_middleware, guard_middleware])
     app[config_key] = config
     app[inbox_key] = inbox
     app[status_key] = link_status
     app[token_key] = token
+    app[commands_key] = commands if commands is not None else Commands()
     app.add_routes(routes)
     app.on_shutdown.append(_release_long_polls)
+    app.on_shutdown.append(_stop_commands)
     return app

@@ -32,6 +32,7 @@ __all__ = [
     "CtoxTypeConfig",
     "CtoxConfig",
     "StatusConfig",
+    "LimitsConfig",
     "ServerConfig",
     "AgentConfig",
     "load",
@@ -174,6 +175,53 @@ class StatusConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """Abuse limits of the public listener (issue 6): rates, enrollment lockout, deadlines."""
+
+    source_rate: float | None = 1000.0
+    """Requests per second one source address may make on the public listener (429 beyond);
+    ``None``: no limit. X-on sends every account's events from few addresses: keep it high."""
+    source_burst: int = 2000
+    """Requests a source may make at once before ``source_rate`` applies."""
+    account_rate: float | None = 500.0
+    """Ingress requests per second one account may receive (429 beyond); ``None``: no limit."""
+    account_burst: int = 5000
+    """Ingress requests an account may receive at once before ``account_rate`` applies."""
+    enroll_max_failures: int | None = 5
+    """Failed enrollment codes one source may send within ``enroll_window`` before it is
+    locked out for ``enroll_lockout`` seconds (429); ``None``: no lockout."""
+    enroll_window: float = 600.0
+    enroll_lockout: float = 900.0
+    header_timeout: float = 10.0
+    """Seconds a client has to send a complete request head, counted from the connection or
+    from the previous response (also the idle keep-alive limit): slow-header clients close."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send a request body (408 beyond): slow-body clients close."""
+    trusted_proxies: list[str] = field(default_factory=list)
+    """Addresses of reverse proxies (the TLS front) whose ``X-Forwarded-For`` names the
+    source; requests from anywhere else are keyed by their own address."""
+    max_tracked: int = 100_000
+    """Most sources (or accounts) each limiter remembers; the least recently seen go first."""
+
+    def __post_init__(self) -> None:
+        for name, rate in (("source_rate", self.source_rate), ("account_rate", self.account_rate)):
+            if rate is not None and not rate > 0:
+                raise ConfigError(f"limits.{name} must be positive (or none)")
+        if self.source_burst < 1 or self.account_burst < 1 or self.max_tracked < 1:
+            raise ConfigError("limits.source_burst, account_burst and max_tracked must be >= 1")
+        if self.enroll_max_failures is not None and self.enroll_max_failures < 1:
+            raise ConfigError("limits.enroll_max_failures must be at least 1 (or none)")
+        for name, value in (
+            ("enroll_window", self.enroll_window),
+            ("enroll_lockout", self.enroll_lockout),
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
+        ):
+            if not value > 0:
+                raise ConfigError(f"limits.{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """Relay server settings."""
 
@@ -197,6 +245,7 @@ class ServerConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     ctox: CtoxConfig = field(default_factory=CtoxConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, what="listen")
@@ -252,6 +301,11 @@ class AgentConfig:
     backoff_max: float = 30.0
     max_wait: float = 60.0
     """Longest long-poll ``wait`` a local app may ask for, in seconds."""
+    command_timeout: float = 15.0
+    """Seconds a local CTOX call may wait for the relay's answer (a little above the relay's
+    X-on timeout), resends after a reconnect included; then 504 ``command_timeout``."""
+    max_commands_in_flight: int = 32
+    """Local CTOX calls waiting at once; 429 ``too_many_commands`` beyond."""
     log_level: str = "info"
     log_format: str = "text"
     link: LinkConfig = field(default_factory=LinkConfig)
@@ -266,6 +320,8 @@ class AgentConfig:
             raise ConfigError("retention_max_age must be positive (or none)")
         if self.max_wait <= 0:
             raise ConfigError("max_wait must be positive")
+        if self.command_timeout <= 0 or self.max_commands_in_flight < 1:
+            raise ConfigError("command_timeout and max_commands_in_flight must be positive")
         _check_log_level(self.log_level)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
