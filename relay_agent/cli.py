@@ -1,4 +1,4 @@
-"""``xon-relay-agent``: enroll, run and status (DESIGN §Command line).
+"""``xon-relay-agent``: enroll, run, status, init, doctor and service (DESIGN §Command line).
 
 The only module of the agent that reads argv, the environment and files by name. Errors are one
 line on stderr; exit codes: 0 ok, 1 failure (relay unreachable, refused enrollment, runtime
@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import logging
+import logging.handlers
 import os
 import signal
+import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,11 @@ from shared.config import (
     parse_hostport,
 )
 from shared.errors import ConfigError, RelayError, Revoked, Unauthorized
+from shared.files import ensure_private_dir, write_private_file
 
+from . import doctor, winservice
 from .app import local_url, run_agent
+from .configfile import render_config, unknown_keys
 from .enroll import (
     CONFIG_FILE,
     INBOX_FILE,
@@ -37,14 +46,14 @@ from .enroll import (
     STATE_FILE,
     TOKEN_FILE,
     check_relay_url,
-    is_enrolled,
     is_loopback_host,
     register,
     write_enrollment,
 )
 from .inbox import offline_stats
+from .system import pid_alive
 
-__all__ = ["main", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_REFUSED"]
+__all__ = ["main", "run_hosted", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_REFUSED"]
 
 log = logging.getLogger("relay_agent")
 
@@ -72,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--code", required=True)
     enroll.add_argument("--data-dir", type=Path)
     enroll.add_argument("--name", default="")
-    enroll.add_argument("--listen", default=AgentConfig().listen, metavar="HOST:PORT")
+    enroll.add_argument("--listen", metavar="HOST:PORT",
+                        help=f"local API address (default: the config's, else "
+                             f"{AgentConfig().listen})")
     enroll.add_argument("--insecure", action="store_true", help="allow http:// to a remote relay")
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
     enroll.add_argument("--json", action="store_true")
@@ -85,17 +96,44 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="link state, local API URL, backlog")
     status.add_argument("--data-dir", type=Path)
     status.add_argument("--json", action="store_true")
+
+    init = sub.add_parser("init", help="write a commented config.toml with every default")
+    init.add_argument("--data-dir", type=Path)
+    init.add_argument("--force", action="store_true",
+                      help="rewrite an existing config.toml (its settings are kept)")
+
+    check = sub.add_parser("doctor", help="check config, enrollment, network and local port")
+    check.add_argument("--config", type=Path, metavar="FILE")
+    check.add_argument("--data-dir", type=Path)
+    check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="for each network step (default 5)")
+    check.add_argument("--json", action="store_true")
+
+    service = sub.add_parser("service", help="the Windows service (install, uninstall, start, "
+                             "stop)")
+    service_sub = service.add_subparsers(dest="action", required=True)
+    for action in ("install", "uninstall", "start", "stop"):
+        one = service_sub.add_parser(action)
+        one.add_argument("--name", default=winservice.SERVICE_NAME, help="service name")
+        one.add_argument("--dry-run", action="store_true",
+                         help="print the sc.exe commands instead of running them")
+        if action == "install":
+            one.add_argument("--data-dir", help="default: %%PROGRAMDATA%%\\xon-relay-agent")
+            one.add_argument("--python", help="python.exe hosting the service (default: this "
+                             "one)")
+            one.add_argument("--start", choices=("auto", "delayed-auto", "demand"),
+                             default="auto")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "enroll": _enroll, "run": _run, "status": _status, "init": _init,
+        "doctor": _doctor, "service": _service,
+    }
     try:
-        if args.command == "enroll":
-            return _enroll(args)
-        if args.command == "run":
-            return _run(args)
-        return _status(args)
+        return commands[args.command](args)
     except _Fail as exc:
         print(f"{APP_NAME}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -121,16 +159,37 @@ def _check_listen(listen: str) -> None:
 # -- enroll ------------------------------------------------------------------------------------
 
 
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    """The raw settings of a config file; None when it is missing or not valid TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _holds_enrollment(data_dir: Path) -> bool:
+    """A key, or a config naming an agent (or unreadable): not a fresh ``init`` config."""
+    if (data_dir / KEY_FILE).exists():
+        return True
+    path = data_dir / CONFIG_FILE
+    if not path.exists():
+        return False
+    values = _read_toml(path)
+    return values is None or bool(values.get("agent_id"))
+
+
 def _enroll(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
-    _check_listen(args.listen)
+    previous = _read_toml(data_dir / CONFIG_FILE) or {}
+    listen = args.listen or str(previous.get("listen") or AgentConfig().listen)
+    _check_listen(listen)
     try:
         plain = check_relay_url(args.relay, insecure=args.insecure)
     except ConfigError as exc:
         raise _Fail(str(exc), EXIT_FAILURE) from exc
     if plain and args.insecure:
         print(f"{APP_NAME}: warning: the link to {args.relay} is not encrypted", file=sys.stderr)
-    if is_enrolled(data_dir) and not args.force:
+    if _holds_enrollment(data_dir) and not args.force:
         raise _Fail(f"{data_dir} already holds an enrollment (use --force to replace it)",
                     EXIT_FAILURE)
     key = crypto.generate_private_key()
@@ -143,10 +202,15 @@ def _enroll(args: argparse.Namespace) -> int:
         raise _Fail(f"enrollment failed: {exc}", EXIT_FAILURE) from exc
     try:
         write_enrollment(data_dir, key=key, enrollment=enrollment, relay_url=args.relay,
-                         listen=args.listen, insecure=args.insecure)
+                         listen=listen, insecure=args.insecure)
+        # The commented form (what init writes), keeping the settings of an earlier file.
+        settings = {**previous, **(_read_toml(data_dir / CONFIG_FILE) or {})}
+        if not args.insecure:
+            settings.pop("insecure", None)
+        write_private_file(data_dir / CONFIG_FILE, render_config(settings))
     except OSError as exc:
         raise _Fail(f"cannot write {data_dir}: {exc}", EXIT_FAILURE) from exc
-    host, port = parse_hostport(args.listen)
+    host, port = parse_hostport(listen)
     url = local_url(host, port)
     if args.json:
         print(json.dumps({"agent_id": enrollment.agent_id, "account_id": enrollment.account_id,
@@ -183,9 +247,67 @@ def _read_secret(path: Path) -> bytes:
         raise _Fail(f"cannot read {path}: {exc.strerror}", EXIT_CONFIG) from exc
 
 
+StopFunction = Callable[[], None]
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _load_config(args)
     logs.setup(config.log_level, config.log_format)
+    return _run_config(config, attach_stop=None)
+
+
+def run_hosted(
+    data_dir: Path, *, attach_stop: Callable[[StopFunction], None], log_file: Path | None = None
+) -> int:
+    """``run --data-dir DIR`` for a host that is not a console (the Windows service).
+
+    Args:
+        data_dir: the agent's data dir (its ``config.toml`` is read).
+        attach_stop: called once the agent runs, with a function that stops it and may be
+            called from any thread.
+        log_file: log there (rotated at 10 MB, 5 kept) instead of stderr.
+
+    Returns:
+        The exit code ``run`` would have (0, 1, 2 or 3); errors are logged, never raised.
+    """
+    args = argparse.Namespace(data_dir=data_dir, config=None, listen=None)
+    config: AgentConfig | None = None
+    failure: _Fail | None = None
+    try:
+        config = _load_config(args)
+    except _Fail as exc:
+        failure = exc
+    if config is not None:
+        logs.setup(config.log_level, config.log_format)
+    else:
+        logs.setup()
+    handler = _log_to_file(log_file) if log_file is not None else None
+    try:
+        if config is not None:
+            try:
+                return _run_config(config, attach_stop=attach_stop)
+            except _Fail as exc:
+                failure = exc
+        assert failure is not None
+        log.error("agent.config_error", extra={"error": str(failure)})
+        return failure.exit_code
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    root = logging.getLogger()
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024 * 1024,
+                                                   backupCount=5, encoding="utf-8")
+    handler.setFormatter(root.handlers[0].formatter)
+    root.handlers[:] = [handler]
+    return handler
+
+
+def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], None] | None
+                ) -> int:
     _check_listen(config.listen)
     if not config.agent_id or not config.relay_url or not config.relay_id:
         raise _Fail("relay_url, agent_id and relay_id must be set: enroll first", EXIT_CONFIG)
@@ -204,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
     if not token:
         raise _Fail(f"{config.data_dir / TOKEN_FILE} is empty", EXIT_CONFIG)
     try:
-        asyncio.run(_serve(config, token, key))
+        asyncio.run(_serve(config, token, key, attach_stop))
     except Revoked as exc:
         log.error("agent.revoked", extra={"agent_id": config.agent_id, "reason": str(exc)})
         return EXIT_REFUSED
@@ -218,30 +340,27 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(config: AgentConfig, token: str, key: crypto.Ed25519PrivateKey) -> None:
+async def _serve(config: AgentConfig, token: str, key: crypto.Ed25519PrivateKey,
+                 attach_stop: Callable[[StopFunction], None] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except NotImplementedError:  # pragma: no cover - Windows: Ctrl-C raises instead
-            pass
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, or a
+            pass  # service's non-main thread: Ctrl-C raises / the host stops us instead
+    if attach_stop is not None:
+        attach_stop(lambda: _call_soon(loop, stop.set))
     await run_agent(config, token=token, private_key=key, stop=stop)
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, function: StopFunction) -> None:
+    # A stop that arrives after the agent ended finds the loop closed: nothing left to stop.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(function)
+
+
 # -- status ------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _health(url: str, token: str) -> dict[str, Any] | None:
@@ -268,7 +387,7 @@ def _status(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         pass
     health = None
-    if isinstance(state, dict) and _pid_alive(state.get("pid")):
+    if isinstance(state, dict) and pid_alive(state.get("pid")):
         token = (data_dir / TOKEN_FILE).read_text().strip() if (data_dir / TOKEN_FILE).exists() \
             else ""
         health = _health(str(state.get("local_url", "")), token)
@@ -301,4 +420,100 @@ def _status(args: argparse.Namespace) -> int:
             print(f"relay: {relay_url}")
     print(f"inbox: {inbox['events']} events, last cursor {inbox['last_cursor']}, "
           f"last seq {inbox['last_seq']}")
+    return EXIT_OK
+
+
+# -- init --------------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    path = data_dir / CONFIG_FILE
+    values: dict[str, Any] = {}
+    if path.exists():
+        if not args.force:
+            raise _Fail(f"{path} already exists (--force rewrites it, keeping its settings)",
+                        EXIT_FAILURE)
+        old = _read_toml(path)
+        if old is None:
+            print(f"{APP_NAME}: warning: {path} is not valid TOML; its settings are not kept",
+                  file=sys.stderr)
+        else:
+            values = old
+            dropped = unknown_keys(old)
+            if dropped:
+                print(f"{APP_NAME}: warning: dropping unknown settings: {', '.join(dropped)}",
+                      file=sys.stderr)
+    values["data_dir"] = str(data_dir.resolve())
+    try:
+        ensure_private_dir(data_dir)
+        write_private_file(path, render_config(values))
+    except OSError as exc:
+        raise _Fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_FAILURE) from exc
+    try:
+        load(AgentConfig, path=path, env={}, flags={}, env_prefix=AGENT_ENV_PREFIX)
+    except ConfigError as exc:
+        raise _Fail(f"wrote {path}, but it does not load: {exc}", EXIT_CONFIG) from exc
+    print(f"wrote {path}")
+    if not values.get("agent_id"):
+        print(f"next: {APP_NAME} enroll --relay URL --code CODE --data-dir {data_dir}")
+    return EXIT_OK
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    config_path: Path = args.config or _data_dir(args) / CONFIG_FILE
+    if args.timeout <= 0:
+        raise _Fail("--timeout must be positive", EXIT_CONFIG)
+    checks = doctor.run_checks(config_path=config_path, data_dir=args.data_dir, env=os.environ,
+                               timeout=args.timeout)
+    print(doctor.format_json(checks) if args.json else doctor.format_text(checks))
+    return EXIT_OK if doctor.all_ok(checks) else EXIT_FAILURE
+
+
+# -- service (Windows) -------------------------------------------------------------------------
+
+
+def _service(args: argparse.Namespace) -> int:
+    if args.action == "install":
+        spec = winservice.ServiceSpec(
+            name=args.name,
+            python=args.python or sys.executable,
+            data_dir=args.data_dir or str(winservice.program_data_dir(os.environ)),
+            start=args.start,
+        )
+        commands = winservice.install_commands(spec)
+    elif args.action == "uninstall":
+        commands = winservice.uninstall_commands(args.name)
+    elif args.action == "start":
+        commands = winservice.start_commands(args.name)
+    else:
+        commands = winservice.stop_commands(args.name)
+    if args.dry_run:
+        for command in commands:
+            print(subprocess.list2cmdline(command))
+        return EXIT_OK
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        return _run_sc(args, commands)
+    else:
+        raise _Fail("service commands manage a Windows service; on Linux use the systemd units "
+                    "in deploy/systemd (--dry-run prints the commands)", EXIT_CONFIG)
+
+
+def _run_sc(args: argparse.Namespace, commands: list[list[str]]) -> int:
+    if args.action == "install" and not args.python \
+            and importlib.util.find_spec("win32serviceutil") is None:
+        raise _Fail("pywin32 is not installed in this Python: pip install pywin32",
+                    EXIT_CONFIG)
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # uninstall stops first; a service that is not running is not an error there.
+        if done.returncode != 0 and not (args.action == "uninstall" and command[1] == "stop"):
+            detail = (done.stdout + done.stderr).strip().splitlines()
+            raise _Fail(f"{subprocess.list2cmdline(command[:3])} failed (exit "
+                        f"{done.returncode}): {detail[-1] if detail else 'no output'}",
+                        EXIT_FAILURE)
+    print(f"service {args.name}: {args.action} done")
     return EXIT_OK
