@@ -5,15 +5,19 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit clean-demo
+.PHONY: test demo bench lint typecheck unit clean-demo browser
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 demo: $(STAMP)
 	$(BIN)/xon-sim demo
+
+# Benchmarks print figures and assert nothing; CI does not run them (bench/README.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench all
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,3 +37,12 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+# The page tests render in headless Chromium (Debian package). Installed when missing and we are
+# root (CI is); elsewhere those tests skip with the install command.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; browser tests will fail under CI" >&2; \
+	  else echo "note: chromium not installed (sudo apt-get install chromium); browser tests skip" >&2; fi; }

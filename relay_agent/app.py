@@ -1,5 +1,5 @@
-"""Wire the agent together: inbox, link (with its CTOX commands), local API and retention,
-until told to stop."""
+"""Wire the agent together: inbox, link (with its CTOX commands), local API, delivery modes
+(forward and tcp targets) and retention, until told to stop."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from shared.crypto import Ed25519PrivateKey
 from shared.files import write_private_file
 
 from .commands import Commands
-from .enroll import INBOX_FILE, STATE_FILE
+from .delivery import Delivery
+from .enroll import INBOX_FILE, STATE_FILE, TOKEN_FILE
 from .inbox import Inbox
 from .link import AgentLink
 from .local_api import create_local_app
+from .system import bind_local
+from .tokens import TokenFile
 
 __all__ = ["run_agent", "local_url", "RETENTION_INTERVAL"]
 
@@ -64,12 +67,22 @@ async def run_agent(
             timeout=config.command_timeout, max_in_flight=config.max_commands_in_flight
         )
         link = AgentLink(config, private_key=private_key, inbox=inbox, commands=commands)
-        app = create_local_app(config=config, inbox=inbox, link_status=link.status, token=token,
-                               commands=link.commands)
+        delivery = Delivery(config, inbox)
+        # TokenFile re-reads local-token when it changes: `token rotate` needs no restart.
+        app = create_local_app(
+            config=config,
+            inbox=inbox,
+            link_status=link.status,
+            token=TokenFile(config.data_dir / TOKEN_FILE, initial=token),
+            commands=link.commands,
+            delivery=delivery,
+        )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, bind_local(host, port)).start()
+        await delivery.start()
+        stack.push_async_callback(delivery.close)
         bound_port = int(runner.addresses[0][1])
         url = local_url(host, bound_port)
         _write_state(state_file, url, config.agent_id)

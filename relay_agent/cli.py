@@ -1,4 +1,5 @@
-"""``xon-relay-agent``: enroll, run, status, init, doctor and service (DESIGN §Command line).
+"""``xon-relay-agent``: enroll, run, status, token, open, init, doctor and service (DESIGN
+§Command line).
 
 The only module of the agent that reads argv, the environment and files by name. Errors are one
 line on stderr; exit codes: 0 ok, 1 failure (relay unreachable, refused enrollment, runtime
@@ -10,16 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tomllib
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +38,7 @@ from shared.config import (
 from shared.errors import ConfigError, RelayError, Revoked, Unauthorized
 from shared.files import ensure_private_dir, write_private_file
 
-from . import doctor, winservice
+from . import doctor, net, page, security, tokens, winservice
 from .app import local_url, run_agent
 from .configfile import render_config, unknown_keys
 from .enroll import (
@@ -46,7 +48,6 @@ from .enroll import (
     STATE_FILE,
     TOKEN_FILE,
     check_relay_url,
-    is_loopback_host,
     register,
     write_enrollment,
 )
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"local API address (default: the config's, else "
                              f"{AgentConfig().listen})")
     enroll.add_argument("--insecure", action="store_true", help="allow http:// to a remote relay")
+    enroll.add_argument("--allow-non-loopback", action="store_true", default=None,
+                        help="let --listen name a non-loopback address (written to the config)")
+    enroll.add_argument("--proxy", metavar="URL",
+                        help="HTTP CONNECT proxy http://[USER:PASSWORD@]HOST:PORT, or direct "
+                             "(default: HTTPS_PROXY/NO_PROXY; written to the config)")
+    enroll.add_argument("--ca-file", type=Path, metavar="FILE",
+                        help="PEM CA certificates to trust besides the OS store (written to "
+                             "the config)")
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
     enroll.add_argument("--json", action="store_true")
 
@@ -92,10 +101,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, metavar="FILE")
     run.add_argument("--data-dir", type=Path)
     run.add_argument("--listen", metavar="HOST:PORT")
+    run.add_argument("--allow-non-loopback", action="store_true", default=None,
+                     help="let listen name a non-loopback address (DESIGN principle 3 says "
+                          "loopback only)")
 
     status = sub.add_parser("status", help="link state, local API URL, backlog")
     status.add_argument("--data-dir", type=Path)
     status.add_argument("--json", action="store_true")
+
+    token = sub.add_parser("token", help="manage the local API token")
+    token_sub = token.add_subparsers(dest="action", required=True)
+    rotate = token_sub.add_parser("rotate", help="write a new local token; a running agent "
+                                  "takes it at once and refuses the old one")
+    rotate.add_argument("--data-dir", type=Path)
+
+    open_page = sub.add_parser("open", help="open the status page with a one-time login link")
+    open_page.add_argument("--data-dir", type=Path)
+    open_page.add_argument("--no-browser", action="store_true",
+                           help="only print the link (it works once, within a minute)")
 
     init = sub.add_parser("init", help="write a commented config.toml with every default")
     init.add_argument("--data-dir", type=Path)
@@ -129,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "enroll": _enroll, "run": _run, "status": _status, "init": _init,
-        "doctor": _doctor, "service": _service,
+        "enroll": _enroll, "run": _run, "status": _status, "token": _token, "open": _open,
+        "init": _init, "doctor": _doctor, "service": _service,
     }
     try:
         return commands[args.command](args)
@@ -146,14 +169,11 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return (value or default_data_dir(APP_NAME)).expanduser()
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, allow_non_loopback: bool = False) -> None:
     try:
-        host, _ = parse_hostport(listen, what="listen")
+        security.check_listen(listen, allow_non_loopback=allow_non_loopback)
     except ConfigError as exc:
         raise _Fail(str(exc), EXIT_CONFIG) from exc
-    # DESIGN principle 3: nothing listens on the office PC except on loopback.
-    if not is_loopback_host(host):
-        raise _Fail(f"listen must be a loopback address, got {listen!r}", EXIT_CONFIG)
 
 
 # -- enroll ------------------------------------------------------------------------------------
@@ -178,11 +198,37 @@ def _holds_enrollment(data_dir: Path) -> bool:
     return values is None or bool(values.get("agent_id"))
 
 
+def _setting(flag: object, previous: dict[str, Any], name: str) -> str:
+    """An enrollment setting: flag > environment > the earlier config file (DESIGN §Command
+    line); empty when none gives it."""
+    if flag is not None:
+        return str(flag)
+    env_name = AGENT_ENV_PREFIX + name.upper()
+    if env_name in os.environ:
+        return os.environ[env_name]
+    value = previous.get(name)
+    return str(value) if isinstance(value, str) else ""
+
+
+def _enroll_network(args: argparse.Namespace, previous: dict[str, Any]
+                    ) -> tuple[net.ProxyChoice, ssl.SSLContext]:
+    """The proxy and TLS trust enrollment uses: the ones ``run`` will use."""
+    ca_text = _setting(args.ca_file, previous, "ca_file").strip()
+    ca_file = Path(ca_text).expanduser() if ca_text.lower() not in ("", "none") else None
+    try:
+        choice = net.resolve_proxy(_setting(args.proxy, previous, "proxy"), args.relay,
+                                   os.environ)
+        return choice, net.ssl_context(ca_file)
+    except ConfigError as exc:
+        raise _Fail(str(exc), EXIT_CONFIG) from exc
+
+
 def _enroll(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     previous = _read_toml(data_dir / CONFIG_FILE) or {}
     listen = args.listen or str(previous.get("listen") or AgentConfig().listen)
-    _check_listen(listen)
+    allow_non_loopback = bool(args.allow_non_loopback) or previous.get("allow_non_loopback") is True
+    _check_listen(listen, allow_non_loopback=allow_non_loopback)
     try:
         plain = check_relay_url(args.relay, insecure=args.insecure)
     except ConfigError as exc:
@@ -192,11 +238,12 @@ def _enroll(args: argparse.Namespace) -> int:
     if _holds_enrollment(data_dir) and not args.force:
         raise _Fail(f"{data_dir} already holds an enrollment (use --force to replace it)",
                     EXIT_FAILURE)
+    choice, context = _enroll_network(args, previous)
     key = crypto.generate_private_key()
     try:
         enrollment = asyncio.run(
             register(args.relay, code=args.code, public_key=crypto.public_key_b64(key),
-                     name=args.name)
+                     name=args.name, proxy=choice.url, ssl_context=context)
         )
     except RelayError as exc:
         raise _Fail(f"enrollment failed: {exc}", EXIT_FAILURE) from exc
@@ -207,6 +254,12 @@ def _enroll(args: argparse.Namespace) -> int:
         settings = {**previous, **(_read_toml(data_dir / CONFIG_FILE) or {})}
         if not args.insecure:
             settings.pop("insecure", None)
+        if args.allow_non_loopback:
+            settings["allow_non_loopback"] = True
+        if args.proxy is not None:
+            settings["proxy"] = args.proxy
+        if args.ca_file is not None:
+            settings["ca_file"] = str(args.ca_file.expanduser().resolve())
         write_private_file(data_dir / CONFIG_FILE, render_config(settings))
     except OSError as exc:
         raise _Fail(f"cannot write {data_dir}: {exc}", EXIT_FAILURE) from exc
@@ -226,7 +279,11 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _load_config(args: argparse.Namespace) -> AgentConfig:
-    flags: dict[str, object] = {"data_dir": args.data_dir, "listen": getattr(args, "listen", None)}
+    flags: dict[str, object] = {
+        "data_dir": args.data_dir,
+        "listen": getattr(args, "listen", None),
+        "allow_non_loopback": True if getattr(args, "allow_non_loopback", None) else None,
+    }
     path: Path | None = getattr(args, "config", None)
     if path is None:
         path = _data_dir(args) / CONFIG_FILE
@@ -308,7 +365,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], None] | None
                 ) -> int:
-    _check_listen(config.listen)
+    _check_listen(config.listen, allow_non_loopback=config.allow_non_loopback)
     if not config.agent_id or not config.relay_url or not config.relay_id:
         raise _Fail("relay_url, agent_id and relay_id must be set: enroll first", EXIT_CONFIG)
     try:
@@ -318,6 +375,7 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
     if config.insecure:
         log.warning("agent.insecure", extra={"relay_url": config.relay_url,
                                              "detail": "plain http to the relay is allowed"})
+    config = _resolve_network(config)
     try:
         key = crypto.private_key_from_pem(_read_secret(config.data_dir / KEY_FILE))
     except ValueError as exc:
@@ -338,6 +396,19 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
         return EXIT_FAILURE
     log.info("agent.stopped", extra={"agent_id": config.agent_id})
     return EXIT_OK
+
+
+def _resolve_network(config: AgentConfig) -> AgentConfig:
+    """Settle the proxy (the environment is read here only) and check ``ca_file`` loads."""
+    try:
+        choice = net.resolve_proxy(config.proxy, config.relay_url, os.environ)
+        net.ssl_context(config.ca_file)
+    except ConfigError as exc:
+        raise _Fail(str(exc), EXIT_CONFIG) from exc
+    trust = {"ca_file": str(config.ca_file)} if config.ca_file else {}
+    log.info("agent.network", extra={"proxy": choice.describe(), **trust})
+    # The layers below never read the environment: they get an explicit proxy or "direct".
+    return dataclasses.replace(config, proxy=choice.url or net.DIRECT)
 
 
 async def _serve(config: AgentConfig, token: str, key: crypto.Ed25519PrivateKey,
@@ -366,8 +437,10 @@ def _call_soon(loop: asyncio.AbstractEventLoop, function: StopFunction) -> None:
 def _health(url: str, token: str) -> dict[str, Any] | None:
     request = urllib.request.Request(url + "/v1/health",
                                      headers={"Authorization": f"Bearer {token}"})
+    # No proxy: the token must go to the local agent only, whatever http_proxy says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with opener.open(request, timeout=5) as response:
             data = json.loads(response.read())
     except (OSError, ValueError):
         return None
@@ -404,23 +477,30 @@ def _status(args: argparse.Namespace) -> int:
                "inbox": {"events": stats.events if stats else 0,
                          "last_cursor": str(stats.last_cursor) if stats else "0",
                          "last_seq": stats.last_seq if stats else 0}}
-    if args.json:
-        print(json.dumps(out))
-        return EXIT_OK
-    inbox = out["inbox"]
-    if out["running"]:
-        print(f"running (pid {out['pid']}), link {out['link']}")
-        print(f"relay: {out.get('relay_url')}")
-        print(f"local API: {out['local_url']}")
-        if out.get("last_error"):
-            print(f"last error: {out['last_error']}")
-    else:
-        print("not running")
-        if relay_url:
-            print(f"relay: {relay_url}")
-    print(f"inbox: {inbox['events']} events, last cursor {inbox['last_cursor']}, "
-          f"last seq {inbox['last_seq']}")
+    print(json.dumps(out) if args.json else page.status_text(out))
     return EXIT_OK
+
+
+# -- token, open ---------------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    try:
+        tokens.rotate_token(data_dir)
+    except OSError as exc:
+        raise _Fail(f"cannot write {data_dir / TOKEN_FILE}: {exc.strerror or exc}",
+                    EXIT_FAILURE) from exc
+    print(f"wrote a new local token to {data_dir / TOKEN_FILE}; a running agent uses it from "
+          "now on and refuses the old one")
+    return EXIT_OK
+
+
+def _open(args: argparse.Namespace) -> int:
+    try:
+        return page.open_page(_data_dir(args), browser=not args.no_browser)
+    except RelayError as exc:
+        raise _Fail(str(exc), EXIT_FAILURE) from exc
 
 
 # -- init --------------------------------------------------------------------------------------

@@ -4,33 +4,39 @@ The checks run in order and a check that needs an earlier one (TCP needs DNS, TL
 is skipped when that one failed, so the first ``fail`` line names the cause. They use plain
 blocking sockets with a timeout: the doctor runs alone, from a console.
 
-Network checks connect directly, not through a proxy; when ``HTTPS_PROXY`` is set the
-``proxy`` line says so.
+The network checks connect as the agent does (:mod:`.net`): through the proxy it would use
+(the ``proxy`` line names it; DNS then resolves the proxy, and TCP includes the CONNECT), and
+verifying TLS against the OS store plus ``ca_file``. An untrusted certificate's issuer is named,
+so a TLS-inspecting proxy shows itself.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
 import stat
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from shared import crypto
 from shared.config import AGENT_ENV_PREFIX, AgentConfig, load, parse_hostport
-from shared.errors import ConfigError
+from shared.errors import ConfigError, UpstreamError
 
+from . import net
 from .enroll import KEY_FILE, STATE_FILE, TOKEN_FILE, check_relay_url, is_loopback_host
 from .system import bind_local, pid_alive
 
 __all__ = ["Check", "Status", "run_checks", "format_text", "format_json", "all_ok"]
+
+_MAX_PROXY_ANSWER = 16384
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -66,8 +72,20 @@ class _Relay:
     host: str
     port: int
     tls: bool
+    proxy: str | None = None
+    """The proxy the agent would use (None: direct)."""
+    context: ssl.SSLContext | None = None
+    """The agent's TLS trust (OS store plus ca_file) for an https relay."""
     addresses: list[tuple[int, tuple[object, ...]]] = field(default_factory=list)
+    """Of the first hop: the proxy, or the relay."""
     connected: tuple[int, tuple[object, ...]] | None = None
+
+    @property
+    def first_hop(self) -> tuple[str, int]:
+        if self.proxy is None:
+            return self.host, self.port
+        parts = urlsplit(self.proxy)
+        return parts.hostname or "", parts.port or 80
 
 
 def run_checks(
@@ -178,15 +196,25 @@ def _local_port(config: AgentConfig | None, data_dir: Path) -> Check:
 # -- network -------------------------------------------------------------------------------------
 
 
+class _ProxyRefused(UpstreamError):
+    """The proxy answered the CONNECT with something else than 2xx."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"CONNECT answered HTTP {status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
 def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float) -> list[Check]:
     names = ("dns", "tcp", "tls", "relay_health")
     if config is None or not config.relay_url:
-        return [Check("relay_url", "skip", "no relay_url configured"), _proxy(None, env),
+        return [Check("relay_url", "skip", "no relay_url configured"),
+                Check("proxy", "skip", "no relay_url configured"),
                 *(Check(name, "skip", "no relay_url configured") for name in names)]
     try:
         plain = check_relay_url(config.relay_url, insecure=config.insecure)
     except ConfigError as exc:
-        return [Check("relay_url", "fail", str(exc)), _proxy(None, env),
+        return [Check("relay_url", "fail", str(exc)), Check("proxy", "skip", "relay_url refused"),
                 *(Check(name, "skip", "relay_url refused") for name in names)]
     parts = urlsplit(config.relay_url)
     assert parts.hostname is not None  # check_relay_url insists on a host
@@ -199,7 +227,10 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
                       "encrypted (insecure = true)")
     else:
         first = Check("relay_url", "ok", config.relay_url)
-    checks = [first, _proxy(relay.host, env)]
+    proxy = _proxy(config, relay, env)
+    checks = [first, proxy]
+    if proxy.status == "fail":
+        return [*checks, *(Check(name, "skip", "proxy unusable") for name in names)]
     steps: list[tuple[str, Callable[[_Relay, float], Check], str]] = [
         ("dns", _dns, ""),
         ("tcp", _tcp, "dns"),
@@ -219,125 +250,190 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
     return checks
 
 
-def _env(env: Mapping[str, str], name: str) -> str:
-    # curl and Python's urllib prefer the lower-case name when both are set.
-    return env.get(name.lower()) or env.get(name.upper()) or ""
-
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
-
-
-def _bypassed(host: str, no_proxy: str) -> bool:
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if entry == "*":
-            return True
-        entry = entry.lstrip(".").rsplit(":", 1)[0] if entry.count(":") == 1 else entry
-        if entry and (host.lower() == entry or host.lower().endswith("." + entry)):
-            return True
-    return False
-
-
-def _proxy(host: str | None, env: Mapping[str, str]) -> Check:
-    proxy = _env(env, "https_proxy")
-    if not proxy:
-        return Check("proxy", "ok", "no HTTPS_PROXY set: connecting directly")
-    shown = _without_credentials(proxy)
-    if host is not None and _bypassed(host, _env(env, "no_proxy")):
-        return Check("proxy", "ok", f"HTTPS_PROXY is {shown}, but NO_PROXY covers {host}: direct")
-    return Check("proxy", "warn", f"HTTPS_PROXY is set ({shown}); the checks below connect "
-                 "directly, not through it (proxy support is still to come)")
+def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str]) -> Check:
+    """The proxy the agent uses (net.resolve_proxy), and the TLS trust it adds (ca_file)."""
+    try:
+        choice = net.resolve_proxy(config.proxy, config.relay_url, env)
+        if relay.tls:
+            relay.context = net.ssl_context(config.ca_file)
+    except ConfigError as exc:
+        return Check("proxy", "fail", str(exc))
+    relay.proxy = choice.url
+    trust = f"; also trusting {config.ca_file}" if config.ca_file and relay.tls else ""
+    if choice.url is None:
+        status: Status = "warn" if choice.loopback_bypass else "ok"
+        return Check("proxy", status, f"direct: {choice.source}{trust}")
+    return Check("proxy", "ok", f"via {net.redact(choice.url)} (from {choice.source}); the "
+                 f"checks below go through it{trust}")
 
 
 def _dns(relay: _Relay, timeout: float) -> Check:
+    host, port = relay.first_hop
     try:
-        infos = socket.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        return Check("dns", "fail", f"cannot resolve {relay.host}: {exc.strerror or exc} "
-                     "(check the relay URL and this PC's DNS)")
+        what = "the proxy" if relay.proxy else "the relay URL"
+        return Check("dns", "fail", f"cannot resolve {host}: {exc.strerror or exc} "
+                     f"(check {what} and this PC's DNS)")
     seen: list[str] = []
     for family, _, _, _, address in infos:
         relay.addresses.append((family, address))
         if str(address[0]) not in seen:
             seen.append(str(address[0]))
-    return Check("dns", "ok", f"{relay.host} -> {', '.join(seen)}")
+    note = f" (the proxy resolves {relay.host})" if relay.proxy else ""
+    return Check("dns", "ok", f"{host} -> {', '.join(seen)}{note}")
 
 
 def _tcp(relay: _Relay, timeout: float) -> Check:
+    host, port = relay.first_hop
     errors: list[str] = []
     for family, address in relay.addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(address)
+            if relay.proxy:
+                _tunnel(sock, relay)
+        except _ProxyRefused as exc:
+            return Check("tcp", "fail", net.proxy_refused(exc.status, exc.reason,
+                                                          proxy=relay.proxy,
+                                                          relay_url=relay.url))
+        except UpstreamError as exc:
+            return Check("tcp", "fail", str(exc))
         except TimeoutError:
             errors.append(f"{address[0]}: no answer within {timeout:g} s (a firewall dropping "
-                          f"outbound port {relay.port}?)")
+                          f"outbound port {port}?)")
         except ConnectionRefusedError:
-            errors.append(f"{address[0]}: connection refused (is the relay running on port "
-                          f"{relay.port}?)")
+            what = "the proxy" if relay.proxy else "the relay"
+            errors.append(f"{address[0]}: connection refused (is {what} running on port "
+                          f"{port}?)")
         except OSError as exc:
             errors.append(f"{address[0]}: {exc.strerror or exc}")
         else:
             relay.connected = (family, address)
-            return Check("tcp", "ok", f"connected to {address[0]} port {relay.port}")
+            if relay.proxy:
+                return Check("tcp", "ok", f"connected to the proxy {address[0]} port {port}; "
+                             f"it opened a tunnel to {relay.host}:{relay.port}")
+            return Check("tcp", "ok", f"connected to {address[0]} port {port}")
         finally:
             sock.close()
-    if len(errors) == 1 and errors[0].startswith(f"{relay.host}: "):
-        errors = [errors[0].removeprefix(f"{relay.host}: ")]
-    return Check("tcp", "fail", f"cannot connect to {relay.host}:{relay.port}: "
-                 + "; ".join(errors))
+    if len(errors) == 1 and errors[0].startswith(f"{host}: "):
+        errors = [errors[0].removeprefix(f"{host}: ")]
+    what = "the proxy " if relay.proxy else ""
+    return Check("tcp", "fail", f"cannot connect to {what}{host}:{port}: " + "; ".join(errors))
+
+
+def _tunnel(sock: socket.socket, relay: _Relay) -> None:
+    """Ask the proxy for a tunnel to the relay (RFC 9110 §9.3.6, CONNECT) on ``sock``.
+
+    Raises:
+        _ProxyRefused: a non-2xx answer.
+        UpstreamError: no HTTP answer.
+        OSError: the connection failed.
+    """
+    assert relay.proxy is not None
+    target = f"[{relay.host}]:{relay.port}" if ":" in relay.host else f"{relay.host}:{relay.port}"
+    auth = net.proxy_authorization(relay.proxy)
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if auth is not None:
+        head += f"Proxy-Authorization: {auth}\r\n"
+    sock.sendall((head + "\r\n").encode("latin-1"))
+    answer = b""
+    # The proxy says nothing more before the client speaks, so this reads the answer only.
+    while b"\r\n\r\n" not in answer and len(answer) < _MAX_PROXY_ANSWER:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    fields = answer.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+        raise UpstreamError(f"the proxy {net.redact(relay.proxy)} sent no valid answer to "
+                            f"CONNECT {target}: is it an HTTP proxy?")
+    status = int(fields[1])
+    if not 200 <= status < 300:
+        raise _ProxyRefused(status, fields[2] if len(fields) > 2 else "")
+
+
+def _open(relay: _Relay, timeout: float) -> socket.socket:
+    """A connection to the relay as the agent makes it: through the proxy, then TLS."""
+    assert relay.connected is not None
+    family, address = relay.connected
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.settimeout(timeout)
+        raw.connect(address)
+        if relay.proxy:
+            _tunnel(raw, relay)
+        if relay.context is None:
+            return raw
+        return relay.context.wrap_socket(raw, server_hostname=relay.host)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _issuer(relay: _Relay, timeout: float) -> str:
+    """Who issued the certificate the relay's address presents (unverified), for the hint."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    saved, relay.context = relay.context, probe
+    try:
+        with _open(relay, timeout) as tls:
+            der = tls.getpeercert(binary_form=True) if isinstance(tls, ssl.SSLSocket) else None
+        if not der:
+            return ""
+        return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+    except (OSError, UpstreamError, ValueError):
+        return ""
+    finally:
+        relay.context = saved
 
 
 def _tls(relay: _Relay, timeout: float) -> Check:
     if not relay.tls:
         return Check("tls", "skip", "plain http: no TLS")
-    assert relay.connected is not None
-    family, address = relay.connected
-    context = ssl.create_default_context()
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as raw:
-            raw.settimeout(timeout)
-            raw.connect(address)
-            with context.wrap_socket(raw, server_hostname=relay.host) as tls:
-                version = tls.version()
+        with _open(relay, timeout) as tls:
+            version = tls.version() if isinstance(tls, ssl.SSLSocket) else None
     except ssl.SSLCertVerificationError as exc:
-        return Check("tls", "fail", f"the certificate of {relay.host} is not trusted: "
-                     f"{exc.verify_message}; a TLS-inspecting proxy or a self-signed "
-                     "certificate? (a custom CA bundle is still to come)")
+        issuer = _issuer(relay, timeout)
+        problem = str(exc.verify_message or exc.reason or exc)
+        if issuer:
+            problem += f"; issued by {issuer}"
+        return Check("tls", "fail", net.untrusted(problem, proxy=relay.proxy,
+                                                  relay_url=relay.url))
     except ssl.SSLError as exc:
         return Check("tls", "fail", f"TLS handshake with {relay.host} failed: "
                      f"{exc.reason or exc}")
     except TimeoutError:
         return Check("tls", "fail", f"TLS handshake with {relay.host} got no answer within "
                      f"{timeout:g} s")
-    except OSError as exc:
-        return Check("tls", "fail", f"TLS handshake with {relay.host} failed: "
-                     f"{exc.strerror or exc}")
+    except (OSError, UpstreamError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Check("tls", "fail", f"TLS handshake with {relay.host} failed: {detail}")
     return Check("tls", "ok", f"{version}, certificate valid for {relay.host}")
 
 
 def _health(relay: _Relay, timeout: float) -> Check:
     url = relay.url + "/healthz"
-    # Direct, like the checks before it; the default opener would follow HTTPS_PROXY.
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}),
-        urllib.request.HTTPSHandler(context=ssl.create_default_context()),
-    )
+    host = f"[{relay.host}]" if ":" in relay.host else relay.host
+    default_port = 443 if relay.tls else 80
+    host_header = host if relay.port == default_port else f"{host}:{relay.port}"
     try:
-        with opener.open(url, timeout=timeout) as response:
-            body = response.read(4096)
+        with _open(relay, timeout) as sock:
+            sock.sendall(f"GET {urlsplit(relay.url).path}/healthz HTTP/1.1\r\nHost: "
+                         f"{host_header}\r\nConnection: close\r\n\r\n".encode("ascii"))
+            response = http.client.HTTPResponse(sock)
+            response.begin()
             status = response.status
-    except urllib.error.HTTPError as exc:
-        return Check("relay_health", "fail", f"{url} answered HTTP {exc.code}: is this the relay, "
+            body = response.read(4096)
+    except (OSError, http.client.HTTPException, UpstreamError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Check("relay_health", "fail", f"{url}: {detail or type(exc).__name__}")
+    if status >= 400:
+        return Check("relay_health", "fail", f"{url} answered HTTP {status}: is this the relay, "
                      "and is it healthy?")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return Check("relay_health", "fail", f"{url}: {reason}")
     try:
         answer = json.loads(body)
     except ValueError:

@@ -7,9 +7,9 @@ directory 0700 (DESIGN §Agent local API: the token is readable by its user only
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ import aiohttp
 from shared import crypto
 from shared.errors import ApiError, ConfigError, UpstreamError
 from shared.files import ensure_private_dir, write_private_file
+
+from .net import aiohttp_proxy_kwargs, explain, is_loopback_host
 
 __all__ = [
     "Enrollment",
@@ -52,15 +54,6 @@ class Enrollment:
     relay_id: str
 
 
-def is_loopback_host(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_relay_url(url: str, *, insecure: bool) -> bool:
     """Refuse a relay URL the agent must not use; return True when it is plain http.
 
@@ -90,13 +83,27 @@ def is_enrolled(data_dir: Path) -> bool:
 
 
 async def register(
-    relay_url: str, *, code: str, public_key: str, name: str = "", timeout: float = 30.0
+    relay_url: str,
+    *,
+    code: str,
+    public_key: str,
+    name: str = "",
+    timeout: float = 30.0,
+    proxy: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Enrollment:
     """POST the code and public key to ``<relay>/v1/enroll``.
 
+    Args:
+        proxy: the HTTP CONNECT proxy to go through (:func:`relay_agent.net.resolve_proxy`);
+            None: directly (the environment is not read here).
+        ssl_context: for an https relay (:func:`relay_agent.net.ssl_context`); None: the
+            default context.
+
     Raises:
         ApiError: the relay refused (e.g. 400 ``invalid_code``), with its code and message.
-        UpstreamError: the relay is unreachable or answered something unusable.
+        UpstreamError: the relay, or the proxy, is unreachable or answered something unusable;
+            the message names a proxy or TLS cause (:func:`relay_agent.net.explain`).
     """
     body: dict[str, Any] = {"code": code, "public_key": public_key}
     if name:
@@ -104,14 +111,15 @@ async def register(
     url = relay_url.rstrip("/") + "/v1/enroll"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.post(url, json=body) as response:
+            async with http.post(url, json=body, ssl=ssl_context or True,
+                                 **aiohttp_proxy_kwargs(proxy)) as response:
                 status = response.status
                 try:
                     data = await response.json(content_type=None)
                 except ValueError:
                     data = None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        detail = str(exc) or type(exc).__name__
+        detail = explain(exc, proxy=proxy, relay_url=relay_url)
         raise UpstreamError(f"cannot reach the relay at {relay_url}: {detail}") from exc
     if status >= 400:
         error = data.get("error") if isinstance(data, dict) else None

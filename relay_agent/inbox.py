@@ -21,6 +21,11 @@ one row per item key, so that ``GET /v1/status`` answers at once after a restart
 relay unreachable. A snapshot replaces every row; a change replaces the rows of its keys unless
 the stored value is newer (a higher relay ``seq``: a late frame from another relay instance must
 not roll a value back).
+
+The ``positions`` table keeps the durable cursor of every reader the agent tracks itself
+(docs/delivery.md): named consumers (``consumer:NAME``), forward targets (``forward:NAME``) and
+TCP targets (``tcp:NAME``). A position only moves forward, and only when its reader acked, so
+it survives restarts and never skips an event silently.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "CursorExpired",
     "StatusView",
     "offline_stats",
+    "offline_positions",
 ]
 
 T = TypeVar("T")
@@ -63,6 +69,11 @@ CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS positions (
+    name       TEXT PRIMARY KEY,
+    cursor     INTEGER NOT NULL,
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS status (
     key       TEXT PRIMARY KEY,
@@ -198,6 +209,11 @@ class Inbox:
         """Highest cursor retention deleted (0: none)."""
         return self._pruned_cursor
 
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release_waiters` ran: waits return at once, readers should stop."""
+        return self._released
+
     # -- writes --------------------------------------------------------------------------------
 
     async def commit(self, items: Sequence[tuple[int, dict[str, Any]]]) -> CommitResult:
@@ -227,7 +243,32 @@ class Inbox:
         """
         return await self._run(self._save_status_sync, list(items), snapshot)
 
+    async def init_position(self, name: str, cursor: int) -> int:
+        """Create reader ``name`` at ``cursor`` unless it exists; return its stored cursor."""
+        return await self._run(self._init_position_sync, name, cursor)
+
+    async def advance_position(self, name: str, cursor: int) -> int:
+        """Move reader ``name`` forward to ``cursor`` (created if new; never moved back).
+
+        Returns:
+            The stored cursor afterwards, which is higher than ``cursor`` when the reader
+            was already past it.
+        """
+        return await self._run(self._advance_position_sync, name, cursor)
+
+    async def delete_position(self, name: str) -> bool:
+        """Forget reader ``name``; False if there was none."""
+        return await self._run(self._delete_position_sync, name)
+
     # -- reads ---------------------------------------------------------------------------------
+
+    async def position(self, name: str) -> int | None:
+        """Reader ``name``'s stored cursor, or None for a reader never seen."""
+        return await self._run(self._position_sync, name)
+
+    async def positions(self, prefix: str) -> dict[str, int]:
+        """Every reader whose name starts with ``prefix``, by name (prefix removed)."""
+        return await self._run(self._positions_sync, prefix)
 
     async def read(self, after: int | None, limit: int) -> list[InboxEvent]:
         """Events with cursor > ``after``, oldest first; ``None`` means from the oldest kept.
@@ -417,6 +458,38 @@ class Inbox:
         )
         return [(int(c), str(e)) for c, e in rows]
 
+    def _init_position_sync(self, name: str, cursor: int) -> int:
+        db = self._conn()
+        db.execute(
+            "INSERT OR IGNORE INTO positions (name, cursor, updated_at) VALUES (?, ?, ?)",
+            (name, cursor, self._clock()),
+        )
+        return int(db.execute("SELECT cursor FROM positions WHERE name = ?", (name,))
+                   .fetchone()[0])
+
+    def _advance_position_sync(self, name: str, cursor: int) -> int:
+        db = self._conn()
+        db.execute(
+            "INSERT INTO positions (name, cursor, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
+            " updated_at = excluded.updated_at WHERE excluded.cursor > positions.cursor",
+            (name, cursor, self._clock()),
+        )
+        return int(db.execute("SELECT cursor FROM positions WHERE name = ?", (name,))
+                   .fetchone()[0])
+
+    def _delete_position_sync(self, name: str) -> bool:
+        return self._conn().execute("DELETE FROM positions WHERE name = ?", (name,)).rowcount > 0
+
+    def _position_sync(self, name: str) -> int | None:
+        row = self._conn().execute(
+            "SELECT cursor FROM positions WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _positions_sync(self, prefix: str) -> dict[str, int]:
+        return _positions(self._conn(), prefix)
+
     def _count_sync(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
@@ -426,6 +499,35 @@ class Inbox:
         # One Event per generation: waiters of this generation wake, later ones wait anew.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+def _positions(db: sqlite3.Connection, prefix: str) -> dict[str, int]:
+    rows = db.execute(
+        "SELECT name, cursor FROM positions WHERE substr(name, 1, ?) = ? ORDER BY name",
+        (len(prefix), prefix),
+    )
+    return {str(name)[len(prefix):]: int(cursor) for name, cursor in rows}
+
+
+def offline_positions(path: Path) -> dict[str, int] | None:
+    """Every stored reader cursor of an inbox no agent has open, by full name
+    (``consumer:NAME``, ``forward:NAME``, ``tcp:NAME``); ``None`` if there is no inbox.
+
+    For ``xon-relay-agent status``: the backlog of a reader is ``last_cursor - cursor``.
+    """
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            exists = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'positions'"
+            ).fetchone()
+            return _positions(db, "") if exists else {}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"inbox database {path}: {exc}") from exc
 
 
 def offline_stats(path: Path) -> InboxStats | None:

@@ -27,7 +27,7 @@ from websockets.typing import Subprotocol
 
 from shared.config import AgentConfig
 from shared.crypto import Ed25519PrivateKey
-from shared.errors import AuthError, Revoked, StoreError, Unauthorized
+from shared.errors import AuthError, ConfigError, Revoked, StoreError, Unauthorized
 from shared.link import (
     FATAL_CLOSE_CODES,
     SUBPROTOCOL,
@@ -44,6 +44,7 @@ from shared.link import (
     frames,
 )
 
+from . import net
 from .commands import Commands
 from .inbox import Inbox
 
@@ -70,6 +71,8 @@ class LinkStatus:
     connected_since: float | None = None
     last_event_at: float | None = None
     last_error: str | None = None
+    lost_through: int = 0
+    """Highest relay seq that relay retention dropped before this agent acked it (0: none)."""
 
 
 def websocket_url(relay_url: str) -> str:
@@ -189,8 +192,13 @@ class AgentLink:
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 ping_interval=link.ping_interval,
                 ping_timeout=link.ping_timeout,
+                # After a ping timeout websockets still waits close_timeout for a close frame
+                # that a dead link never brings; keep it short so detection stays ~30 s.
+                close_timeout=min(link.ping_timeout or 2.0, 2.0),
                 max_size=link.max_message_size,
                 open_timeout=link.auth_timeout,
+                compression=None,  # small JSON frames: deflate costs more memory than it saves
+                **net.websocket_kwargs(self.config),  # proxy and TLS trust (corporate networks)
             ) as ws:
                 return await self._pump(ws)
         except InvalidStatus as exc:
@@ -198,8 +206,9 @@ class AgentLink:
             if status in (401, 403):
                 raise Unauthorized(f"relay refused the agent: HTTP {status}") from exc
             self.status.last_error = f"WebSocket upgrade refused: HTTP {status}"
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            self.status.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        except (OSError, TimeoutError, WebSocketException, ConfigError) as exc:
+            # ConfigError: e.g. a ca_file removed after start; retry rather than die.
+            self.status.last_error = net.link_error(exc, self.config)[:300]
         return False
 
     async def _pump(self, ws: ClientConnection) -> bool:
@@ -212,6 +221,8 @@ class AgentLink:
             auth_timeout=self.config.link.auth_timeout,
             now=loop.time(),
             client=CLIENT,
+            # docs/protocol.md, Routing: the relay sends only the events this asks for.
+            subscription=self.config.subscription.to_wire(),
         )
         conn = _Connection(ws, session)
         # Bounded: when the inbox is slow, the reader stops and TCP pushes back on the relay.
@@ -267,8 +278,18 @@ class AgentLink:
             match event:
                 case EventReceived(seq=seq, event=body):
                     batch.append((seq, body))
-                case Welcomed(account_id=account_id, resume_after=resume_after):
+                case Welcomed(
+                    account_id=account_id, resume_after=resume_after, trimmed_through=trimmed
+                ):
                     welcomed = True
+                    if trimmed > resume_after:
+                        # DESIGN principle 1 was broken upstream (relay retention hard limit):
+                        # say so loudly rather than let the gap pass silently.
+                        self.status.lost_through = trimmed
+                        log.warning(
+                            "link.behind_retention",
+                            extra={"resume_after": resume_after, "trimmed_through": trimmed},
+                        )
                     self.status.state = LinkState.CONNECTED
                     self.status.connected_since = self._clock()
                     self.status.last_error = None

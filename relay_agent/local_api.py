@@ -1,9 +1,7 @@
 """The agent's local HTTP API for apps on the same PC (DESIGN §Agent local API).
 
-It listens on loopback only. Every request needs the local token as a bearer token, and the
-``Host`` header must name the loopback interface: a web page the user visits cannot rebind its
-own host name to 127.0.0.1 and read events through the user's browser. No CORS headers are
-ever sent, so browsers keep cross-origin pages out as well.
+It listens on loopback only. :mod:`.security` guards every request (Host, Origin, the bearer
+token, no CORS, bounded waiters); :mod:`.page` adds the status page at ``/``.
 
 ``POST /v1/ctox/{type}`` hands a command to :class:`~relay_agent.commands.Commands` and answers
 with X-on's result as the relay relayed it; ``GET /v1/status`` reads the status items the link
@@ -24,27 +22,27 @@ from typing import Any
 from aiohttp import web
 
 from shared.config import AgentConfig
-from shared.crypto import constant_time_equal
-from shared.errors import ApiError, RelayError, Unauthorized
+from shared.errors import ApiError, RelayError
 from shared.events import format_time
 from shared.link import frames
 
+from . import consumers, page, security
 from .commands import Commands
+from .delivery import Delivery, delivery_key
 from .inbox import Inbox
 from .link import LinkState, LinkStatus
+from .tokens import TokenSource
 
-__all__ = ["create_local_app", "LOOPBACK_HOSTS", "DEFAULT_LIMIT", "MAX_LIMIT"]
+__all__ = ["create_local_app", "DEFAULT_LIMIT", "MAX_LIMIT"]
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
 config_key = web.AppKey("config", AgentConfig)
 inbox_key = web.AppKey("inbox", Inbox)
 status_key = web.AppKey("link_status", LinkStatus)
-token_key = web.AppKey("token", str)
 commands_key = web.AppKey("commands", Commands)
 
 _CTOX_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -81,25 +79,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("local_api.internal_error", extra={"path": request.path})
         return _error(500, "internal", "internal error")
-
-
-def _host_name(host: str) -> str:
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.rpartition(":")[0] if ":" in host else host
-
-
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """DNS-rebinding defence, then the bearer token (DESIGN §Agent local API)."""
-    host = request.headers.get("Host", "")
-    if _host_name(host).lower() not in LOOPBACK_HOSTS:
-        raise ApiError(403, "bad_host", "the Host header must be localhost, 127.0.0.1 or [::1]")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    token = request.app[token_key]
-    if scheme.lower() != "bearer" or not constant_time_equal(given.strip(), token):
-        raise Unauthorized("missing or wrong local token (Authorization: Bearer <token>)")
-    return await handler(request)
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -147,10 +126,12 @@ async def get_events(request: web.Request) -> web.Response:
         )
     events = await inbox.read(after, limit)
     if not events and wait > 0:
-        await inbox.wait_beyond(after, wait)
+        async with security.waiter_slot(request):
+            await inbox.wait_beyond(after, wait)
         events = await inbox.read(after, limit)
     cursor = str(events[-1].cursor) if events else ("" if after is None else str(after))
-    return web.json_response({"events": [e.to_json() for e in events], "cursor": cursor})
+    stale = request.app[delivery_key].stale
+    return web.json_response({"events": [stale.present(e) for e in events], "cursor": cursor})
 
 
 def _time(ts: float | None) -> str | None:
@@ -167,6 +148,7 @@ async def get_health(request: web.Request) -> web.Response:
         "connected_since": _time(status.connected_since),
         "last_event_at": _time(status.last_event_at),
         "last_error": status.last_error,
+        "lost_through": status.lost_through,
         "relay_url": config.relay_url,
         "agent_id": config.agent_id,
         "inbox": {
@@ -175,6 +157,7 @@ async def get_health(request: web.Request) -> web.Response:
             "last_seq": stats.last_seq,
         },
     }
+    body.update(await request.app[delivery_key].report())  # forward, tcp, consumers
     return web.json_response(body)
 
 
@@ -294,21 +277,28 @@ def create_local_app(
     config: AgentConfig,
     inbox: Inbox,
     link_status: LinkStatus,
-    token: str,
+    token: str | TokenSource,
     commands: Commands | None = None,
+    delivery: Delivery | None = None,
 ) -> web.Application:
     """The local API application; the caller binds it to a loopback address.
 
     ``commands`` is the link's :class:`Commands`; without one, every CTOX request gets 503
-    ``relay_unreachable``.
+    ``relay_unreachable``. ``token`` is a :class:`~relay_agent.tokens.TokenFile` to follow
+    rotation, or a fixed token.
     """
-    app = web.Application(middlewares=[error_middleware, guard_middleware])
+    app = web.Application(middlewares=[error_middleware])
+    security.install(app, token=token, max_waiters=config.max_waiters)
     app[config_key] = config
     app[inbox_key] = inbox
     app[status_key] = link_status
-    app[token_key] = token
     app[commands_key] = commands if commands is not None else Commands()
     app.add_routes(routes)
+    # Delivery modes (relay_agent/consumers.py, docs/delivery.md); without a started
+    # Delivery, pull modes work and health lists the configured targets as not running.
+    app[delivery_key] = delivery if delivery is not None else Delivery(config, inbox)
+    app.add_routes(consumers.routes)
+    page.install(app, config=config, inbox=inbox, link_status=link_status)
     app.on_shutdown.append(_release_long_polls)
     app.on_shutdown.append(_stop_commands)
     return app

@@ -1,14 +1,19 @@
-"""Admin API on the admin listener: accounts and agents (DESIGN §Relay server endpoints).
+"""Admin API on the admin listener: accounts, agents, events (DESIGN §Relay server endpoints;
+every route is listed in docs/operations.md).
 
-Every request needs ``Authorization: Bearer <admin token>``, compared in constant time. Secrets
-are shown once at creation (the ingress URL, the enrollment code) and stored only as hashes;
-X-on API keys are never returned (only whether one is set) and never logged.
+Every request needs ``Authorization: Bearer <admin token>``, compared in constant time, except
+the dashboard's own pages, which take its session cookie instead (relay_server/dashboard.py).
+Secrets are shown once at creation or rotation (the ingress URL, the enrollment code) and
+stored only as hashes; X-on API keys are never returned (only whether one is set) and never
+logged. Event bodies are returned only by the event routes, to the token holder.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -17,24 +22,46 @@ from yarl import URL
 
 from shared import crypto
 from shared.errors import ApiError, Unauthorized
-from shared.events import format_time
+from shared.events import format_time, parse_time
 from shared.link.frames import CloseCode
 
 from .enroll import read_json_object, string_field
+from .metrics import CONTENT_TYPE_LATEST
 from .services import Services, services_key
 from .store import AccountRecord, AgentRecord
+from .store.base import StoredEvent
 
-__all__ = ["routes", "admin_auth_middleware"]
+__all__ = [
+    "routes",
+    "admin_auth_middleware",
+    "AgentState",
+    "agent_states",
+    "DASHBOARD_PAGE",
+    "DASHBOARD_LOGIN",
+]
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
 _MAX_NAME = 200
+DEFAULT_OVERLAP = 24 * 3600.0
+"""Seconds a rotated ingress key keeps working unless the request says otherwise."""
+_MAX_OVERLAP = 30 * 24 * 3600.0
+_MAX_PAGE = 1000
+_CONCURRENCY = 32
+
+DASHBOARD_PAGE = "/"
+DASHBOARD_LOGIN = "/dashboard/login"
+PUBLIC_PATHS = frozenset({DASHBOARD_PAGE, DASHBOARD_LOGIN})
+"""Admin-listener paths without the bearer token: the dashboard page and its login check a
+one-time code or a session cookie themselves (relay_server/dashboard.py)."""
 
 
 @web.middleware
 async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
     token = request.app[services_key].admin_token
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not crypto.constant_time_equal(given.strip(), token):
@@ -85,17 +112,74 @@ async def _account(services: Services, id_or_name: str) -> AccountRecord:
     return account
 
 
-async def _agent_json(services: Services, agent: AgentRecord, online: set[str]) -> dict[str, Any]:
-    return {
-        "agent_id": agent.id,
-        "account_id": agent.account_id,
-        "name": agent.name,
-        "enrolled": agent.public_key is not None,
-        "revoked": agent.revoked,
-        "online": agent.id in online,
-        "last_seen": None if agent.last_seen is None else format_time(agent.last_seen),
-        "cursor": await services.store.get_cursor(agent.id),
-    }
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    """An agent as operators see it: its record, link and delivery position."""
+
+    record: AgentRecord
+    online_since: float | None
+    """Unix time its link authenticated on this instance; ``None``: not connected here."""
+    cursor: int
+    backlog: int
+    """Events of its account's log after its cursor."""
+
+    @property
+    def state(self) -> str:
+        """``revoked``, ``pending`` (not enrolled yet), ``online`` or ``offline``."""
+        if self.record.revoked:
+            return "revoked"
+        if self.record.public_key is None:
+            return "pending"
+        return "offline" if self.online_since is None else "online"
+
+    def to_json(self) -> dict[str, Any]:
+        agent = self.record
+        return {
+            "agent_id": agent.id,
+            "account_id": agent.account_id,
+            "name": agent.name,
+            "state": self.state,
+            "enrolled": agent.public_key is not None,
+            "revoked": agent.revoked,
+            "online": self.online_since is not None,
+            "online_since": None if self.online_since is None else format_time(self.online_since),
+            "last_seen": None if agent.last_seen is None else format_time(agent.last_seen),
+            "cursor": self.cursor,
+            "backlog": self.backlog,
+        }
+
+
+async def agent_states(services: Services, account_id: str | None = None) -> list[AgentState]:
+    """Every agent (of one account, or all) with its link state, cursor and backlog.
+
+    Online means connected to this instance (``AgentHub.online``); with several instances, ask
+    each one's admin listener.
+    """
+    agents = await services.store.list_agents(account_id)
+    online = services.hub.online()
+
+    async def one(agent: AgentRecord) -> AgentState:
+        cursor = await services.store.get_cursor(agent.id)
+        backlog = 0
+        if agent.public_key is not None and not agent.revoked:
+            backlog = await services.store.count_after(agent.account_id, cursor)
+        return AgentState(agent, online.get(agent.id), cursor, backlog)
+
+    states: list[AgentState] = []
+    for start in range(0, len(agents), _CONCURRENCY):
+        chunk = agents[start : start + _CONCURRENCY]
+        states += await asyncio.gather(*(one(agent) for agent in chunk))
+    return states
+
+
+async def _agent(services: Services, agent_id: str) -> AgentState:
+    agent = await services.store.get_agent(agent_id)
+    if agent is None:
+        raise ApiError(404, "unknown_agent", f"no agent {agent_id!r}")
+    online = services.hub.online()
+    cursor = await services.store.get_cursor(agent.id)
+    backlog = await services.store.count_after(agent.account_id, cursor)
+    return AgentState(agent, online.get(agent.id), cursor, backlog)
 
 
 @routes.post("/v1/accounts")
@@ -131,8 +215,87 @@ async def list_accounts(request: web.Request) -> web.Response:
 
 @routes.get("/v1/accounts/{account}")
 async def get_account(request: web.Request) -> web.Response:
-    account = await _account(request.app[services_key], request.match_info["account"])
-    return web.json_response(_account_json(account))
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    store = services.store
+    previous = await store.previous_ingress_keys(account.id, now=time.time())
+    agents = await store.list_agents(account.id)
+    return web.json_response(
+        {
+            **_account_json(account),
+            "previous_ingress_keys_valid_until": [format_time(t) for t in previous],
+            "agents": len(agents),
+            "active_agents": sum(1 for agent in agents if not agent.revoked),
+            "head_seq": await store.head_seq(account.id),
+        }
+    )
+
+
+@routes.post("/v1/accounts/{account}/rotate-key")
+async def rotate_ingress_key(request: web.Request) -> web.Response:
+    """A new ingress key; the old one keeps working for ``overlap`` seconds (default 24 h,
+    0: stops at once) so that X-on's configuration can be changed without losing events."""
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    data = await read_json_object(request)
+    overlap = data.get("overlap", DEFAULT_OVERLAP)
+    if (
+        not isinstance(overlap, int | float)
+        or isinstance(overlap, bool)
+        or not 0 <= overlap <= _MAX_OVERLAP
+    ):
+        raise ApiError(400, "bad_request", f"'overlap' must be 0-{_MAX_OVERLAP:.0f} seconds")
+    ingress_key = crypto.new_token(24)
+    valid_until = time.time() + overlap
+    rotated = await services.store.rotate_ingress_key(
+        account.id, new_hash=crypto.hash_secret(ingress_key), old_valid_until=valid_until
+    )
+    if rotated is None:
+        raise ApiError(404, "unknown_account", f"no account {account.id!r}")
+    log.info("account.key_rotated", extra={"account": account.id, "overlap": overlap})
+    return web.json_response(
+        {
+            "id": rotated.id,
+            "name": rotated.name,
+            "ingress_url": f"{services.config.base_url}/xon/{ingress_key}",
+            "previous_key_valid_until": format_time(valid_until) if overlap else None,
+        }
+    )
+
+
+@routes.delete("/v1/accounts/{account}")
+async def delete_account(request: web.Request) -> web.Response:
+    """Delete the account with its agents and its event log (docs/operations.md). Refused
+    while it has agents that are not revoked, unless ``?force=true``: then they are revoked
+    and disconnected first."""
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    active = [a for a in await services.store.list_agents(account.id) if not a.revoked]
+    if active and not force:
+        raise ApiError(
+            409,
+            "agents_active",
+            f"account {account.name!r} has {len(active)} agent(s) not revoked;"
+            " revoke them or force the removal",
+        )
+    now = time.time()
+    for agent in active:
+        await services.store.revoke_agent(agent.id, now=now)
+        await services.hub.disconnect(agent.id, CloseCode.REVOKED, "account removed")
+    events = await services.store.head_seq(account.id)
+    if not await services.store.delete_account(account.id):
+        raise ApiError(404, "unknown_account", f"no account {account.id!r}")
+    log.info("account.deleted", extra={"account": account.id, "revoked_agents": len(active)})
+    return web.json_response(
+        {
+            "id": account.id,
+            "name": account.name,
+            "deleted": True,
+            "revoked_agents": len(active),
+            "had_events": events > 0,
+        }
+    )
 
 
 @routes.patch("/v1/accounts/{account}")
@@ -155,6 +318,21 @@ async def update_account(request: web.Request) -> web.Response:
         raise ApiError(404, "unknown_account", f"no account {account.id!r}")
     log.info("account.updated", extra={"account": account.id, "fields": sorted(data)})
     return web.json_response(_account_json(updated))
+
+
+@routes.put("/v1/accounts/{account}/name")
+async def rename_account(request: web.Request) -> web.Response:
+    """Rename the account (names are unique; the id never changes)."""
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    data = await read_json_object(request)
+    if set(data) != {"name"}:
+        raise ApiError(400, "bad_request", "give name, nothing else")
+    renamed = await services.store.rename_account(account.id, _name(data, "name"))
+    if renamed is None:
+        raise ApiError(404, "unknown_account", f"no account {account.id!r}")
+    log.info("account.renamed", extra={"account": account.id})
+    return web.json_response(_account_json(renamed))
 
 
 @routes.post("/v1/accounts/{account}/agents")
@@ -190,11 +368,8 @@ async def list_agents(request: web.Request) -> web.Response:
     account_id = None
     if "account" in request.query:
         account_id = (await _account(services, request.query["account"])).id
-    agents = await services.store.list_agents(account_id)
-    online = set(services.hub.online())
-    return web.json_response(
-        {"agents": [await _agent_json(services, agent, online) for agent in agents]}
-    )
+    states = await agent_states(services, account_id)
+    return web.json_response({"agents": [state.to_json() for state in states]})
 
 
 @routes.post("/v1/agents/{agent_id}/revoke")
@@ -208,3 +383,133 @@ async def revoke_agent(request: web.Request) -> web.Response:
     disconnected = await services.hub.disconnect(agent_id, CloseCode.REVOKED, "agent revoked")
     log.info("agent.revoked", extra={"agent_id": agent_id, "disconnected": disconnected})
     return web.json_response({"agent_id": agent_id, "revoked": True, "disconnected": disconnected})
+
+
+@routes.get("/v1/agents/{agent_id}")
+async def get_agent(request: web.Request) -> web.Response:
+    state = await _agent(request.app[services_key], request.match_info["agent_id"])
+    return web.json_response(state.to_json())
+
+
+@routes.patch("/v1/agents/{agent_id}")
+async def update_agent(request: web.Request) -> web.Response:
+    """Rename an agent (its display name; the id never changes)."""
+    services = request.app[services_key]
+    agent_id = request.match_info["agent_id"]
+    data = await read_json_object(request)
+    if set(data) != {"name"}:
+        raise ApiError(400, "bad_request", "give name, nothing else")
+    if await services.store.rename_agent(agent_id, _name(data, "name")) is None:
+        raise ApiError(404, "unknown_agent", f"no agent {agent_id!r}")
+    log.info("agent.renamed", extra={"agent_id": agent_id})
+    return web.json_response((await _agent(services, agent_id)).to_json())
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+def _event_summary(stored: StoredEvent, *, full: bool) -> dict[str, Any]:
+    """An event's place and kind; its params and body only when ``full``."""
+    event = stored.event
+    summary: dict[str, Any] = {
+        "id": event.id,
+        "seq": stored.seq,
+        "account_id": event.account,
+        "type": event.type,
+        "received_at": event.received_at,
+        "bytes": len(event.request.body),
+    }
+    if full:
+        summary["event"] = event.to_json()
+    return summary
+
+
+def _int_query(
+    request: web.Request, name: str, default: int | None, *, low: int, high: int
+) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(400, "bad_request", f"{name!r} must be an integer {low}-{high}")
+    return value
+
+
+@routes.get("/v1/events/{event_id}")
+async def get_event(request: web.Request) -> web.Response:
+    """One event by its relay id (``ev_…``), with its params and raw request."""
+    services = request.app[services_key]
+    account_id = None
+    if "account" in request.query:
+        account_id = (await _account(services, request.query["account"])).id
+    event_id = request.match_info["event_id"]
+    stored = await services.store.get_event(event_id, account_id=account_id)
+    if stored is None:
+        raise ApiError(404, "unknown_event", f"no event {event_id!r} in the log")
+    return web.json_response(_event_summary(stored, full=True))
+
+
+@routes.get("/v1/accounts/{account}/events")
+async def list_events(request: web.Request) -> web.Response:
+    """A page of the account's log.
+
+    Newest first by default (``before``: a seq to page back from); oldest first with
+    ``after`` (a seq) or ``since`` (ISO 8601 time), for exports. ``full=true`` adds each
+    event object (params and raw request). ``next`` is the cursor of the following page
+    (``before`` or ``after``), ``null`` at the end.
+    """
+    services = request.app[services_key]
+    account = await _account(services, request.match_info["account"])
+    store = services.store
+    limit = _int_query(request, "limit", 50, low=1, high=_MAX_PAGE)
+    assert limit is not None
+    full = request.query.get("full", "").lower() in ("1", "true", "yes")
+    after = _int_query(request, "after", None, low=0, high=2**62)
+    if "since" in request.query:
+        try:
+            since = parse_time(request.query["since"])
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", "'since' must be an ISO 8601 time") from exc
+        cut = await store.retention_cut(account.id, keep_events=None, keep_since=since)
+        after = max(after or 0, cut)
+    if after is not None:
+        events = await store.read_events(account.id, after=after, limit=limit)
+        next_page = events[-1].seq if len(events) == limit else None
+        order = "oldest_first"
+    else:
+        before = _int_query(request, "before", None, low=1, high=2**62)
+        events = await store.recent_events(account.id, limit=limit, before=before)
+        next_page = events[-1].seq if len(events) == limit else None
+        order = "newest_first"
+    remaining = None
+    if after is not None:
+        remaining = await store.count_after(account.id, events[-1].seq if events else after)
+    return web.json_response(
+        {
+            "account_id": account.id,
+            "order": order,
+            "events": [_event_summary(stored, full=full) for stored in events],
+            "next": next_page,
+            "remaining": remaining,
+        }
+    )
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+@routes.get("/metrics")
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; the gauges are computed now from the hub and the store."""
+    services = request.app[services_key]
+    states = await agent_states(services)
+    metrics = services.hub.metrics
+    metrics.set_link_state(
+        connected=len(services.hub.online()),
+        backlogs=[(s.record.id, s.backlog) for s in states if s.state in ("online", "offline")],
+    )
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -32,7 +32,8 @@ from shared.config import SERVER_ENV_PREFIX, ServerConfig, default_data_dir, loa
 from shared.errors import ConfigError, RelayError
 from shared.files import ensure_private_dir, write_private_file
 
-from .app import create_admin_app, create_public_app
+from . import admin_cli
+from .app import create_admin_app, create_public_app, server_options
 from .services import open_services
 
 __all__ = ["main"]
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     agent_list.add_argument("account", metavar="ACCOUNT", nargs="?")
     revoke = agent_sub.add_parser("revoke", parents=[admin], help="revoke an agent")
     revoke.add_argument("agent_id", metavar="AGENT_ID")
+    admin_cli.add_commands(sub, account_sub, agent_sub, admin)
     return parser
 
 
@@ -145,7 +147,8 @@ def _bind(address: str, what: str) -> socket.socket:
         if os.name == "posix":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
-        sock.listen(128)
+        # A reconnect storm of thousands of agents overflows a 128 backlog (bench/scale).
+        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -206,7 +209,9 @@ async def _serve(config: ServerConfig) -> int:
 
     admin_file = data_dir / ADMIN_FILE
     async with open_services(config, admin_token=token) as services:
-        public = web.AppRunner(create_public_app(services), access_log=None, shutdown_timeout=10)
+        public = web.AppRunner(
+            create_public_app(services), shutdown_timeout=10, **server_options(config)
+        )
         admin = web.AppRunner(create_admin_app(services), access_log=None, shutdown_timeout=10)
         await public.setup()
         await admin.setup()
@@ -410,7 +415,8 @@ def _cmd_agent_list(args: argparse.Namespace, admin: _Admin) -> int:
             state = "online" if agent["online"] else "offline"
         print(
             f"{agent['agent_id']}  {agent['account_id']}  {agent['name']}  {state}"
-            f"  cursor={agent['cursor']}  last_seen={agent['last_seen'] or '-'}"
+            f"  cursor={agent['cursor']}  backlog={agent['backlog']}"
+            f"  last_seen={agent['last_seen'] or '-'}"
         )
     return 0
 
@@ -438,6 +444,9 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.command == "run":
         return _cmd_run(config)
     admin = _admin_endpoint(args, config, env)
+    done = admin_cli.dispatch(args, lambda method, path, body: _call(admin, method, path, body))
+    if done is not None:
+        return done
     match (args.command, args.action):
         case ("account", "add"):
             return _cmd_account_add(args, admin)

@@ -2,9 +2,22 @@
 
 Each WebSocket on ``/v1/agent`` is one :class:`~relay_server.agent_ws.AgentLink`. The hub knows
 every open connection (so that shutdown reaches all of them) and, once a link authenticated, maps
-its agent id to it: one link per agent, the newest wins (DESIGN §Link protocol). Ingress calls
-:meth:`AgentHub.notify` after a commit so that the links of that account read the store again,
-and :meth:`AgentHub.push_status` when a status item changed (DESIGN §Link protocol, Status).
+its agent id to it. Ingress calls :meth:`AgentHub.notify` after a commit so that the links of
+that account read the store again, and :meth:`AgentHub.push_status` when a status item changed
+(DESIGN §Link protocol, Status).
+
+Several instances on one Redis (issue 5, docs/scaling.md) share this work through the
+:mod:`~relay_server.bus`: ``notify``, ``push_status`` and ``disconnect`` also reach the other
+instances, which act on their own links. Messages are only hints; two loops make every outcome
+independent of them:
+
+* the poll (``cluster.poll_interval``) re-reads each served account's log head and status and
+  wakes the links that are behind, so a lost wake-up costs at most one interval;
+* the re-check (``cluster.recheck_interval``) reads every connected agent's record and closes
+  the links of revoked agents (4403) and links a newer one replaced elsewhere (4010).
+
+One link per agent, across instances (DESIGN §Link protocol: "the newest link wins"): see
+:meth:`AgentHub.register` and docs/scaling.md for the exact rule.
 """
 
 from __future__ import annotations
@@ -12,10 +25,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING
 
-from shared.config import LinkConfig
+from shared import crypto
+from shared.config import ClusterConfig, LinkConfig
+from shared.errors import StoreError
+from shared.link.frames import CloseCode
 
+from .bus import Bus, Notice
+from .metrics import RelayMetrics
 from .store.base import StatusItem, Store
 
 if TYPE_CHECKING:
@@ -25,6 +44,9 @@ if TYPE_CHECKING:
 __all__ = ["AgentHub"]
 
 log = logging.getLogger(__name__)
+
+_CONCURRENCY = 32
+"""Store reads the poll runs at once (one per served account)."""
 
 
 class AgentHub:
@@ -37,6 +59,8 @@ class AgentHub:
         close_timeout: seconds a closing link may take (error frame, close handshake) before
             its connection is dropped.
         ctox: performs the agents' CTOX commands; ``None`` refuses them (503).
+        bus: notifications to and from the other instances; ``None``: this relay runs alone.
+        cluster: poll, re-check and handover settings.
     """
 
     def __init__(
@@ -47,47 +71,82 @@ class AgentHub:
         link: LinkConfig,
         close_timeout: float = 10.0,
         ctox: CtoxService | None = None,
+        bus: Bus | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         self.store = store
         self.ctox = ctox
         self.relay_id = relay_id
         self.link = link
         self.close_timeout = close_timeout
+        self.bus = bus if bus is not None else Bus(crypto.new_token(6))
+        self.cluster = cluster if cluster is not None else ClusterConfig()
         self._conns: set[AgentLink] = set()
         self._agents: dict[str, AgentLink] = {}
         self._accounts: dict[str, set[AgentLink]] = {}
         self._since: dict[str, float] = {}
         self._shutting_down = False
+        self._handovers: dict[tuple[str, int], asyncio.Event] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._poll_now = asyncio.Event()
+        self._failing: set[str] = set()
+        self.metrics = RelayMetrics()
+        """Counters that ingress, the links and the admin listener update and expose."""
+
+    @property
+    def instance_id(self) -> str:
+        """This relay process's id among the instances sharing the store."""
+        return self.bus.instance_id
 
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
 
+    async def start(self) -> None:
+        """Start the bus, the poll and the re-check (the real server; link tests may skip it)."""
+        await self.bus.start(self._on_notice, self._poll_now.set)
+        self._loops = [
+            asyncio.create_task(self._poll_loop(), name="hub-poll"),
+            asyncio.create_task(self._recheck_loop(), name="hub-recheck"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the background work (after :meth:`shutdown` closed the links)."""
+        tasks = [*self._loops, *self._jobs]
+        self._loops = []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.bus.close()
+
+    # -- called by ingress and admin ------------------------------------------------------------
+
     def notify(self, account_id: str) -> None:
-        """New events of ``account_id`` are committed: wake the links that deliver them."""
-        for link in self._accounts.get(account_id, ()):
-            link.wake()
+        """New events of ``account_id`` are committed: wake the links that deliver them,
+        here and on the other instances."""
+        self._wake(account_id)
+        self.bus.publish(Notice(kind="wake", subject=account_id))
 
     def push_status(self, account_id: str, items: list[StatusItem]) -> None:
-        """Status items of ``account_id`` changed: send them to its connected agents."""
+        """Status items of ``account_id`` changed: send them to its connected agents, here and
+        (re-read from the store) on the other instances."""
         for link in self._accounts.get(account_id, ()):
             link.push_status(items)
+        self.bus.publish(Notice(kind="status", subject=account_id))
 
     async def disconnect(self, agent_id: str, code: int, reason: str) -> bool:
-        """Close every connection of ``agent_id`` now (e.g. revoked), handshaking ones too.
+        """Close every connection of ``agent_id`` now (e.g. revoked), on every instance.
 
         Returns:
-            True when at least one connection was closed, False when the agent was not connected.
+            True when this instance closed at least one connection.
         """
-        # A link between hello and auth is not registered yet; it must not slip through
-        # (DESIGN §Link protocol: "a revoked agent is disconnected at once").
-        links = [link for link in self._conns if link.agent_id == agent_id]
-        for link in links:
-            await link.close(code, reason)
-        return bool(links)
+        self.bus.publish(Notice(kind="disconnect", subject=agent_id, code=code, reason=reason))
+        return await self._disconnect_here(agent_id, code, reason)
 
     def online(self) -> dict[str, float]:
-        """Authenticated agents and the Unix time their current link authenticated."""
+        """Agents authenticated on this instance and the Unix time their link authenticated."""
         return dict(self._since)
 
     async def shutdown(self, *, timeout: float = 10.0) -> None:
@@ -109,15 +168,33 @@ class AgentHub:
     def attach(self, link: AgentLink) -> None:
         self._conns.add(link)
 
-    async def register(self, link: AgentLink) -> None:
-        """Make ``link`` the one link of its agent; a previous link is closed with REPLACED.
+    async def register(self, link: AgentLink) -> bool:
+        """Make ``link`` the one link of its agent, on every instance; False if it lost.
 
-        The old link's sender is stopped before this returns, and ``link`` starts sending only
-        after that, so no event goes out on both links at once.
+        The rule (docs/scaling.md, "One link per agent"):
+
+        1. The store gives the link a new epoch, one above every earlier link of the agent,
+           and records this instance as the holder (:meth:`Store.claim_link`). Higher epoch
+           wins, wherever the links are.
+        2. A previous link on this instance is stopped before this returns.
+        3. When another instance held the agent and has not released it, this waits until
+           that instance says it stopped sending (``released``), at most
+           ``cluster.handover_timeout``: that instance is then dead or cut off, and if it lives
+           its re-check stops the old link by itself within ``cluster.recheck_interval``.
+
+        Only then may ``link`` send. Returns False when a newer link of the agent registered
+        here meanwhile (``link`` must close with REPLACED).
+
+        Raises:
+            StoreError: the claim could not be stored (the link must close).
         """
         agent_id, account_id = link.agent_id, link.account_id
         assert agent_id is not None and account_id is not None
+        claim = await self.store.claim_link(agent_id, owner=self.instance_id)
+        link.epoch = claim.epoch
         old = self._agents.get(agent_id)
+        if old is not None and old.epoch > link.epoch:
+            return False
         self._agents[agent_id] = link
         self._since[agent_id] = time.time()
         self._accounts.setdefault(account_id, set()).add(link)
@@ -125,6 +202,24 @@ class AgentHub:
             self._drop(old)
             old.log.info("agent.replaced", extra={"by_conn_id": link.conn_id})
             await old.replace()
+        previous = claim.previous_owner
+        if previous and previous != self.instance_id:
+            await self._hand_over(agent_id, claim.epoch, previous)
+        return True
+
+    async def _hand_over(self, agent_id: str, epoch: int, previous: str) -> None:
+        released = self._handovers[(agent_id, epoch)] = asyncio.Event()
+        self.bus.publish(Notice(kind="claim", subject=agent_id, epoch=epoch, previous=previous))
+        try:
+            async with asyncio.timeout(self.cluster.handover_timeout):
+                await released.wait()
+        except TimeoutError:
+            log.info(
+                "agent.handover_timeout",
+                extra={"agent_id": agent_id, "previous_instance": previous},
+            )
+        finally:
+            del self._handovers[(agent_id, epoch)]
 
     def detach(self, link: AgentLink) -> None:
         """Forget ``link``; the registry entry goes only if ``link`` is still the registered one."""
@@ -142,3 +237,123 @@ class AgentHub:
             peers.discard(link)
             if not peers:
                 del self._accounts[link.account_id]
+
+    # -- notices from other instances -----------------------------------------------------------
+
+    def _on_notice(self, notice: Notice) -> None:
+        match notice.kind:
+            case "wake":
+                self._wake(notice.subject)
+            case "status":
+                self._spawn(self._refresh_status([notice.subject]))
+            case "disconnect":
+                self._spawn(self._disconnect_here(notice.subject, notice.code, notice.reason))
+            case "claim":
+                if notice.previous == self.instance_id:
+                    self._spawn(self._release(notice))
+            case "released":
+                released = self._handovers.get((notice.subject, notice.epoch))
+                if released is not None:
+                    released.set()
+
+    async def _release(self, claim: Notice) -> None:
+        """Another instance took our agent over: stop our older link, then say so."""
+        link = self._agents.get(claim.subject)
+        if link is not None and link.epoch < claim.epoch:
+            self._drop(link)
+            link.log.info("agent.replaced", extra={"by_instance": claim.origin})
+            await link.replace()
+        # Answered even without a link here: ours ended before the claim arrived.
+        self.bus.publish(
+            Notice(
+                kind="released", subject=claim.subject, epoch=claim.epoch, previous=claim.previous
+            )
+        )
+
+    async def _disconnect_here(self, agent_id: str, code: int, reason: str) -> bool:
+        # A link between hello and auth is not registered yet; it must not slip through
+        # (DESIGN §Link protocol: "a revoked agent is disconnected at once").
+        links = [link for link in self._conns if link.agent_id == agent_id]
+        for link in links:
+            await link.close(code, reason)
+        return bool(links)
+
+    def _wake(self, account_id: str) -> None:
+        for link in self._accounts.get(account_id, ()):
+            link.wake()
+
+    def _spawn(self, job: Awaitable[object]) -> None:
+        async def run() -> None:
+            await job
+
+        task = asyncio.create_task(run())
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    # -- the fallbacks: poll and re-check -------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        """Wake links whose account's log moved past them and send status they miss."""
+        while True:
+            try:
+                async with asyncio.timeout(self.cluster.poll_interval):
+                    await self._poll_now.wait()
+            except TimeoutError:
+                pass
+            self._poll_now.clear()
+            accounts = list(self._accounts)
+            await self._guarded("poll", self._poll(accounts))
+            await self._guarded("status", self._refresh_status(accounts))
+
+    async def _poll(self, accounts: list[str]) -> None:
+        for start in range(0, len(accounts), _CONCURRENCY):
+            chunk = accounts[start : start + _CONCURRENCY]
+            heads = await asyncio.gather(*(self.store.head_seq(a) for a in chunk))
+            for account_id, head in zip(chunk, heads, strict=True):
+                for link in self._accounts.get(account_id, ()):
+                    if head > link.last_offered:
+                        link.wake()
+
+    async def _refresh_status(self, accounts: Iterable[str]) -> None:
+        """Re-read status snapshots; each link sends the items newer than what it sent."""
+        wanted = [a for a in accounts if a in self._accounts]
+        for start in range(0, len(wanted), _CONCURRENCY):
+            chunk = wanted[start : start + _CONCURRENCY]
+            snapshots = await asyncio.gather(*(self.store.status_snapshot(a) for a in chunk))
+            for account_id, items in zip(chunk, snapshots, strict=True):
+                for link in self._accounts.get(account_id, ()):
+                    link.push_status(items)
+
+    async def _recheck_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cluster.recheck_interval)
+            await self._guarded("recheck", self._recheck())
+
+    async def _recheck(self) -> None:
+        """Close links of revoked agents and links a newer one replaced on another instance."""
+        links = dict(self._agents)
+        if not links:
+            return
+        checks = await self.store.check_links(list(links))
+        for agent_id, link in links.items():
+            check = checks.get(agent_id)
+            if check is None or check.revoked:
+                link.log.info("agent.revoked_elsewhere")
+                self._spawn(link.close(CloseCode.REVOKED, "agent revoked"))
+            elif check.epoch > link.epoch and self._agents.get(agent_id) is link:
+                self._drop(link)
+                link.log.info("agent.replaced", extra={"by_epoch": check.epoch})
+                self._spawn(link.replace())
+
+    async def _guarded(self, what: str, job: Awaitable[None]) -> None:
+        """Run one pass; a store outage is logged once when it starts and once when it ends."""
+        try:
+            await job
+        except StoreError as exc:
+            if what not in self._failing:
+                self._failing.add(what)
+                log.warning("hub.store_unavailable", extra={"task": what, "error": str(exc)})
+            return
+        if what in self._failing:
+            self._failing.discard(what)
+            log.info("hub.store_recovered", extra={"task": what})

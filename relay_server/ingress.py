@@ -3,7 +3,8 @@
 The request is kept losslessly (DESIGN principle 2) and answered 2xx only after the store
 committed it (principle 1); then the hub is told so connected agents get it at once. A status
 event (``ServerConfig.status``) also updates the account's status cache, and a changed item is
-pushed to the connected agents (DESIGN §Link protocol, Status).
+pushed to the connected agents (DESIGN §Link protocol, Status). Abuse limits (issue 6):
+per-account rate, body size, body deadline, identity encoding only (relay_server/limits.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shared.events import RawRequest, XonEvent, format_time, parse_ingress
 
 from .appkeys import config_key, hub_key, store_key
 from .hub import AgentHub
+from .limits import limits_key, read_body
 from .status import status_item
 from .store.base import Store, StoredEvent
 
@@ -44,20 +46,6 @@ def _split_raw_path(raw_path: str) -> tuple[str, str]:
     return slash + suffix, query
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_large = ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
-    while True:
-        chunk = await request.content.read(limit + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-
-
 async def ingress(request: web.Request) -> web.Response:
     app = request.app
     store = app[store_key]
@@ -66,7 +54,11 @@ async def ingress(request: web.Request) -> web.Response:
     if account is None or not crypto.constant_time_equal(account.ingress_key_hash, key_hash):
         # Never say more: an unknown key and a revoked one look the same.
         raise ApiError(404, "unknown_ingress_key", "unknown ingress key")
-    body = await _read_body(request, app[config_key].max_body_size)
+    app[limits_key].check_account(account.id)
+    config = app[config_key]
+    body = await read_body(
+        request, limit=config.max_body_size, timeout=config.limits.body_timeout
+    )
     path, query = _split_raw_path(request.raw_path)
     raw = RawRequest(
         method=request.method,
@@ -86,10 +78,11 @@ async def ingress(request: web.Request) -> web.Response:
         request=raw,
     )
     result = await store.append_event(event, xon_id=parsed.xon_id)
+    app[hub_key].metrics.event_appended(duplicate=result.duplicate, seconds=time.time() - now)
     stored = result.stored
     if not result.duplicate:
         app[hub_key].notify(account.id)
-        await _update_status(store, app[hub_key], stored, app[config_key].status.types)
+        await _update_status(store, app[hub_key], stored, config.status.types)
     log.info(
         "ingress.accepted",
         extra={

@@ -2,7 +2,9 @@
 
 DESIGN principle 6 and STYLE §4: a ``RelayError`` answers with its own status and code; the
 router's own 404/405/413 get the same JSON shape; anything else is a bug, answered as a bare 500
-``internal`` and logged with its traceback, which never reaches the client.
+``internal`` and logged with its traceback, which never reaches the client. A 429 carries
+``Retry-After`` (issue 6). ``source_limit_middleware`` applies the per-source rate limit of the
+public listener (relay_server/limits.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from aiohttp.typedefs import Handler
 
 from shared.errors import RelayError
 
-__all__ = ["error_middleware", "error_response"]
+from .limits import RateLimited, limits_key
+
+__all__ = ["error_middleware", "error_response", "source_limit_middleware"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RelayError as exc:
-        return error_response(exc.http_status, exc.code, str(exc))
+        response = error_response(exc.http_status, exc.code, str(exc))
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
@@ -48,3 +55,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("http.internal_error", extra={"method": request.method})
         return error_response(500, "internal", "internal server error")
+
+
+# Load balancer probes come from one address many times a second; they cost nothing.
+_UNLIMITED = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def source_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 once a source address exceeds ``limits.source_rate`` (every route but health)."""
+    if request.path not in _UNLIMITED:
+        request.app[limits_key].check_source(request)
+    return await handler(request)

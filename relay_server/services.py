@@ -1,8 +1,9 @@
 """Shared services of one relay process, built once and injected into both aiohttp apps.
 
 STYLE §7: the public and admin listeners are two ``web.Application``s; what they share (config,
-store, relay identity, CTOX egress, agent hub) is built here, inside an ``AsyncExitStack`` that
-tears it down in reverse order (hub, then CTOX egress, then store).
+store, relay identity, CTOX egress, agent hub with its bus to the other instances, retention)
+is built here, inside an ``AsyncExitStack`` that tears it down in reverse order (drain the
+links, stop retention, the hub's background work and the bus, CTOX egress, then the store).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from shared import crypto
 from shared.config import ServerConfig
 
+from .bus import open_bus
 from .ctox import CtoxService
 from .hub import AgentHub
+from .retention import running_retention
 from .store import Store, open_store
 
 __all__ = ["Services", "open_services", "services_key"]
@@ -59,12 +63,28 @@ async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncItera
         StoreError: the store cannot be opened.
     """
     async with AsyncExitStack() as stack:
-        store = await open_store(config.store_url)
+        cluster = config.cluster
+        store = await open_store(
+            config.store_url,
+            wait_replicas=cluster.redis_wait_replicas,
+            wait_aof=cluster.redis_wait_aof,
+            wait_timeout=cluster.redis_wait_timeout,
+        )
         stack.push_async_callback(store.close)
         relay_id = await store.relay_id()
         ctox = CtoxService(store, config.ctox)
         stack.push_async_callback(ctox.close)
-        hub = AgentHub(store, relay_id=relay_id, link=config.link, ctox=ctox)
+        hub = AgentHub(
+            store,
+            relay_id=relay_id,
+            link=config.link,
+            ctox=ctox,
+            bus=open_bus(store, crypto.new_token(6)),
+            cluster=cluster,
+        )
+        await hub.start()
+        stack.push_async_callback(hub.close)
+        await stack.enter_async_context(running_retention(store, config.retention))
         services = Services(
             config=config,
             store=store,

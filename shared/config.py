@@ -13,6 +13,7 @@ Only the CLIs read files and the environment; everything below them receives the
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -20,21 +21,29 @@ import sys
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .subscription import Subscription
 
 __all__ = [
     "LinkConfig",
     "CtoxTypeConfig",
     "CtoxConfig",
     "StatusConfig",
+    "ClusterConfig",
+    "RetentionConfig",
     "LimitsConfig",
     "ServerConfig",
     "AgentConfig",
+    "SubscriptionConfig",
+    "ForwardTarget",
+    "TcpTarget",
+    "STALE_ACTIONS",
     "load",
     "default_data_dir",
     "parse_hostport",
@@ -222,6 +231,72 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """Several relay instances on one Redis (issue 5, docs/scaling.md)."""
+
+    poll_interval: float = 1.0
+    """Seconds between re-reads of each served account's log head and status, so a missed
+    pub/sub wake-up delays delivery by at most this much and loses nothing."""
+    recheck_interval: float = 1.0
+    """Seconds between re-checks of every connected agent (revoked? replaced by a newer link on
+    another instance?): the fallback when a broadcast was missed."""
+    handover_timeout: float = 2.0
+    """Seconds a new link waits for the instance that held the agent's previous link to confirm
+    it stopped sending, before it sends anyway (that instance is dead or cut off). Must be at
+    least ``recheck_interval``: a live instance notices the takeover by then without help."""
+    redis_wait_replicas: int = 0
+    """After each append pipeline, ``WAIT`` for this many replicas before answering X-on 2xx
+    (0: do not wait). Fewer acknowledgements within ``redis_wait_timeout`` answer 503."""
+    redis_wait_aof: bool = False
+    """After each append pipeline, ``WAITAOF 1 <redis_wait_replicas>``: the write is fsynced to
+    the primary's AOF (and the replicas') before the 2xx. Needs Redis 7.2 or newer."""
+    redis_wait_timeout: float = 1.0
+    """Seconds ``WAIT``/``WAITAOF`` may take."""
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval", "recheck_interval", "handover_timeout", "redis_wait_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"cluster.{name} must be positive")
+        if self.handover_timeout < self.recheck_interval:
+            raise ConfigError("cluster.handover_timeout must be at least cluster.recheck_interval")
+        if self.redis_wait_replicas < 0:
+            raise ConfigError("cluster.redis_wait_replicas must not be negative")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionConfig:
+    """How long the relay keeps each account's event log (docs/redis.md, Retention)."""
+
+    interval: float | None = 60.0
+    """Seconds between retention passes; ``None``: never trim."""
+    max_age: float | None = 7 * 24 * 3600.0
+    """Events older than this many seconds are dropped once every agent of the account acked
+    them; ``None``: no age limit."""
+    max_events: int | None = 100_000
+    """Events beyond the newest ``max_events`` of an account are dropped once every agent
+    acked them; ``None``: no count limit."""
+    hard_max_events: int | None = 1_000_000
+    """Events beyond the newest ``hard_max_events`` are dropped even if an agent has not acked
+    them: that agent is told it is behind retention (docs/protocol.md). ``None``: no limit."""
+    hard_max_age: float | None = None
+    """Like ``hard_max_events``, by age in seconds; ``None``: no limit."""
+    batch: int = 10_000
+    """Most events one pass drops per account (bounds each pass's work on the store)."""
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "max_age", "hard_max_age"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"retention.{name} must be positive (or none)")
+        for name in ("max_events", "hard_max_events"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"retention.{name} must be at least 1 (or none)")
+        if self.batch < 1:
+            raise ConfigError("retention.batch must be at least 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """Relay server settings."""
 
@@ -245,6 +320,8 @@ class ServerConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     ctox: CtoxConfig = field(default_factory=CtoxConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
@@ -279,6 +356,125 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionConfig:
+    """Which events the relay sends this agent (docs/protocol.md, Routing); empty: all."""
+
+    types: list[str] = field(default_factory=list)
+    """Event types, exact or ``prefix.*`` (``"call.*"``); empty: any type."""
+    params: dict[str, list[str]] = field(default_factory=dict)
+    """Parameter name → accepted values; an event must match every name listed."""
+
+    def __post_init__(self) -> None:
+        try:
+            Subscription.from_wire({"types": self.types, "params": self.params})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def to_wire(self) -> dict[str, Any] | None:
+        """The ``hello`` field; ``None`` when it would match everything."""
+        return Subscription.from_wire({"types": self.types, "params": self.params}).to_wire()
+
+
+STALE_ACTIONS = ("mark", "skip")
+_TARGET_STARTS = ("latest", "oldest")
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_target(kind: str, name: str, types_: list[str], start: str, retry_initial: float,
+                  retry_max: float, timeout: float) -> None:
+    try:
+        Subscription.from_wire({"types": types_})
+    except ValueError as exc:
+        raise ConfigError(f"{kind} {name}: {exc}") from exc
+    if start not in _TARGET_STARTS:
+        raise ConfigError(f"{kind} {name}: start must be 'latest' or 'oldest', got {start!r}")
+    if not 0 < retry_initial <= retry_max or not timeout > 0:
+        raise ConfigError(f"{kind} {name}: need 0 < retry_initial <= retry_max and timeout > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardTarget:
+    """One ``[[forward]]`` target: X-on's original request re-issued to a local URL
+    (docs/delivery.md, Forward)."""
+
+    url: str = ""
+    """Base URL; the event's path suffix is appended to its path, then X-on's query string."""
+    name: str = ""
+    """Key of the stored progress and the name in health reports; empty: the URL."""
+    types: list[str] = field(default_factory=list)
+    """Event types to forward (exact or ``prefix.*``); empty: all."""
+    allow_remote: bool = False
+    """Allow a non-loopback URL (DESIGN principle 3: delivery stays on this PC by default)."""
+    timeout: float = 10.0
+    """Seconds one forwarded request may take; then it counts as failed and is retried."""
+    retry_initial: float = 1.0
+    """First retry delay in seconds; doubles per failure up to ``retry_max``."""
+    retry_max: float = 60.0
+    start: str = "latest"
+    """Where a target never seen before starts: ``latest`` (new events only) or ``oldest``
+    (everything the inbox still holds). Ignored once progress is stored."""
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"forward url must be http://HOST[:PORT]/PATH, got {self.url!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"forward url {self.url!r}: no query or fragment (X-on's are used)")
+        if not self.allow_remote and not _is_loopback_host(parts.hostname):
+            raise ConfigError(
+                f"forward url {self.url!r} is not on loopback; set allow_remote = true to allow it"
+            )
+        _check_target("forward", self.key, self.types, self.start, self.retry_initial,
+                      self.retry_max, self.timeout)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.url
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpTarget:
+    """One ``[[tcp]]`` target: one line per event to a local socket (docs/delivery.md, TCP)."""
+
+    address: str = ""
+    """``HOST:PORT`` the agent connects to."""
+    name: str = ""
+    """Key of the stored progress and the name in health reports; empty: the address."""
+    types: list[str] = field(default_factory=list)
+    """Event types to send (exact or ``prefix.*``); empty: all."""
+    allow_remote: bool = False
+    """Allow a non-loopback address."""
+    timeout: float = 30.0
+    """Seconds to connect, and to wait for the ack line of each event; then reconnect."""
+    retry_initial: float = 1.0
+    """First reconnect delay in seconds; doubles per failure up to ``retry_max``."""
+    retry_max: float = 30.0
+    start: str = "latest"
+    """As for :class:`ForwardTarget`."""
+
+    def __post_init__(self) -> None:
+        host, _ = parse_hostport(self.address, what="tcp address")
+        if not self.allow_remote and not _is_loopback_host(host):
+            raise ConfigError(
+                f"tcp address {self.address!r} is not on loopback; set allow_remote = true"
+            )
+        _check_target("tcp", self.key, self.types, self.start, self.retry_initial,
+                      self.retry_max, self.timeout)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     """Relay agent settings. ``enroll`` writes relay_url, agent_id and relay_id."""
 
@@ -289,9 +485,21 @@ class AgentConfig:
     """The relay identity recorded at enrollment; the handshake refuses any other."""
     data_dir: Path = field(default_factory=lambda: default_data_dir("xon-relay-agent"))
     listen: str = "127.0.0.1:8765"
-    """Local API address; loopback only."""
+    """Local API address; loopback only unless ``allow_non_loopback``."""
+    allow_non_loopback: bool = False
+    """Let ``listen`` name a non-loopback address (DESIGN principle 3 says loopback only: the
+    local API then still needs the token, but other machines can reach it)."""
+    max_waiters: int = 16
+    """Long-polls and streams waiting at once per credential; 429 ``too_many_waiters`` beyond."""
     insecure: bool = False
     """Allow plain http/ws to a non-loopback relay (logs a warning at every start)."""
+    proxy: str = ""
+    """HTTP CONNECT proxy for the link and enrollment: ``http://[USER:PASSWORD@]HOST:PORT``;
+    ``direct``: never a proxy; empty: ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http relay)
+    unless ``NO_PROXY`` covers the relay (docs/corporate-networks.md)."""
+    ca_file: Path | None = None
+    """PEM file of extra CA certificates to trust besides the OS store (e.g. a TLS-inspecting
+    proxy's CA); ``None``: the OS store only."""
     retention_max_events: int | None = 100_000
     """Inbox keeps at most this many events; ``None``: no count limit."""
     retention_max_age: float | None = 7 * 24 * 3600.0
@@ -309,9 +517,23 @@ class AgentConfig:
     log_level: str = "info"
     log_format: str = "text"
     link: LinkConfig = field(default_factory=LinkConfig)
+    subscription: SubscriptionConfig = field(default_factory=SubscriptionConfig)
+    """Routing: the events the relay sends this agent (docs/protocol.md, Routing)."""
+    ttl: dict[str, float] = field(default_factory=dict)
+    """Event type → seconds after the relay received it that the event is stale
+    (docs/delivery.md, Stale events); types not listed never go stale."""
+    stale: str = "mark"
+    """``mark``: stale events carry ``"stale": true``; ``skip``: push modes (stream, forward,
+    tcp) pass over them. Stale events always stay in the inbox."""
+    sse_heartbeat: float = 15.0
+    """Seconds between comment lines on an idle ``/v1/stream``, so proxies keep it open and
+    both ends notice a dead one."""
+    forward: list[ForwardTarget] = field(default_factory=list)
+    tcp: list[TcpTarget] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, what="listen")
+        _check_delivery(self)
         if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
             raise ConfigError("backoff_initial must be > 0 and <= backoff_max")
         if self.retention_max_events is not None and self.retention_max_events < 1:
@@ -320,11 +542,28 @@ class AgentConfig:
             raise ConfigError("retention_max_age must be positive (or none)")
         if self.max_wait <= 0:
             raise ConfigError("max_wait must be positive")
+        if self.max_waiters < 1:
+            raise ConfigError("max_waiters must be at least 1")
         if self.command_timeout <= 0 or self.max_commands_in_flight < 1:
             raise ConfigError("command_timeout and max_commands_in_flight must be positive")
         _check_log_level(self.log_level)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+
+def _check_delivery(config: AgentConfig) -> None:
+    for event_type, seconds in config.ttl.items():
+        if not seconds > 0:
+            raise ConfigError(f"ttl for {event_type!r} must be positive")
+    if config.stale not in STALE_ACTIONS:
+        raise ConfigError(f"stale must be 'mark' or 'skip', got {config.stale!r}")
+    if not config.sse_heartbeat > 0:
+        raise ConfigError("sse_heartbeat must be positive")
+    # Progress is stored by name: two targets with one name would share (and skip) events.
+    for kind, keys in (("forward", [t.key for t in config.forward]),
+                       ("tcp", [t.key for t in config.tcp])):
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"two {kind} targets have the same name; give each a unique name")
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -13,11 +13,15 @@ __all__ = ["open_store", "Store", "AccountRecord", "AgentRecord", "AppendResult"
 _SQLITE = "sqlite:///"
 
 
-async def open_store(url: str) -> Store:
+async def open_store(
+    url: str, *, wait_replicas: int = 0, wait_aof: bool = False, wait_timeout: float = 1.0
+) -> Store:
     """Open the store named by ``url`` (DESIGN §Command line ``--store``).
 
     ``sqlite:///path/relay.db`` (the parent directory must exist) or
-    ``redis://[:password@]host:port/db[?prefix=P]`` (see docs/redis.md).
+    ``redis://[:password@]host:port/db[?prefix=P]`` (see docs/redis.md). The ``wait_*``
+    settings (``ServerConfig.cluster``) apply to Redis only: each append pipeline is followed
+    by ``WAIT wait_replicas`` and/or ``WAITAOF 1 wait_replicas``.
 
     Raises:
         StoreError: unknown scheme, unavailable backend, or the store cannot be opened.
@@ -36,5 +40,7 @@ async def open_store(url: str) -> Store:
         except ImportError as exc:  # the optional [redis] extra is not installed
             raise StoreError("the redis store needs the [redis] extra (redis-py)") from exc
 
-        return await RedisStore.open(url)
+        return await RedisStore.open(
+            url, wait_replicas=wait_replicas, wait_aof=wait_aof, wait_timeout=wait_timeout
+        )
     raise StoreError(f"unknown store URL scheme: {url.split(':', 1)[0]!r}")

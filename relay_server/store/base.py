@@ -8,6 +8,7 @@ every implementation (DESIGN principle 5).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,8 @@ __all__ = [
     "AppendResult",
     "CommandRecord",
     "StatusItem",
+    "LinkClaim",
+    "LinkCheck",
     "result_to_json",
     "result_from_json",
     "Store",
@@ -169,6 +172,26 @@ class StatusItem:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkClaim:
+    """The outcome of :meth:`Store.claim_link` (docs/scaling.md, "One link per agent")."""
+
+    epoch: int
+    """The new link's epoch: one more than any link of this agent had before."""
+    previous_owner: str
+    """The relay instance that held the agent's previous link and has not released it
+    (``""``: none)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkCheck:
+    """What a connected link must re-check: is the agent revoked, is this link still the
+    newest one."""
+
+    epoch: int
+    revoked: bool
+
+
 class Store(Protocol):
     async def close(self) -> None: ...
 
@@ -186,7 +209,10 @@ class Store(Protocol):
 
     async def get_account(self, id_or_name: str) -> AccountRecord | None: ...
 
-    async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None: ...
+    async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None:
+        """The account whose ingress key, or a previous key still inside its overlap period
+        (:meth:`rotate_ingress_key`), has this hash; its ``ingress_key_hash`` is the one that
+        matched."""
 
     async def list_accounts(self) -> list[AccountRecord]: ...
 
@@ -241,6 +267,36 @@ class Store(Protocol):
 
     async def set_cursor(self, agent_id: str, seq: int) -> None: ...
 
+    # -- link ownership (docs/scaling.md, "One link per agent") --------------------------------
+    async def claim_link(self, agent_id: str, *, owner: str) -> LinkClaim:
+        """Make a new link of ``agent_id``, held by relay instance ``owner``, the current one.
+
+        Atomically increments the agent's link epoch and records ``owner`` as its holder.
+        Raises ``StoreError`` for an unknown agent.
+        """
+
+    async def release_link(self, agent_id: str, *, epoch: int) -> None:
+        """The link with ``epoch`` ended: forget its holder, unless a newer link claimed it."""
+
+    async def check_links(self, agent_ids: Sequence[str]) -> dict[str, LinkCheck]:
+        """Current link epoch and revocation of each agent; unknown agents are left out."""
+
+    # -- retention (docs/redis.md, Retention) ---------------------------------------------------
+    async def retention_cut(
+        self, account_id: str, *, keep_events: int | None, keep_since: float | None
+    ) -> int:
+        """The highest seq of the account's log beyond a limit: not among the newest
+        ``keep_events``, or received before Unix time ``keep_since`` (``None``: no such limit).
+        Every older event is beyond a limit too. 0 when no event is."""
+
+    async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
+        """Drop the oldest events with seq <= ``through``, at most ``limit`` of them, never the
+        newest event of the account (it holds the log's head). Returns how many went; each
+        dropped event raises :meth:`trimmed_through`. Their X-on ids stop deduplicating."""
+
+    async def trimmed_through(self, account_id: str) -> int:
+        """The highest seq retention dropped from the account's log (0: none)."""
+
     # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
     async def claim_command(
         self,
@@ -294,3 +350,45 @@ class Store(Protocol):
 
     async def status_snapshot(self, account_id: str) -> list[StatusItem]:
         """Every status item of the account, ordered by key."""
+
+    # -- operations (docs/operations.md) -------------------------------------------------------
+    async def rename_account(self, account_id: str, name: str) -> AccountRecord | None:
+        """Give the account a new name; ``None`` when no account has id ``account_id``.
+
+        Raises:
+            ApiError: 409 ``account_exists`` when another account has ``name``.
+        """
+
+    async def rotate_ingress_key(
+        self, account_id: str, *, new_hash: str, old_valid_until: float
+    ) -> AccountRecord | None:
+        """Make ``new_hash`` the account's ingress key hash. The key it replaces keeps working
+        until Unix time ``old_valid_until`` (at once when that is not in the future); earlier
+        previous keys keep their own deadlines. ``None`` when there is no such account."""
+
+    async def previous_ingress_keys(self, account_id: str, *, now: float) -> list[float]:
+        """Deadlines of the account's previous ingress keys still valid at ``now``, soonest
+        first."""
+
+    async def delete_account(self, account_id: str) -> bool:
+        """Delete the account and all it owns: agents (cursors, link records, unused
+        enrollment codes), event log, status items, CTOX records, previous ingress keys.
+        False when there is no such account."""
+
+    async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
+        """Give the agent a new display name; ``None`` when there is no such agent."""
+
+    async def get_event(
+        self, event_id: str, *, account_id: str | None = None
+    ) -> StoredEvent | None:
+        """The stored event with relay event id ``event_id``, looked for in one account or in
+        all; ``None`` when it is not (or no longer) in the log."""
+
+    async def recent_events(
+        self, account_id: str, *, limit: int, before: int | None = None
+    ) -> list[StoredEvent]:
+        """The account's newest events with seq < ``before`` (``None``: up to the head),
+        newest first, at most ``limit``."""
+
+    async def count_after(self, account_id: str, after: int) -> int:
+        """How many events of the account's log have seq > ``after`` (an agent's backlog)."""

@@ -12,10 +12,13 @@ The layout (``P`` is the key prefix, ``xon:`` by default)::
     P{relay}:code:<code_hash>      string   "<agent id> <account id> <expires_at>", TTL = expiry
     P{acct:<id>}:account           hash     the AccountRecord fields
     P{acct:<id>}:agents            zset     the account's agent ids, scored by created_at
-    P{acct:<id>}:agent:<agent id>  hash     the AgentRecord fields, plus cursor and code_hash
+    P{acct:<id>}:agent:<agent id>  hash     the AgentRecord fields, plus cursor, code_hash,
+                                            link_epoch and link_owner (docs/scaling.md)
     P{acct:<id>}:seq               string   last seq given out in this account's log
     P{acct:<id>}:events            stream   entry id "<seq>-0", fields seq, event (JSON)
     P{acct:<id>}:xon_ids           hash     X-on event id -> seq (dedup)
+    P{acct:<id>}:xon_seqs          zset     X-on event ids scored by seq (retention drops them)
+    P{acct:<id>}:trimmed           string   highest seq retention dropped from the stream
     P{acct:<id>}:cmd:<key>         hash     CTOX idempotency record, TTL = expiry + a margin
     P{acct:<id>}:commands          zset     the account's command keys, scored by expires_at
     P{relay}:command_accounts      set      accounts that have command records (for purging)
@@ -41,12 +44,13 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import secrets
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -55,7 +59,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.errors import ApiError, StoreError
-from shared.events import XonEvent
+from shared.events import XonEvent, parse_time
 from shared.link.frames import CommandResult
 
 from .base import (
@@ -63,6 +67,8 @@ from .base import (
     AgentRecord,
     AppendResult,
     CommandRecord,
+    LinkCheck,
+    LinkClaim,
     StatusItem,
     StoredEvent,
     result_from_json,
@@ -80,7 +86,8 @@ T = TypeVar("T")
 
 _SCHEMES = ("redis://", "rediss://")
 
-# KEYS: seq counter, events stream, xon-id hash (one account's slot). ARGV: xon id ('' = none),
+# KEYS: seq counter, events stream, xon-id hash, xon ids by seq (one account's slot).
+# ARGV: xon id ('' = none),
 # event JSON. Returns {1, seq} when stored, {0, first seq, first event JSON} for a duplicate.
 # seq is computed first and written after the XADD, so a failed XADD consumes no seq.
 _APPEND = """
@@ -100,7 +107,10 @@ end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
 redis.call('XADD', KEYS[2], seq .. '-0', 'seq', seq, 'event', ARGV[2])
 redis.call('SET', KEYS[1], seq)
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], seq) end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], seq)
+  redis.call('ZADD', KEYS[4], seq, ARGV[1])
+end
 return {1, seq}
 """
 
@@ -217,9 +227,75 @@ return 1
 """
 
 # KEYS: a record hash. ARGV: field, value. Updates never resurrect a missing record.
+# KEYS: account names (global slot). ARGV: old name, new name, account id. 0: name taken.
+_RENAME_ACCOUNT = """
+local owner = redis.call('HGET', KEYS[1], ARGV[2])
+if owner and owner ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if ARGV[1] ~= ARGV[2] and redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[3] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: ingress, previous ingress keys (global slot). ARGV: old hash, new hash, account id,
+# old key's deadline, now. Previous keys map to "<account id> <deadline>"; expired ones go.
+_ROTATE_INGRESS = """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local previous = redis.call('HGETALL', KEYS[2])
+for i = 1, #previous, 2 do
+  local deadline = tonumber(string.match(previous[i + 1], ' (%S+)$'))
+  if deadline <= tonumber(ARGV[5]) then redis.call('HDEL', KEYS[2], previous[i]) end
+end
+if tonumber(ARGV[4]) > tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
+end
+return 1
+"""
+
 _SET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
+"""
+
+
+# KEYS: agent hash. ARGV: owner. Returns {new epoch, previous owner or ''}; false: no agent.
+_CLAIM_LINK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local previous = redis.call('HGET', KEYS[1], 'link_owner') or ''
+local epoch = redis.call('HINCRBY', KEYS[1], 'link_epoch', 1)
+redis.call('HSET', KEYS[1], 'link_owner', ARGV[1])
+return {epoch, previous}
+"""
+
+# KEYS: agent hash. ARGV: epoch. Only the current link's end clears the owner.
+_RELEASE_LINK = """
+if redis.call('HGET', KEYS[1], 'link_epoch') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'link_owner', '')
+end
+return 0
+"""
+
+# KEYS: events stream, xon-id hash, xon ids by seq, trimmed-through counter. ARGV: through,
+# limit. Seqs of one account are contiguous (the append script), so the oldest ``limit``
+# entries end at first + limit - 1. The newest entry always stays: it holds the head.
+_TRIM = """
+local head = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if not head then return 0 end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local head_seq = tonumber(string.match(head[1], '^%d+'))
+local first_seq = tonumber(string.match(first[1], '^%d+'))
+local through = math.min(tonumber(ARGV[1]), head_seq - 1, first_seq + tonumber(ARGV[2]) - 1)
+if through < first_seq then return 0 end
+local dropped = redis.call('XTRIM', KEYS[1], 'MINID', (through + 1) .. '-0')
+local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', through)
+for i = 1, #ids do redis.call('HDEL', KEYS[2], ids[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', through)
+if through > tonumber(redis.call('GET', KEYS[4]) or '0') then
+  redis.call('SET', KEYS[4], through)
+end
+return dropped
 """
 
 
@@ -273,6 +349,9 @@ class RedisStore:
         prefix: str = DEFAULT_PREFIX,
         batch_size: int = 256,
         queue_size: int = 4096,
+        wait_replicas: int = 0,
+        wait_aof: bool = False,
+        wait_timeout: float = 1.0,
     ) -> None:
         self._r = client
         self.address = address
@@ -297,6 +376,14 @@ class RedisStore:
         self._release_command = client.register_script(_RELEASE_COMMAND)
         self._purge_commands = client.register_script(_PURGE_COMMANDS)
         self._put_status = client.register_script(_PUT_STATUS)
+        self._claim_link = client.register_script(_CLAIM_LINK)
+        self._release_link = client.register_script(_RELEASE_LINK)
+        self._trim = client.register_script(_TRIM)
+        self._rename_account = client.register_script(_RENAME_ACCOUNT)
+        self._rotate_ingress = client.register_script(_ROTATE_INGRESS)
+        self._wait_replicas = wait_replicas
+        self._wait_aof = wait_aof
+        self._wait_ms = max(1, int(wait_timeout * 1000))
         self.pipeline_count = 0
         """Append pipelines Redis answered so far."""
 
@@ -341,6 +428,12 @@ class RedisStore:
         except StoreError as exc:
             await client.aclose()
             raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
+        if store._wait_aof:
+            try:
+                await store._check_waitaof()
+            except StoreError:
+                await client.aclose()
+                raise
         store._writer = asyncio.create_task(store._write_loop(), name="redis-store-writer")
         log.info("store.opened", extra={"backend": "redis", "address": address})
         return store
@@ -377,6 +470,26 @@ class RedisStore:
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closed = True
         await self._r.aclose()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool, for the instances' notification bus (relay_server/bus.py)."""
+        return self._r
+
+    def channel(self, name: str) -> str:
+        """A pub/sub channel name under this store's prefix and the ``{relay}`` tag."""
+        return self._global(name)
+
+    async def _check_waitaof(self) -> None:
+        """Refuse ``redis_wait_aof`` before the first append when the server lacks WAITAOF."""
+        with self._calls():
+            info = await self._r.info("server")
+        version = str(info.get("redis_version", "0"))
+        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if numbers < (7, 2):
+            raise StoreError(
+                f"cluster.redis_wait_aof needs Redis 7.2 or newer; {self.address} runs {version}"
+            )
 
     @_finish_uncancelled
     async def ping(self) -> None:
@@ -441,7 +554,19 @@ class RedisStore:
     async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None:
         with self._calls():
             account_id = await self._r.hget(self._global("ingress"), key_hash)
-            return None if account_id is None else await self._account(_text(account_id))
+            if account_id is not None:
+                record = await self._account(_text(account_id))
+                # A pointer the record does not confirm is a rotation that did not finish.
+                if record is not None and record.ingress_key_hash == key_hash:
+                    return record
+            previous = await self._r.hget(self._global("ingress_previous"), key_hash)
+            if previous is None:
+                return None
+            owner, deadline = _text(previous).rsplit(" ", 1)
+            if float(deadline) <= time.time():
+                return None
+            found = await self._account(owner)
+        return None if found is None else replace(found, ingress_key_hash=key_hash)
 
     @_finish_uncancelled
     async def list_accounts(self) -> list[AccountRecord]:
@@ -635,13 +760,42 @@ class RedisStore:
                             self._acct(account, "seq"),
                             self._acct(account, "events"),
                             self._acct(account, "xon_ids"),
+                            self._acct(account, "xon_seqs"),
                         ],
                         args=[pending.xon_id or "", json.dumps(pending.event.to_json())],
                         client=pipe,
                     )
+                # WAIT/WAITAOF cover every earlier write on this connection: the whole batch.
+                if self._wait_replicas:
+                    pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+                if self._wait_aof:
+                    pipe.execute_command("WAITAOF", 1, self._wait_replicas, self._wait_ms)
                 replies = list(await pipe.execute(raise_on_error=False))
         self.pipeline_count += 1
-        return replies
+        shortfall = self._durability_shortfall(replies[len(batch) :])
+        if shortfall:
+            # Stored on the primary but not as durable as configured: no 2xx (X-on retries;
+            # the retry is a duplicate that X-on's own id, when given, folds into this one).
+            return [StoreError(f"redis at {self.address}: {shortfall}")] * len(batch)
+        return replies[: len(batch)]
+
+    def _durability_shortfall(self, replies: list[Any]) -> str:
+        """Why the WAIT/WAITAOF replies fall short of the configuration ("" when they do not)."""
+        replies = list(replies)
+        if self._wait_replicas:
+            acked = replies.pop(0)
+            if isinstance(acked, BaseException):
+                return f"WAIT failed: {acked}"
+            if int(acked) < self._wait_replicas:
+                return f"only {acked} of {self._wait_replicas} replicas acknowledged the write"
+        if self._wait_aof:
+            reply = replies.pop(0)
+            if isinstance(reply, BaseException):
+                return f"WAITAOF failed: {reply}"
+            local, remote = (int(n) for n in reply)
+            if local < 1 or remote < self._wait_replicas:
+                return f"the write reached the AOF of {local} primary and {remote} replicas"
+        return ""
 
     @_finish_uncancelled
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
@@ -670,6 +824,108 @@ class RedisStore:
     @_finish_uncancelled
     async def set_cursor(self, agent_id: str, seq: int) -> None:
         await self._set_agent_field(agent_id, "cursor", str(seq))
+
+    # -- link ownership (docs/scaling.md) ------------------------------------------------------
+
+    @_finish_uncancelled
+    async def claim_link(self, agent_id: str, *, owner: str) -> LinkClaim:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            reply = None
+            if account_id is not None:
+                reply = await self._claim_link(
+                    keys=[self._agent_key(account_id, agent_id)], args=[owner]
+                )
+        if not reply:
+            raise StoreError(f"unknown agent {agent_id!r}")
+        return LinkClaim(epoch=int(reply[0]), previous_owner=_text(reply[1]))
+
+    @_finish_uncancelled
+    async def release_link(self, agent_id: str, *, epoch: int) -> None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is not None:
+                await self._release_link(
+                    keys=[self._agent_key(account_id, agent_id)], args=[str(epoch)]
+                )
+
+    @_finish_uncancelled
+    async def check_links(self, agent_ids: Sequence[str]) -> dict[str, LinkCheck]:
+        with self._calls():
+            owners = {agent_id: await self._account_of(agent_id) for agent_id in agent_ids}
+            known = [(a, acct) for a, acct in owners.items() if acct is not None]
+            if not known:
+                return {}
+            async with self._r.pipeline(transaction=False) as pipe:
+                for agent_id, account_id in known:
+                    pipe.hmget(
+                        self._agent_key(account_id, agent_id), ["id", "link_epoch", "revoked_at"]
+                    )
+                rows = await pipe.execute()
+        return {
+            agent_id: LinkCheck(epoch=int(epoch or 0), revoked=revoked is not None)
+            for (agent_id, _), (found, epoch, revoked) in zip(known, rows, strict=True)
+            if found is not None
+        }
+
+    # -- retention (docs/redis.md, Retention) ---------------------------------------------------
+
+    @_finish_uncancelled
+    async def retention_cut(
+        self, account_id: str, *, keep_events: int | None, keep_since: float | None
+    ) -> int:
+        key = self._acct(account_id, "events")
+        with self._calls():
+            first = await self._r.xrange(key, count=1)
+            last = await self._r.xrevrange(key, count=1)
+            if not first or not last:
+                return 0
+            low, head = _seq_of(first[0][0]), _seq_of(last[0][0])
+            cut = 0
+            if keep_events is not None:
+                # Seqs are contiguous (the append script), so position is arithmetic.
+                cut = max(0, head - keep_events)
+            if keep_since is not None and cut < head:
+                cut = max(cut, await self._older_than(key, max(low, cut), head, keep_since))
+        return cut
+
+    async def _older_than(self, key: str, low: int, high: int, since: float) -> int:
+        """The highest seq in [low, high] received before ``since`` (0 when none), by binary
+        search on point reads: about log2(n) reads of one entry each. ``received_at`` grows
+        with seq up to the few milliseconds between receipt and commit."""
+        found = 0
+        while low <= high:
+            middle = (low + high) // 2
+            entries = await self._r.xrange(key, min=f"{middle}-0", max="+", count=1)
+            if not entries:
+                high = middle - 1
+                continue
+            stored = _stored(*entries[0])
+            if parse_time(stored.event.received_at) < since:
+                found, low = stored.seq, stored.seq + 1
+            else:
+                high = middle - 1
+        return found
+
+    @_finish_uncancelled
+    async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
+        with self._calls():
+            dropped = await self._trim(
+                keys=[
+                    self._acct(account_id, "events"),
+                    self._acct(account_id, "xon_ids"),
+                    self._acct(account_id, "xon_seqs"),
+                    self._acct(account_id, "trimmed"),
+                ],
+                args=[str(through), str(limit)],
+            )
+        return int(dropped)
+
+    @_finish_uncancelled
+    async def trimmed_through(self, account_id: str) -> int:
+        with self._calls():
+            value = await self._r.get(self._acct(account_id, "trimmed"))
+        return 0 if value is None else int(value)
 
     # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
 
@@ -785,6 +1041,172 @@ class RedisStore:
             rows = _pairs(await self._r.hgetall(self._acct(account_id, "status")))
         # Sorted by key like SQLite's ORDER BY key: code point order is UTF-8 byte order.
         return [StatusItem.from_json(account_id, json.loads(rows[key])) for key in sorted(rows)]
+
+
+    # -- operations (docs/operations.md) -------------------------------------------------------
+
+    @_finish_uncancelled
+    async def rename_account(self, account_id: str, name: str) -> AccountRecord | None:
+        with self._calls():
+            record = await self._account(account_id)
+            if record is None:
+                return None
+            # The name index first: until the record follows, the old name finds nothing and
+            # the new one finds the account.
+            renamed = await self._rename_account(
+                keys=[self._global("account_names")], args=[record.name, name, account_id]
+            )
+            if renamed != 1:
+                raise ApiError(409, "account_exists", f"an account named {name!r} exists")
+            row = await self._update_account(
+                keys=[self._acct(account_id, "account")], args=["name", name]
+            )
+        return _account(_pairs(row)) if row else None
+
+    @_finish_uncancelled
+    async def rotate_ingress_key(
+        self, account_id: str, *, new_hash: str, old_valid_until: float
+    ) -> AccountRecord | None:
+        with self._calls():
+            record = await self._account(account_id)
+            if record is None:
+                return None
+            # Index first: the new key finds nothing until the record names it (see
+            # account_by_ingress_hash); the old one already works as a previous key.
+            await self._rotate_ingress(
+                keys=[self._global("ingress"), self._global("ingress_previous")],
+                args=[
+                    record.ingress_key_hash,
+                    new_hash,
+                    account_id,
+                    repr(old_valid_until),
+                    repr(time.time()),
+                ],
+            )
+            row = await self._update_account(
+                keys=[self._acct(account_id, "account")], args=["ingress_key_hash", new_hash]
+            )
+        return _account(_pairs(row)) if row else None
+
+    @_finish_uncancelled
+    async def previous_ingress_keys(self, account_id: str, *, now: float) -> list[float]:
+        with self._calls():
+            rows = _pairs(await self._r.hgetall(self._global("ingress_previous")))
+        deadlines = []
+        for value in rows.values():
+            owner, deadline = value.rsplit(" ", 1)
+            if owner == account_id and float(deadline) > now:
+                deadlines.append(float(deadline))
+        return sorted(deadlines)
+
+    @_finish_uncancelled
+    async def delete_account(self, account_id: str) -> bool:
+        with self._calls():
+            record = await self._account(account_id)
+            if record is None:
+                return False
+            agent_ids = _texts(await self._r.zrange(self._acct(account_id, "agents"), 0, -1))
+            agent_keys = [self._agent_key(account_id, agent_id) for agent_id in agent_ids]
+            agents = await self._hgetall_many(agent_keys)
+            commands = _texts(await self._r.zrange(self._acct(account_id, "commands"), 0, -1))
+            previous = _pairs(await self._r.hgetall(self._global("ingress_previous")))
+            # The global indexes first (one slot, one transaction): once they are gone nothing
+            # finds the account, and what is left in its own slot is inert.
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._global("account_names"), record.name)
+                pipe.hdel(self._global("ingress"), record.ingress_key_hash)
+                stale = [h for h, v in previous.items() if v.rsplit(" ", 1)[0] == account_id]
+                if stale:
+                    pipe.hdel(self._global("ingress_previous"), *stale)
+                pipe.zrem(self._global("accounts"), account_id)
+                if agent_ids:
+                    pipe.hdel(self._global("agent_account"), *agent_ids)
+                    pipe.zrem(self._global("agents"), *agent_ids)
+                for row in agents:
+                    if row.get("code_hash"):
+                        pipe.delete(self._global(f"code:{row['code_hash']}"))
+                pipe.srem(self._global("command_accounts"), account_id)
+                await pipe.execute()
+            names = ["account", "agents", "seq", "events", "xon_ids", "xon_seqs", "trimmed"]
+            names += ["status", "status_seq", "commands"]
+            await self._r.delete(
+                *(self._acct(account_id, name) for name in names),
+                *agent_keys,
+                *(self._acct(account_id, f"cmd:{key}") for key in commands),
+            )
+        for agent_id in agent_ids:
+            self._agent_accounts.pop(agent_id, None)
+        return True
+
+    @_finish_uncancelled
+    async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is None:
+                return None
+            key = self._agent_key(account_id, agent_id)
+            await self._set_if_exists(keys=[key], args=["name", name])
+            row = await self._r.hgetall(key)
+        return _agent(_pairs(row)) if row else None
+
+    @_finish_uncancelled
+    async def get_event(
+        self, event_id: str, *, account_id: str | None = None
+    ) -> StoredEvent | None:
+        with self._calls():
+            if account_id is not None:
+                accounts = [account_id]
+            else:
+                accounts = _texts(await self._r.zrange(self._global("accounts"), 0, -1))
+            for account in accounts:
+                found = await self._find_event(account, event_id)
+                if found is not None:
+                    return found
+        return None
+
+    async def _find_event(self, account_id: str, event_id: str) -> StoredEvent | None:
+        """Scan the account's stream from the newest entry back. A relay event id starts with
+        its receive time (ingress.new_event_id), so the scan stops once it is past that time
+        by more than any commit can lag; other ids are looked for in the whole log."""
+        key = self._acct(account_id, "events")
+        received = _event_id_time(event_id)
+        high = "+"
+        while True:
+            entries = await self._r.xrevrange(key, max=high, min="-", count=_SCAN_CHUNK)
+            if not entries:
+                return None
+            for entry_id, fields in entries:
+                stored = _stored(entry_id, fields)
+                if stored.event.id == event_id:
+                    return stored
+            oldest = _stored(*entries[-1])
+            if received is not None and parse_time(oldest.event.received_at) < (
+                received - _COMMIT_LAG
+            ):
+                return None
+            high = f"({oldest.seq}-0"
+
+    @_finish_uncancelled
+    async def recent_events(
+        self, account_id: str, *, limit: int, before: int | None = None
+    ) -> list[StoredEvent]:
+        with self._calls():
+            entries = await self._r.xrevrange(
+                self._acct(account_id, "events"),
+                max="+" if before is None else f"({before}-0",
+                min="-",
+                count=limit,
+            )
+        return [_stored(entry_id, fields) for entry_id, fields in entries or ()]
+
+    @_finish_uncancelled
+    async def count_after(self, account_id: str, after: int) -> int:
+        key = self._acct(account_id, "events")
+        with self._calls():
+            first = await self._r.xrange(key, min=f"({after}-0", max="+", count=1)
+            last = await self._r.xrevrange(key, count=1) if first else []
+        # Seqs of one account are contiguous (the append script): position is arithmetic.
+        return _seq_of(last[0][0]) - _seq_of(first[0][0]) + 1 if first and last else 0
 
 
 # -- URL and (de)serialisation -------------------------------------------------------------------
@@ -937,3 +1359,15 @@ def _append_result(event: XonEvent, reply: Sequence[Any]) -> AppendResult:
     first = event if len(reply) < 3 else XonEvent.from_json(json.loads(reply[2]))
     # len < 3: the first copy was trimmed away; its seq still identifies it.
     return AppendResult(stored=StoredEvent(seq=int(reply[1]), event=first), duplicate=True)
+
+
+_SCAN_CHUNK = 200
+_COMMIT_LAG = 300.0
+"""Seconds an event's commit may follow its receive time, with a wide margin."""
+_EVENT_ID = re.compile(r"ev_([0-9a-f]{12})[0-9a-f]{16}")
+
+
+def _event_id_time(event_id: str) -> float | None:
+    """The receive time a relay event id carries (``ev_`` + 12 hex digits of ms + 16 more)."""
+    match = _EVENT_ID.fullmatch(event_id)
+    return None if match is None else int(match.group(1), 16) / 1000

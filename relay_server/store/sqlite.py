@@ -17,14 +17,14 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from shared.errors import ApiError, StoreError
-from shared.events import RawRequest, XonEvent
+from shared.events import RawRequest, XonEvent, format_time
 from shared.link.frames import CommandResult
 
 from .base import (
@@ -32,6 +32,8 @@ from .base import (
     AgentRecord,
     AppendResult,
     CommandRecord,
+    LinkCheck,
+    LinkClaim,
     StatusItem,
     StoredEvent,
     result_from_json,
@@ -101,6 +103,20 @@ CREATE TABLE IF NOT EXISTS status_items (
     seq INTEGER NOT NULL,
     item TEXT NOT NULL,
     PRIMARY KEY (account_id, key)
+);
+CREATE TABLE IF NOT EXISTS links (
+    agent_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS retention (
+    account_id TEXT PRIMARY KEY,
+    trimmed_through INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS previous_ingress_keys (
+    key_hash TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    valid_until REAL NOT NULL
 );
 """
 
@@ -269,7 +285,23 @@ class SqliteStore:
         )
 
     async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None:
-        return await self._run(lambda: self._one_account("ingress_key_hash = ?", (key_hash,)))
+        def select() -> AccountRecord | None:
+            current = self._one_account("ingress_key_hash = ?", (key_hash,))
+            if current is not None:
+                return current
+            row = (
+                self._db()
+                .execute(
+                    "SELECT account_id FROM previous_ingress_keys"
+                    " WHERE key_hash = ? AND valid_until > ?",
+                    (key_hash, time.time()),
+                )
+                .fetchone()
+            )
+            found = None if row is None else self._one_account("id = ?", (row[0],))
+            return None if found is None else replace(found, ingress_key_hash=key_hash)
+
+        return await self._run(select)
 
     async def list_accounts(self) -> list[AccountRecord]:
         def select() -> list[AccountRecord]:
@@ -451,6 +483,112 @@ class SqliteStore:
 
         await self._tx(update)
 
+    # -- link ownership (docs/scaling.md) ------------------------------------------------------
+
+    async def claim_link(self, agent_id: str, *, owner: str) -> LinkClaim:
+        def claim(conn: sqlite3.Connection) -> LinkClaim:
+            if conn.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
+                raise StoreError(f"unknown agent {agent_id!r}")
+            row = conn.execute(
+                "SELECT epoch, owner FROM links WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            epoch, previous = (0, "") if row is None else (int(row[0]), str(row[1]))
+            conn.execute(
+                "INSERT INTO links (agent_id, epoch, owner) VALUES (?, ?, ?) ON CONFLICT"
+                " (agent_id) DO UPDATE SET epoch = excluded.epoch, owner = excluded.owner",
+                (agent_id, epoch + 1, owner),
+            )
+            return LinkClaim(epoch=epoch + 1, previous_owner=previous)
+
+        return await self._tx(claim)
+
+    async def release_link(self, agent_id: str, *, epoch: int) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE links SET owner = '' WHERE agent_id = ? AND epoch = ?", (agent_id, epoch)
+            )
+
+        await self._tx(release)
+
+    async def check_links(self, agent_ids: Sequence[str]) -> dict[str, LinkCheck]:
+        ids = list(agent_ids)
+
+        def select() -> dict[str, LinkCheck]:
+            found: dict[str, LinkCheck] = {}
+            # SQLite limits host parameters (999 in old builds): ask in chunks.
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = self._db().execute(
+                    "SELECT agents.id, agents.revoked_at, COALESCE(links.epoch, 0) FROM agents"
+                    " LEFT JOIN links ON links.agent_id = agents.id"
+                    f" WHERE agents.id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for agent_id, revoked_at, epoch in rows:
+                    found[agent_id] = LinkCheck(epoch=int(epoch), revoked=revoked_at is not None)
+            return found
+
+        return await self._run(select)
+
+    # -- retention (docs/redis.md, Retention) ---------------------------------------------------
+
+    async def retention_cut(
+        self, account_id: str, *, keep_events: int | None, keep_since: float | None
+    ) -> int:
+        def select() -> int:
+            db = self._db()
+            cut = 0
+            if keep_events is not None:
+                row = db.execute(
+                    "SELECT seq FROM events WHERE account_id = ? ORDER BY seq DESC"
+                    " LIMIT 1 OFFSET ?",
+                    (account_id, keep_events),
+                ).fetchone()
+                cut = 0 if row is None else int(row[0])
+            if keep_since is not None:
+                # received_at is ISO 8601 UTC of one fixed width: text order is time order.
+                row = db.execute(
+                    "SELECT MAX(seq) FROM events WHERE account_id = ? AND received_at < ?",
+                    (account_id, format_time(keep_since)),
+                ).fetchone()
+                cut = max(cut, int(row[0] or 0))
+            return cut
+
+        return await self._run(select)
+
+    async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
+        def trim(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq FROM events WHERE account_id = ? AND seq <= ? AND seq <"
+                " (SELECT MAX(seq) FROM events WHERE account_id = ?) ORDER BY seq LIMIT ?",
+                (account_id, through, account_id, limit),
+            ).fetchall()
+            if not rows:
+                return 0
+            last = int(rows[-1][0])
+            conn.execute("DELETE FROM events WHERE account_id = ? AND seq <= ?", (account_id, last))
+            conn.execute(
+                "INSERT INTO retention (account_id, trimmed_through) VALUES (?, ?) ON CONFLICT"
+                " (account_id) DO UPDATE SET trimmed_through ="
+                " MAX(trimmed_through, excluded.trimmed_through)",
+                (account_id, last),
+            )
+            return len(rows)
+
+        return await self._tx(trim)
+
+    async def trimmed_through(self, account_id: str) -> int:
+        def select() -> int:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT trimmed_through FROM retention WHERE account_id = ?", (account_id,)
+                )
+                .fetchone()
+            )
+            return 0 if row is None else int(row[0])
+
+        return await self._run(select)
 
     # -- CTOX idempotency ---------------------------------------------------------------------
 
@@ -552,6 +690,127 @@ class SqliteStore:
                 "SELECT item FROM status_items WHERE account_id = ? ORDER BY key", (account_id,)
             )
             return [StatusItem.from_json(account_id, json.loads(row[0])) for row in rows]
+
+        return await self._run(select)
+
+
+    # -- operations (docs/operations.md) -------------------------------------------------------
+
+    async def rename_account(self, account_id: str, name: str) -> AccountRecord | None:
+        def update(conn: sqlite3.Connection) -> AccountRecord | None:
+            taken = conn.execute(
+                "SELECT 1 FROM accounts WHERE name = ? AND id != ?", (name, account_id)
+            ).fetchone()
+            if taken:
+                raise ApiError(409, "account_exists", f"an account named {name!r} exists")
+            row = conn.execute(
+                f"UPDATE accounts SET name = ? WHERE id = ? RETURNING {_ACCOUNT_COLUMNS}",
+                (name, account_id),
+            ).fetchone()
+            return None if row is None else _account(row)
+
+        return await self._tx(update)
+
+    async def rotate_ingress_key(
+        self, account_id: str, *, new_hash: str, old_valid_until: float
+    ) -> AccountRecord | None:
+        now = time.time()
+
+        def rotate(conn: sqlite3.Connection) -> AccountRecord | None:
+            row = conn.execute(
+                "SELECT ingress_key_hash FROM accounts WHERE id = ?", (account_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM previous_ingress_keys WHERE valid_until <= ?", (now,))
+            if old_valid_until > now:
+                conn.execute(
+                    "INSERT OR REPLACE INTO previous_ingress_keys (key_hash, account_id,"
+                    " valid_until) VALUES (?, ?, ?)",
+                    (row[0], account_id, old_valid_until),
+                )
+            updated = conn.execute(
+                "UPDATE accounts SET ingress_key_hash = ? WHERE id = ?"
+                f" RETURNING {_ACCOUNT_COLUMNS}",
+                (new_hash, account_id),
+            ).fetchone()
+            return _account(updated)
+
+        return await self._tx(rotate)
+
+    async def previous_ingress_keys(self, account_id: str, *, now: float) -> list[float]:
+        def select() -> list[float]:
+            rows = self._db().execute(
+                "SELECT valid_until FROM previous_ingress_keys"
+                " WHERE account_id = ? AND valid_until > ? ORDER BY valid_until",
+                (account_id, now),
+            )
+            return [float(row[0]) for row in rows]
+
+        return await self._run(select)
+
+    async def delete_account(self, account_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            args = (account_id,)
+            conn.execute(
+                "DELETE FROM links WHERE agent_id IN (SELECT id FROM agents WHERE account_id = ?)",
+                args,
+            )
+            for table in ("agents", "events", "commands", "status_items", "retention"):
+                conn.execute(f"DELETE FROM {table} WHERE account_id = ?", args)
+            conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
+            return conn.execute("DELETE FROM accounts WHERE id = ?", args).rowcount > 0
+
+        return await self._tx(delete)
+
+    async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
+        def update(conn: sqlite3.Connection) -> AgentRecord | None:
+            row = conn.execute(
+                f"UPDATE agents SET name = ? WHERE id = ? RETURNING {_AGENT_COLUMNS}",
+                (name, agent_id),
+            ).fetchone()
+            return None if row is None else _agent(row)
+
+        return await self._tx(update)
+
+    async def get_event(
+        self, event_id: str, *, account_id: str | None = None
+    ) -> StoredEvent | None:
+        def select() -> StoredEvent | None:
+            sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?"
+            args: tuple[str, ...] = (event_id,)
+            if account_id is not None:
+                sql += " AND account_id = ?"
+                args += (account_id,)
+            row = self._db().execute(sql, args).fetchone()
+            return None if row is None else _stored(row)
+
+        return await self._run(select)
+
+    async def recent_events(
+        self, account_id: str, *, limit: int, before: int | None = None
+    ) -> list[StoredEvent]:
+        def select() -> list[StoredEvent]:
+            rows = self._db().execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND seq < ?"
+                " ORDER BY seq DESC LIMIT ?",
+                (account_id, before if before is not None else 2**63 - 1, limit),
+            )
+            return [_stored(row) for row in rows]
+
+        return await self._run(select)
+
+    async def count_after(self, account_id: str, after: int) -> int:
+        def select() -> int:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT COUNT(*) FROM events WHERE account_id = ? AND seq > ?",
+                    (account_id, after),
+                )
+                .fetchone()
+            )
+            return int(row[0])
 
         return await self._run(select)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -85,6 +86,8 @@ class CloseCode(IntEnum):
     AUTH_TIMEOUT = 4008
     REPLACED = 4010
     INTERNAL_ERROR = 4011
+    BEHIND_RETENTION = 4012
+    """Retention dropped events past this link's position; the next ``welcome`` says which."""
     UNAUTHORIZED = 4401
     REVOKED = 4403
 
@@ -102,6 +105,9 @@ class Hello:
     """Highest seq the agent's inbox has committed (0: nothing yet)."""
     client: str = ""
     """Free-form software version, for the relay's logs."""
+    subscription: dict[str, Any] | None = None
+    """Which events this agent wants (docs/protocol.md, Routing); left out: every event. The
+    relay validates it with :meth:`shared.subscription.Subscription.from_wire`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +136,10 @@ class Welcome:
     account_id: str
     resume_after: int
     window: int
+    trimmed_through: int = 0
+    """Above ``resume_after`` when the relay's retention dropped the events after it up to this
+    seq before the agent acked them: they are lost, delivery resumes after them (0: nothing
+    was lost). Older agents ignore the field."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,11 +242,18 @@ _TYPES: dict[str, type[Any]] = {
 
 
 def _field_checks(cls: type[Any]) -> list[tuple[str, type, bool]]:
-    """(name, runtime type, required) for each field of a frame class."""
+    """(name, runtime type, required) for each field of a frame class.
+
+    An optional field (``X | None``) is checked as ``X``: a JSON ``null`` is refused like any
+    other wrong type, and leaving the field out is how a sender says "none".
+    """
     hints = typing.get_type_hints(cls)
     checks = []
     for f in dataclasses.fields(cls):
-        origin = typing.get_origin(hints[f.name]) or hints[f.name]
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):
+            (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        origin = typing.get_origin(hint) or hint
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         checks.append((f.name, origin, required))
     return checks
@@ -249,7 +266,9 @@ def encode(frame: Frame) -> str:
     """Encode a frame as one JSON text message."""
     data: dict[str, Any] = {"v": LINK_VERSION, "type": frame.type}
     for f in dataclasses.fields(frame):
-        data[f.name] = getattr(frame, f.name)
+        value = getattr(frame, f.name)
+        if value is not None:  # an optional field that is unset stays off the wire
+            data[f.name] = value
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -65,6 +65,7 @@ from typing import Any, assert_never
 
 from .. import crypto
 from ..errors import InvalidState, LocalProtocolError, RemoteProtocolError
+from ..subscription import Subscription
 from . import frames
 from .frames import (
     Ack,
@@ -143,11 +144,16 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class HelloReceived:
-    """Relay: an agent introduced itself; answer with ``agent_found()`` or ``close()``."""
+    """Relay: an agent introduced itself; answer with ``agent_found()`` or ``close()``.
+
+    ``subscription`` is the validated routing filter of the hello (docs/protocol.md, Routing),
+    ``None`` when the agent sent none: send it every event.
+    """
 
     agent_id: str
     resume_after: int
     client: str
+    subscription: Subscription | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +180,9 @@ class Welcomed:
     account_id: str
     resume_after: int
     window: int
+    trimmed_through: int = 0
+    """Above ``resume_after`` when the relay's retention dropped the events after
+    ``resume_after`` up to this seq before they were acked: tell the operator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +491,7 @@ class RelaySession(LinkSession):
         self._window = SendWindow(size=window, start=0)
         self._agent_id = ""
         self._agent: tuple[str, str] | None = None  # (public key, account id) once looked up
+        self._trimmed_through = 0
 
     @property
     def can_offer(self) -> bool:
@@ -498,12 +508,14 @@ class RelaySession(LinkSession):
         """Events offered and not yet acked."""
         return self._window.in_flight
 
-    def agent_found(self, public_key: str, account_id: str) -> None:
+    def agent_found(self, public_key: str, account_id: str, *, trimmed_through: int = 0) -> None:
         """Answer :class:`HelloReceived` for an enrolled, unrevoked agent.
 
         Args:
             public_key: the agent's registered Ed25519 public key (base64url).
             account_id: the account the agent belongs to.
+            trimmed_through: the highest seq retention dropped from the account's log; when it
+                is above the agent's resume point, the ``welcome`` says so (docs/protocol.md).
 
         Raises:
             InvalidState: not waiting for a lookup (before ``hello``, or a second answer).
@@ -513,6 +525,7 @@ class RelaySession(LinkSession):
         if self.state is not AUTHENTICATING or self._agent is not None:
             raise InvalidState(f"agent_found() answers one hello; state {self.state.name}")
         self._agent = (public_key, account_id)
+        self._trimmed_through = trimmed_through
 
     def offer(self, seq: int, event: dict[str, Any]) -> bool:
         """Send one event unless the window is full.
@@ -576,13 +589,22 @@ class RelaySession(LinkSession):
     def _on_hello(self, hello: Hello) -> None:
         if not hello.agent_id or hello.resume_after < 0:
             raise RemoteProtocolError("hello needs an agent_id and a resume_after of 0 or more")
+        subscription = None
+        if hello.subscription is not None:
+            # docs/protocol.md, Routing: a malformed filter is refused, never guessed at.
+            try:
+                subscription = Subscription.from_wire(hello.subscription)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"hello: {exc}"[:200]) from exc
         self._agent_id = hello.agent_id
         # DESIGN §Link protocol, Events: resume after what the agent's inbox committed.
         self._window = SendWindow(size=self._window.size, start=hello.resume_after)
         # Always challenge, known agent or not: the answer to a hello must not tell a stranger
         # which agent ids exist (docs/protocol.md, Handshake).
         self._send(Challenge(relay_id=self.relay_id, nonce=self.nonce))
-        self._events.append(HelloReceived(hello.agent_id, hello.resume_after, hello.client))
+        self._events.append(
+            HelloReceived(hello.agent_id, hello.resume_after, hello.client, subscription)
+        )
 
     def _on_auth(self, signature: str) -> None:
         if self._agent is None:
@@ -595,12 +617,16 @@ class RelaySession(LinkSession):
             self.close(CloseCode.UNAUTHORIZED, "authentication failed")
             return
         resume_after = self._window.last_offered
+        # docs/protocol.md, Retention: the explicit signal that events the agent never acked
+        # are gone; seqs may skip, so delivery simply resumes after them.
+        lost = self._trimmed_through if self._trimmed_through > resume_after else 0
         self._send(
             Welcome(
                 agent_id=self._agent_id,
                 account_id=account_id,
                 resume_after=resume_after,
                 window=self._window.size,
+                trimmed_through=lost,
             )
         )
         self._events.append(Authenticated(self._agent_id, account_id, resume_after))
@@ -618,6 +644,8 @@ class AgentSession(LinkSession):
         auth_timeout: seconds for the welcome to arrive.
         now: the caller's clock.
         client: free-form software version for the relay's logs.
+        subscription: the routing filter sent in ``hello`` (docs/protocol.md, Routing), in its
+            wire form (:meth:`Subscription.to_wire`); ``None`` asks for every event.
         logger: see :class:`LinkSession`.
 
     Raises:
@@ -634,6 +662,7 @@ class AgentSession(LinkSession):
         auth_timeout: float,
         now: float,
         client: str = "",
+        subscription: dict[str, Any] | None = None,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         super().__init__(auth_timeout=auth_timeout, now=now, logger=logger)
@@ -641,7 +670,14 @@ class AgentSession(LinkSession):
         self.relay_id = relay_id
         self._private_key = private_key
         self._window = ReceiveWindow(start=resume_after)
-        self._send(Hello(agent_id=agent_id, resume_after=resume_after, client=client))
+        self._send(
+            Hello(
+                agent_id=agent_id,
+                resume_after=resume_after,
+                client=client,
+                subscription=subscription,
+            )
+        )
 
     def ack(self, seq: int) -> None:
         """Tell the relay everything up to ``seq`` is committed in the inbox.
@@ -716,4 +752,7 @@ class AgentSession(LinkSession):
             or welcome.window < 1
         ):
             raise RemoteProtocolError("welcome does not match this agent's hello")
-        self._events.append(Welcomed(welcome.account_id, welcome.resume_after, welcome.window))
+        lost = welcome.trimmed_through if welcome.trimmed_through > welcome.resume_after else 0
+        self._events.append(
+            Welcomed(welcome.account_id, welcome.resume_after, welcome.window, lost)
+        )

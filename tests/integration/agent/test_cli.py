@@ -175,6 +175,11 @@ async def test_run_serves_events_and_stops_on_sigterm(
         assert report["local_url"] == state["local_url"]
         assert report["relay_url"] == relay.url
         assert report["inbox"]["events"] == 3 and report["inbox"]["last_seq"] == seqs[-1]
+        text = await agent("status", "--data-dir", str(data_dir))
+        assert text.code == 0
+        assert f"running (pid {proc.pid}), link connected since" in text.out
+        assert f"relay: {relay.url}" in text.out and "last event: " in text.out
+        assert "inbox: 3 events" in text.out
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20_000 * MS) == 0
     finally:
@@ -257,3 +262,37 @@ async def test_run_checks_the_relay_url_and_warns_when_insecure(tmp_path: Path) 
             await proc.wait()
     assert proc.stderr is not None
     assert "agent.insecure" in (await proc.stderr.read()).decode()
+
+
+async def test_enroll_refuses_a_non_loopback_listen_unless_allowed(
+    tmp_path: Path, relay: RelayUnderTest
+) -> None:
+    """enroll --listen 0.0.0.0:0 exits 2; with --allow-non-loopback the config records it."""
+    data_dir = tmp_path / "agent"
+    _, code = await relay.new_code()
+    args = ["enroll", "--relay", relay.url, f"--code={code}", "--data-dir", str(data_dir),
+            "--listen", "0.0.0.0:0"]
+    refused = await agent(*args)
+    assert refused.code == 2 and "allow-non-loopback" in refused.err
+    assert refused.err.count("\n") == 1 and not data_dir.exists()
+    allowed = await agent(*args, "--allow-non-loopback")
+    assert allowed.code == 0, allowed.err
+    config = (data_dir / "config.toml").read_text()
+    assert "\nallow_non_loopback = true\n" in config and 'listen = "0.0.0.0:0"' in config
+
+
+async def test_run_allow_non_loopback_passes_the_listen_check(tmp_path: Path) -> None:
+    """run --allow-non-loopback gets past the listen check (here to a broken key: exit 2,
+    naming the key), where the same run without the flag stops at the listen check."""
+    data_dir = tmp_path / "agent"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "agent.key").write_text("not a key\n")
+    (data_dir / "local-token").write_text("t\n")
+    (data_dir / "config.toml").write_text(
+        f'relay_url = "http://127.0.0.1:9"\nagent_id = "a"\nrelay_id = "r"\n'
+        f'data_dir = "{data_dir}"\nlisten = "0.0.0.0:0"\n')
+    refused = await agent("run", "--data-dir", str(data_dir))
+    assert refused.code == 2 and "loopback" in refused.err
+    allowed = await agent("run", "--data-dir", str(data_dir), "--allow-non-loopback")
+    assert allowed.code == 2 and "agent.key" in allowed.err
+    assert "must be a loopback" not in allowed.err

@@ -109,6 +109,9 @@ async def test_agent_add_list_and_revoke(
                 "online": False,
                 "last_seen": None,
                 "cursor": 0,
+                "state": "pending",
+                "online_since": None,
+                "backlog": 0,
             }
         ]
     }

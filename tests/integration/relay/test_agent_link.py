@@ -377,16 +377,6 @@ async def test_unresponsive_agent_is_dropped_after_the_close_timeout(tmp_path: P
         await agent.closed()
 
 
-async def test_store_failure_during_delivery_closes_with_4011(relay: Relay) -> None:
-    """A store that fails while events are being read ends the link with internal_error."""
-    record, key = await relay.add_agent()
-    agent = await Agent(relay, record.id, key).connect()
-    await agent.welcome()
-    await relay.store.close()
-    relay.hub.notify(relay.account_id)
-    assert (await agent.closed()).code == CloseCode.INTERNAL_ERROR
-
-
 async def test_store_failure_during_the_handshake_closes_with_4011(relay: Relay) -> None:
     """A store that cannot look the agent up ends the handshake with internal_error."""
     record, key = await relay.add_agent()

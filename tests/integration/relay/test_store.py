@@ -9,12 +9,9 @@ name.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
+import dataclasses
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +23,10 @@ from relay_server.store.sqlite import SqliteStore
 from shared import crypto
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, format_time
-from tests.conftest import delete_prefix, redis_missing
+from tests.conftest import delete_prefix
 from tests.helpers.timing import MS
 
-from .conftest import StoreBackend
+from .conftest import OwnRedis, StoreBackend, free_port
 
 
 def make_event(account: str, n: int | str, *, body: bytes = b"") -> XonEvent:
@@ -65,14 +62,6 @@ async def new_agent(store: Store, account_id: str, *, ttl: float = 3600.0) -> tu
         code_expires_at=time.time() + ttl,
     )
     return agent.id, code
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- identity and health -----------------------------------------------------------------------
@@ -456,6 +445,129 @@ async def test_cursors_default_to_zero_and_persist(store: Store) -> None:
     assert await store.get_cursor("agt_unknown") == 0
 
 
+# -- link ownership (docs/scaling.md, "One link per agent") ----------------------------------------
+
+
+async def test_link_claims_count_epochs_and_name_the_previous_holder(
+    store_backend: StoreBackend,
+) -> None:
+    """Each claim gets a higher epoch, seen by every instance; the holder is named until it
+    releases, and a stale release changes nothing."""
+    first, second = await store_backend.open(), await store_backend.open()
+    try:
+        agent_id, _ = await new_agent(first, await new_account(first))
+        one = await first.claim_link(agent_id, owner="inst-a")
+        assert one.epoch == 1 and one.previous_owner == ""
+        two = await second.claim_link(agent_id, owner="inst-b")
+        assert two.epoch == 2 and two.previous_owner == "inst-a"
+        await first.release_link(agent_id, epoch=1)  # stale: epoch 2 holds the agent now
+        three = await first.claim_link(agent_id, owner="inst-a")
+        assert three.epoch == 3 and three.previous_owner == "inst-b"
+        await first.release_link(agent_id, epoch=3)
+        four = await second.claim_link(agent_id, owner="inst-b")
+        assert four.epoch == 4 and four.previous_owner == ""
+        checks = await second.check_links([agent_id])
+        assert checks[agent_id].epoch == 4 and not checks[agent_id].revoked
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_check_links_reports_revocation_and_skips_unknown_agents(store: Store) -> None:
+    """check_links: revoked flag per agent, epoch 0 before any claim, unknown ids left out."""
+    account_id = await new_account(store)
+    kept, _ = await new_agent(store, account_id)
+    gone, _ = await new_agent(store, account_id)
+    await store.revoke_agent(gone, now=time.time())
+    checks = await store.check_links([kept, gone, "agt_unknown"])
+    assert set(checks) == {kept, gone}
+    assert checks[kept].epoch == 0 and not checks[kept].revoked
+    assert checks[gone].revoked
+    assert await store.check_links([]) == {}
+
+
+async def test_claiming_an_unknown_agent_is_a_store_error(store: Store) -> None:
+    """claim_link refuses an agent that does not exist."""
+    with pytest.raises(StoreError):
+        await store.claim_link("agt_unknown", owner="inst-a")
+
+
+# -- retention (docs/redis.md, Retention) -------------------------------------------------------
+
+
+async def append_many(store: Store, account_id: str, count: int) -> list[int]:
+    return [
+        (await store.append_event(make_event(account_id, n), xon_id=f"x{n}")).stored.seq
+        for n in range(count)
+    ]
+
+
+async def test_retention_cut_by_count(store: Store) -> None:
+    """retention_cut: the newest seq outside the newest N events (0 when all fit)."""
+    account_id = await new_account(store)
+    seqs = await append_many(store, account_id, 10)
+    assert await store.retention_cut(account_id, keep_events=3, keep_since=None) == seqs[6]
+    assert await store.retention_cut(account_id, keep_events=10, keep_since=None) == 0
+    assert await store.retention_cut(account_id, keep_events=None, keep_since=None) == 0
+    assert await store.retention_cut("acc_empty", keep_events=1, keep_since=None) == 0
+
+
+async def test_retention_cut_by_age(store: Store) -> None:
+    """retention_cut: the newest seq received before a time; the larger of both limits wins."""
+    account_id = await new_account(store)
+    old = [
+        (await store.append_event(_aged(make_event(account_id, n), 3600.0), xon_id=None)).stored.seq
+        for n in range(5)
+    ]
+    new = await append_many(store, account_id, 4)
+    since = time.time() - 60.0
+    assert await store.retention_cut(account_id, keep_events=None, keep_since=since) == old[-1]
+    assert await store.retention_cut(account_id, keep_events=2, keep_since=since) == new[1]
+    assert await store.retention_cut(account_id, keep_events=100, keep_since=since) == old[-1]
+    assert await store.retention_cut(account_id, keep_events=None, keep_since=0.0) == 0
+
+
+def _aged(event: XonEvent, age: float) -> XonEvent:
+    return dataclasses.replace(event, received_at=format_time(time.time() - age))
+
+
+async def test_trim_drops_oldest_within_limit_and_keeps_the_head(
+    store_backend: StoreBackend,
+) -> None:
+    """trim_events drops at most ``limit`` of the oldest events up to ``through``, never the
+    newest one; trimmed_through records the highest dropped seq for every instance."""
+    store, other = await store_backend.open(), await store_backend.open()
+    try:
+        account_id = await new_account(store)
+        seqs = await append_many(store, account_id, 10)
+        assert await store.trimmed_through(account_id) == 0
+        assert await store.trim_events(account_id, through=seqs[5], limit=4) == 4
+        assert await other.trimmed_through(account_id) == seqs[3]
+        assert [e.seq for e in await other.read_events(account_id, after=0, limit=20)] == seqs[4:]
+        assert await store.trim_events(account_id, through=seqs[-1], limit=100) == 5
+        assert [e.seq for e in await store.read_events(account_id, after=0, limit=20)] == [seqs[-1]]
+        assert await store.head_seq(account_id) == seqs[-1]
+        assert await store.trimmed_through(account_id) == seqs[-2]
+        assert await store.trim_events(account_id, through=seqs[-1], limit=100) == 0
+        assert await store.trim_events("acc_empty", through=100, limit=100) == 0
+        following = await store.append_event(make_event(account_id, 99), xon_id=None)
+        assert following.stored.seq > seqs[-1]
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_trimmed_events_stop_deduplicating(store: Store) -> None:
+    """An X-on id whose event retention dropped is stored afresh; retained ids still dedup."""
+    account_id = await new_account(store)
+    seqs = await append_many(store, account_id, 4)
+    await store.trim_events(account_id, through=seqs[1], limit=100)
+    again = await store.append_event(make_event(account_id, 0), xon_id="x0")
+    assert not again.duplicate and again.stored.seq > seqs[-1]
+    kept = await store.append_event(make_event(account_id, 3), xon_id="x3")
+    assert kept.duplicate and kept.stored.seq == seqs[3]
+
+
 # -- Redis mechanics (docs/redis.md) -------------------------------------------------------------
 
 
@@ -519,51 +631,6 @@ async def test_redis_prefixes_isolate_relays(redis_url: str) -> None:
         await a.close()
         await b.close()
         await delete_prefix(redis_url, f"xontest:{tag}")
-
-
-class OwnRedis:
-    """A private redis-server (AOF, fsync always) on a free port: tests may kill this one,
-    never the shared server."""
-
-    def __init__(self, binary: str, data_dir: Path) -> None:
-        self.binary = binary
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
-        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-        self.proc = subprocess.Popen([self.binary, *args], stdout=subprocess.DEVNULL)
-        client = aioredis.Redis(host="127.0.0.1", port=self.port)
-        try:
-            for _ in range(500):  # up to 5 s, in steps of 10 ms
-                try:
-                    await client.ping()
-                    return
-                except aioredis.RedisError:
-                    await asyncio.sleep(10 * MS)
-            pytest.fail(f"redis-server on port {self.port} did not start")
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        redis_missing("redis-server not found on PATH; install it (the outage test starts its own)")
-    server = OwnRedis(binary, tmp_path)
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.redis

@@ -1,0 +1,179 @@
+"""Bench 3, connection scale (issue 7): many idle agents on one relay process.
+
+The agents are enrolled through the relay's store before the relay starts (key pairs made
+here, ``create_agent`` + ``enroll_agent``: what ``POST /v1/enroll`` does, without thousands of
+HTTP round trips), spread over accounts of 100 agents each. The relay is the real console
+script; the agents are light clients (bench.swarm: the real ``AgentSession`` over websockets),
+several hundred per event loop in a few processes.
+
+Figures: relay RSS per connection (target ≤ 40 KB), relay CPU while every link idles with its
+keepalive pings, and a reconnect storm (every connection reset at once; agents come back with
+the real agent's jittered back-off) → time until all are authenticated again (target ≤ 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay_server.store import open_store
+from shared import crypto
+
+from .common import Row, context_switches, cpu_seconds, print_table, raise_nofile, rss_kib
+from .procs import BenchFailed, Children
+from .profile import Profiler
+from .stack import child_env, python_module, start_relay
+
+__all__ = ["Options", "run"]
+
+_PER_ACCOUNT = 100
+_FD_SLACK = 512
+"""File descriptors the relay needs besides its agent sockets (store, listeners, logs)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    agents: int = 10_000
+    processes: int = 4
+    idle: float = 30.0
+    """Seconds the idle CPU is measured over; at least one keepalive interval (20 s) shows
+    every link's ping."""
+    limit: float = 120.0
+    """Longest wait for all agents to connect, or to reconnect after the storm."""
+    log_level: str = "info"
+    profile: Path | None = None
+    compression: bool = True
+    """False: an experiment, the agents do not offer permessage-deflate (the real one does)."""
+
+
+async def _enroll(db: Path, count: int) -> tuple[str, list[tuple[str, str]]]:
+    """Make ``count`` enrolled agents in the store at ``db``; (relay id, [(agent id, key hex)])."""
+    store = await open_store(f"sqlite:///{db}")
+    try:
+        relay_id = await store.relay_id()
+        agents: list[tuple[str, str]] = []
+        now = time.time()
+        for first in range(0, count, _PER_ACCOUNT):
+            account = await store.create_account(
+                name=f"bench-{first // _PER_ACCOUNT}",
+                ingress_key_hash=crypto.hash_secret(crypto.new_token()),
+            )
+
+            async def one(n: int, account_id: str = account.id) -> tuple[str, str]:
+                code = crypto.new_token()
+                await store.create_agent(account_id=account_id, name=f"pc-{n}",
+                                         code_hash=crypto.hash_secret(code),
+                                         code_expires_at=now + 3600)
+                key = crypto.generate_private_key()
+                agent = await store.enroll_agent(code_hash=crypto.hash_secret(code),
+                                                 public_key=crypto.public_key_b64(key), now=now)
+                return agent.id, key.private_bytes_raw().hex()
+
+            agents += await asyncio.gather(
+                *(one(n) for n in range(first, min(first + _PER_ACCOUNT, count)))
+            )
+        return relay_id, agents
+    finally:
+        await store.close()
+
+
+async def _read(proc: asyncio.subprocess.Process, event: str, limit: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(limit):
+        while line := await proc.stdout.readline():
+            data: dict[str, Any] = json.loads(line)
+            if data.get("event") == event:
+                return data
+    raise BenchFailed(f"a swarm process ended before reporting {event!r}")
+
+
+async def _gather(procs: list[asyncio.subprocess.Process], event: str,
+                  limit: float) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(_read(p, event, limit + 30) for p in procs)))
+
+
+async def run(opts: Options, root: Path) -> dict[str, float]:
+    nofile = raise_nofile(opts.agents + _FD_SLACK)
+    count = min(opts.agents, nofile - _FD_SLACK)
+    processes = max(1, min(opts.processes, count // 50 or 1))
+    (root / "relay").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    relay_id, agents = await _enroll(root / "relay" / "relay.db", count)
+    enroll_seconds = time.time() - t0
+    children = Children()
+    try:
+        relay = await start_relay(children, root, log_level=opts.log_level)
+        url = relay.public_url.replace("http://", "ws://") + "/v1/agent"
+        rss0 = rss_kib(relay.pid)
+        swarms = []
+        for i in range(processes):
+            part = agents[i::processes]
+            keys = root / f"swarm-{i}.json"
+            keys.write_text(json.dumps(part))
+            keys.chmod(0o600)
+            swarms.append(await children.start(
+                f"swarm-{i}",
+                python_module("bench.swarm", "--url", url, "--relay-id", relay_id,
+                              "--keys", str(keys), "--limit", f"{opts.limit:g}",
+                              *([] if opts.compression else ["--no-compression"])),
+                root / f"swarm-{i}.log", env=child_env(), pipes=True,
+            ))
+        ready = await _gather(swarms, "ready", opts.limit)
+        connected = sum(int(r["connected"]) for r in ready)
+        if connected < count:
+            raise BenchFailed(f"scale: only {connected} of {count} agents connected")
+        connect_seconds = max(float(r["seconds"]) for r in ready)
+        await asyncio.sleep(2.0)  # let the last handshakes' garbage go before measuring
+        rss1 = rss_kib(relay.pid)
+
+        cpu0, ctx0 = cpu_seconds(relay.pid), context_switches(relay.pid)
+        await asyncio.sleep(opts.idle)
+        idle_cpu = cpu_seconds(relay.pid) - cpu0
+        idle_ctx = context_switches(relay.pid) - ctx0
+
+        profiler = Profiler(opts.profile, children)
+        await profiler.attach("relay-storm", relay.pid)
+        cpu0 = cpu_seconds(relay.pid)
+        for proc in swarms:
+            assert proc.stdin is not None
+            proc.stdin.write(b"storm\n")
+            await proc.stdin.drain()
+        storm = await _gather(swarms, "reauthed", opts.limit)
+        storm_cpu = cpu_seconds(relay.pid) - cpu0
+        await profiler.finish()
+        await asyncio.sleep(2.0)
+        rss2 = rss_kib(relay.pid)
+        for proc in swarms:
+            assert proc.stdin is not None
+            proc.stdin.write(b"quit\n")
+            await proc.stdin.drain()
+    finally:
+        await children.stop_all()
+    left = sum(int(s["left"]) for s in storm)
+    storm_seconds = max(float(s["seconds"]) for s in storm)
+    per_conn = (rss1 - rss0) * 1024 / count
+    rows = [
+        Row("enroll via store (setup)", f"{enroll_seconds:.1f} s"),
+        Row("all connected (64 handshakes/process)", f"{connect_seconds:.1f} s"),
+        Row("relay RSS before / after connect",
+            f"{rss0 / 1024:.0f} / {rss1 / 1024:.0f} MiB"),
+        Row("relay RSS per connection", f"{per_conn / 1000:.1f} KB", "<= 40 KB"),
+        Row(f"relay CPU idle ({opts.idle:g} s, keepalive on)",
+            f"{100 * idle_cpu / opts.idle:.1f} %"),
+        Row("relay wake-ups idle", f"{idle_ctx / opts.idle:,.0f} /s"),
+        Row("storm: all re-authenticated", f"{storm_seconds:.1f} s"
+            + (f" ({left} missing)" if left else ""), "<= 30 s"),
+        Row("storm: failed attempts (retried)", str(sum(int(s["retries"]) for s in storm))),
+        Row("storm: relay CPU", f"{storm_cpu:.1f} s"),
+        Row("relay RSS after storm", f"{rss2 / 1024:.0f} MiB"),
+    ]
+    print_table("connection scale (bench 3)",
+                {"agents": count, "swarm processes": processes, "fd limit": nofile,
+                 "permessage-deflate": "offered" if opts.compression else "off (experiment)",
+                 "relay log level": opts.log_level}, rows)
+    return {"rss_per_conn_kb": per_conn / 1000, "idle_cpu_pct": 100 * idle_cpu / opts.idle,
+            "storm_s": storm_seconds}

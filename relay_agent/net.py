@@ -1,0 +1,390 @@
+"""Reaching the relay from a corporate network: which proxy, which certificates, which error.
+
+Issue 8 (Agent on office PCs, corporate networks). Enrollment (aiohttp), the link (websockets)
+and ``doctor`` (blocking sockets) all ask this module, so the three agree:
+
+- **Proxy** (:func:`resolve_proxy`): the ``proxy`` setting when set (``direct`` means none);
+  otherwise ``HTTPS_PROXY`` (``HTTP_PROXY`` for an ``http://`` relay), lower-case names first
+  as curl and urllib do, unless ``NO_PROXY`` covers the relay host or the relay is on
+  loopback (a proxy cannot reach this PC's loopback). Only HTTP CONNECT proxies, optionally
+  with basic auth in the URL. Only ``cli.py`` reads the environment: it resolves the choice
+  once and hands the layers below a config whose ``proxy`` is explicit (a URL or ``direct``),
+  so neither library consults the environment behind our back.
+- **Trust** (:func:`ssl_context`): the operating system's certificate store through
+  ``truststore`` (the one a corporate IT department manages, e.g. by group policy on
+  Windows), plus the ``ca_file`` bundle for a TLS-inspecting proxy's CA.
+- **Errors** (:func:`explain`): a proxy that wants credentials (407), a proxy that refuses
+  the CONNECT, a proxy that cannot be reached and a certificate that is not trusted each get
+  a sentence naming the cause and the setting that fixes it. Proxy passwords never appear in
+  messages or logs (:func:`redact`).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+import truststore
+from websockets.exceptions import InvalidProxyMessage, InvalidProxyStatus
+
+from shared.config import AgentConfig
+from shared.errors import ConfigError
+
+__all__ = [
+    "DIRECT",
+    "ProxyChoice",
+    "is_loopback_host",
+    "check_proxy_url",
+    "resolve_proxy",
+    "bypassed",
+    "config_proxy",
+    "ssl_context",
+    "websocket_kwargs",
+    "aiohttp_proxy_kwargs",
+    "proxy_authorization",
+    "redact",
+    "explain",
+    "proxy_refused",
+    "untrusted",
+    "link_error",
+]
+
+DIRECT = "direct"
+"""The ``proxy`` value that turns proxies off, whatever the environment says."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyChoice:
+    """How the agent reaches the relay."""
+
+    url: str | None
+    """The proxy (``http://[USER:PASSWORD@]HOST:PORT``); None: directly."""
+    source: str
+    """Why, for ``doctor`` and the logs: ``proxy setting``, ``HTTPS_PROXY``, ..."""
+    loopback_bypass: bool = False
+    """The environment names a proxy, left unused because the relay is on loopback."""
+
+    def describe(self) -> str:
+        """One line without the proxy's password."""
+        if self.url is None:
+            return f"direct ({self.source})"
+        return f"{redact(self.url)} (from {self.source})"
+
+
+def check_proxy_url(url: str, *, source: str = "proxy") -> None:
+    """Refuse a proxy URL the agent cannot use.
+
+    Raises:
+        ConfigError: not ``http://[USER:PASSWORD@]HOST[:PORT]``, naming ``source``.
+    """
+    shown = redact(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {shown!r} is not a URL ({exc})") from exc
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(f"{source} must be http://[USER:PASSWORD@]HOST:PORT (an HTTP CONNECT "
+                          f"proxy), got {shown!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{source} must not have a path, query or fragment, got {shown!r}")
+    if parts.username is not None and parts.password is None:
+        raise ConfigError(f"{source}: a proxy user needs a password (USER:PASSWORD@), got "
+                          f"{shown!r}")
+
+
+def _env(env: Mapping[str, str], name: str) -> str:
+    # curl and urllib prefer the lower-case name when both are set.
+    return (env.get(name.lower()) or env.get(name.upper()) or "").strip()
+
+
+def bypassed(host: str, port: int, no_proxy: str) -> bool:
+    """Does ``NO_PROXY`` cover ``host:port``?
+
+    Entries as curl reads them: ``*`` (everything), a domain and its subdomains (a leading
+    ``.`` or ``*.`` is ignored), an IP address or network (``10.0.0.0/8``), each optionally
+    with ``:PORT``.
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        name, want = entry, None
+        if entry.count(":") == 1 or entry.startswith("["):
+            head, _, tail = entry.rpartition(":")
+            if tail.isdigit() and head:
+                name, want = head, int(tail)
+        name = name.strip("[]").removeprefix("*").lstrip(".").rstrip(".")
+        if not name or (want is not None and want != port):
+            continue
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> ProxyChoice:
+    """The proxy for ``relay_url`` (module docstring, Proxy).
+
+    Args:
+        setting: the ``proxy`` setting (empty: the environment; ``direct``: none).
+        relay_url: the relay's base URL.
+        env: the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``).
+
+    Raises:
+        ConfigError: the chosen proxy URL is unusable (naming where it came from).
+    """
+    setting = setting.strip()
+    if setting.lower() == DIRECT:
+        return ProxyChoice(None, "proxy = direct")
+    if setting:
+        check_proxy_url(setting)
+        return ProxyChoice(setting, "proxy setting")
+    parts = urlsplit(relay_url)
+    host = parts.hostname or ""
+    # The link is a CONNECT tunnel whatever the relay's scheme, so HTTPS_PROXY comes first even
+    # for an http relay (as websockets does); HTTP_PROXY is the fallback there.
+    name = "https_proxy"
+    found = _env(env, name)
+    if not found and parts.scheme == "http" and _env(env, "http_proxy"):
+        name = "http_proxy"
+        found = _env(env, name)
+    if not found:
+        return ProxyChoice(None, "no HTTPS_PROXY set")
+    if bypassed(host, parts.port or (443 if parts.scheme == "https" else 80),
+                _env(env, "no_proxy")):
+        return ProxyChoice(None, f"{name.upper()} is set, but NO_PROXY covers {host}")
+    if is_loopback_host(host):
+        # A proxy elsewhere cannot reach this PC's loopback (Go's ProxyFromEnvironment agrees).
+        return ProxyChoice(None, f"{name.upper()} is set ({redact(found)}), but not used: the "
+                           "relay is on loopback", loopback_bypass=True)
+    check_proxy_url(found, source=name.upper())
+    return ProxyChoice(found, name.upper())
+
+
+def config_proxy(config: AgentConfig) -> str | None:
+    """The proxy a config resolved by the CLI names; None: direct.
+
+    An empty setting reads as direct here: the environment is the CLI's to read.
+    """
+    setting = config.proxy.strip()
+    if not setting or setting.lower() == DIRECT:
+        return None
+    check_proxy_url(setting)
+    return setting
+
+
+def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context trusting the OS certificate store, plus ``ca_file`` if given.
+
+    Raises:
+        ConfigError: ``ca_file`` cannot be read or holds no usable certificate.
+    """
+    context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"ca_file {ca_file} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError(f"ca_file {ca_file} cannot be read: {exc.strerror or exc}") from exc
+        except ssl.SSLError as exc:
+            raise ConfigError(f"ca_file {ca_file} holds no usable PEM certificate "
+                              f"({exc.reason or exc})") from exc
+    return context
+
+
+def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
+    """Keyword arguments for ``websockets.asyncio.client.connect`` to reach the relay.
+
+    ``proxy`` is always passed: None keeps websockets from reading the environment itself.
+    ``ssl`` is passed for an https relay only (websockets refuses it for ``ws://``).
+
+    Raises:
+        ConfigError: an unusable proxy or ``ca_file``.
+    """
+    kwargs: dict[str, Any] = {"proxy": config_proxy(config)}
+    if urlsplit(config.relay_url).scheme == "https":
+        kwargs["ssl"] = ssl_context(config.ca_file)
+    return kwargs
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def proxy_authorization(url: str) -> str | None:
+    """The ``Proxy-Authorization`` value for the credentials in ``url``; None without any."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    # UTF-8, as websockets encodes the same credentials for the link.
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def aiohttp_proxy_kwargs(proxy: str | None) -> dict[str, Any]:
+    """Keyword arguments for an aiohttp request through ``proxy`` (None: directly).
+
+    The credentials travel as a header: aiohttp's ``proxy_auth`` is deprecated.
+    """
+    if proxy is None:
+        return {}
+    kwargs: dict[str, Any] = {"proxy": _without_credentials(proxy)}
+    auth = proxy_authorization(proxy)
+    if auth is not None:
+        kwargs["proxy_headers"] = {"Proxy-Authorization": auth}
+    return kwargs
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (user names are kept: they help)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 16:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _cert_problem(chain: list[BaseException]) -> str | None:
+    for exc in chain:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            inner = exc.certificate_error
+            if isinstance(inner, ssl.SSLCertVerificationError):
+                return str(inner.verify_message or inner.reason or inner)
+            return str(inner)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return str(exc.verify_message or exc.reason or exc)
+    return None
+
+
+def _proxy_refusal(chain: list[BaseException]) -> tuple[int, str] | None:
+    for exc in chain:
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            return exc.status, str(exc.message or "")
+        if isinstance(exc, InvalidProxyStatus):
+            return exc.response.status_code, exc.response.reason_phrase
+    return None
+
+
+def _target(relay_url: str) -> tuple[str, str]:
+    parts = urlsplit(relay_url)
+    host = parts.hostname or relay_url
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def proxy_refused(status: int, reason: str, *, proxy: str | None, relay_url: str) -> str:
+    """The proxy answered the CONNECT to the relay with ``status``: why, and what to do."""
+    shown = redact(proxy) if proxy else "proxy"
+    answer = f"HTTP {status}" + (f" {reason}" if reason else "")
+    if status == 407:
+        given = proxy is not None and urlsplit(proxy).username is not None
+        fix = ("the user or password in the proxy setting is wrong" if given else
+               'put the user and password in the proxy setting: '
+               'proxy = "http://USER:PASSWORD@HOST:PORT"')
+        return f"the proxy {shown} requires authentication ({answer}): {fix}"
+    return (f"the proxy {shown} refused to connect to {_target(relay_url)[1]} (CONNECT answered "
+            f"{answer}): ask the network administrator to allow it, or use another proxy")
+
+
+def untrusted(problem: str, *, proxy: str | None, relay_url: str) -> str:
+    """The relay's certificate failed verification with ``problem``: why, and what to do."""
+    cause = ("a TLS-inspecting proxy replacing the certificate?" if proxy else
+             "a self-signed certificate or a TLS-inspecting proxy?")
+    return (f"the TLS certificate presented for {_target(relay_url)[0]} is not trusted "
+            f"({problem}); {cause} Set ca_file to the PEM file of the CA that issued it, or add "
+            "that CA to this computer's certificate store")
+
+
+def explain(exc: BaseException, *, proxy: str | None, relay_url: str) -> str:
+    """Why connecting to ``relay_url`` (through ``proxy``, if any) failed, in one sentence.
+
+    Names the proxy (without its password) or the TLS problem and the setting that fixes it;
+    other failures keep their own message.
+    """
+    specific = _cause(exc, proxy=proxy, relay_url=relay_url)
+    if specific is not None:
+        return specific
+    text = str(exc) or type(exc).__name__
+    return f"{text} (through the proxy {redact(proxy)})" if proxy else text
+
+
+def _cause(exc: BaseException, *, proxy: str | None, relay_url: str) -> str | None:
+    target = _target(relay_url)[1]
+    shown = redact(proxy) if proxy else ""
+    chain = _chain(exc)
+    refusal = _proxy_refusal(chain)
+    if refusal is not None:
+        return proxy_refused(*refusal, proxy=proxy, relay_url=relay_url)
+    if proxy is not None and any(isinstance(e, InvalidProxyMessage) for e in chain):
+        return f"the proxy {shown} sent no valid answer to CONNECT {target}: is it an HTTP proxy?"
+    problem = _cert_problem(chain)
+    if problem is not None:
+        return untrusted(problem, proxy=proxy, relay_url=relay_url)
+    if proxy is not None and (
+        any(isinstance(e, aiohttp.ClientProxyConnectionError) for e in chain)
+        or (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError))
+    ):
+        # websockets opens no other TCP connection than the one to the proxy.
+        reason = next((e.strerror for e in chain if isinstance(e, OSError) and e.strerror),
+                      str(exc) or type(exc).__name__)
+        return f"cannot connect to the proxy {shown}: {reason}"
+    return None
+
+
+def link_error(exc: BaseException, config: AgentConfig) -> str:
+    """:func:`explain` for the link, from a config whose proxy the CLI resolved."""
+    try:
+        proxy = config_proxy(config)
+    except ConfigError:
+        proxy = None
+    specific = _cause(exc, proxy=proxy, relay_url=config.relay_url)
+    if specific is not None:
+        return specific
+    # The type names what the message often does not (ConnectionRefusedError, InvalidMessage).
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{text} (through the proxy {redact(proxy)})" if proxy else text

@@ -1,0 +1,235 @@
+"""Abuse limits of the public listener: token buckets, enrollment lockout, bounded body reads.
+
+Issue 6 (ingress abuse, agent auth): a stranger may flood the relay, guess enrollment codes, or
+hold connections open by sending slowly. Each defence here answers with a clear refusal
+(DESIGN principle 6): 429 with ``Retry-After``, 413, 415 or 408, as ``ApiError``s that the error
+middleware turns into ``{"error": {...}}``.
+
+Every table is bounded by ``LimitsConfig.max_tracked``: a dict kept in least-recently-used
+order (an entry is re-inserted on use), trimmed from its oldest end. Forgetting a key only gives
+it a fresh allowance, so an attacker with many addresses gains nothing a single one lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aiohttp import web
+
+from shared.config import LimitsConfig
+from shared.errors import ApiError
+
+__all__ = [
+    "RateLimited",
+    "TokenBuckets",
+    "FailureLockout",
+    "Limits",
+    "limits_key",
+    "read_body",
+]
+
+Clock = Callable[[], float]
+V = TypeVar("V")
+
+
+class RateLimited(ApiError):
+    """429: too many requests; ``retry_after`` whole seconds go in the ``Retry-After`` header."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(429, "rate_limited", message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class TokenBuckets:
+    """One token bucket per key: ``burst`` tokens, refilled at ``rate`` per second.
+
+    Args:
+        rate: tokens added per second.
+        burst: bucket size (what a quiet key may spend at once).
+        max_keys: most keys remembered.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, *, rate: float, burst: int, max_keys: int, clock: Clock) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, time)
+
+    def take(self, key: str) -> float | None:
+        """Spend one token; ``None`` if there was one, else seconds until there is."""
+        now = self._clock()
+        tokens, then = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        wait = None if tokens >= 1.0 else (1.0 - tokens) / self.rate
+        if wait is None:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        _trim(self._buckets, self.max_keys)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class FailureLockout:
+    """Locks a key out for ``lockout`` seconds after ``max_failures`` within ``window``.
+
+    Issue 6, agent auth: enrollment codes are long random tokens, but a lockout after a few
+    failures makes guessing from one source hopeless even with a weak code.
+    """
+
+    def __init__(
+        self, *, max_failures: int, window: float, lockout: float, max_keys: int, clock: Clock
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self.max_keys = max_keys
+        self._clock = clock
+        self._failures: dict[str, list[float]] = {}
+        self._locked: dict[str, float] = {}  # key → locked until
+
+    def check(self, key: str) -> float | None:
+        """Seconds the key stays locked out, or ``None`` if it may try."""
+        until = self._locked.get(key)
+        if until is None:
+            return None
+        left = until - self._clock()
+        if left > 0:
+            return left
+        del self._locked[key]
+        return None
+
+    def failed(self, key: str) -> bool:
+        """Count one failure; True if it was the ``max_failures``-th within the window, which
+        starts a lockout."""
+        now = self._clock()
+        recent = [t for t in self._failures.pop(key, []) if t > now - self.window]
+        recent.append(now)
+        if len(recent) >= self.max_failures:
+            self._locked[key] = now + self.lockout
+            _trim(self._locked, self.max_keys)
+            return True
+        self._failures[key] = recent
+        _trim(self._failures, self.max_keys)
+        return False
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+
+def _trim(table: dict[str, V], size: int) -> None:
+    while len(table) > size:
+        del table[next(iter(table))]
+
+
+@dataclass(slots=True)
+class Limits:
+    """The public app's limiters, built from ``LimitsConfig`` (``None`` rates disable one)."""
+
+    config: LimitsConfig
+    sources: TokenBuckets | None
+    accounts: TokenBuckets | None
+    enroll: FailureLockout | None
+
+    @classmethod
+    def build(cls, config: LimitsConfig, *, clock: Clock = time.monotonic) -> Limits:
+        def buckets(rate: float | None, burst: int) -> TokenBuckets | None:
+            if rate is None:
+                return None
+            return TokenBuckets(rate=rate, burst=burst, max_keys=config.max_tracked, clock=clock)
+
+        enroll = None
+        if config.enroll_max_failures is not None:
+            enroll = FailureLockout(
+                max_failures=config.enroll_max_failures,
+                window=config.enroll_window,
+                lockout=config.enroll_lockout,
+                max_keys=config.max_tracked,
+                clock=clock,
+            )
+        return cls(
+            config=config,
+            sources=buckets(config.source_rate, config.source_burst),
+            accounts=buckets(config.account_rate, config.account_burst),
+            enroll=enroll,
+        )
+
+    def source(self, request: web.BaseRequest) -> str:
+        """The client's address: the peer, or the nearest untrusted ``X-Forwarded-For`` hop
+        when the peer is one of ``trusted_proxies`` (the TLS front of DESIGN §Relay server)."""
+        peer = request.remote or ""
+        trusted = self.config.trusted_proxies
+        if peer not in trusted:
+            return peer
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+        for hop in reversed(hops):
+            if hop and hop not in trusted:
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer  # a forged or garbled header keys on the proxy itself
+        return peer
+
+    def check_source(self, request: web.BaseRequest) -> None:
+        """Raises:
+        RateLimited: this source exceeded ``source_rate``."""
+        if self.sources is not None:
+            wait = self.sources.take(self.source(request))
+            if wait is not None:
+                raise RateLimited("too many requests from this address", retry_after=wait)
+
+    def check_account(self, account_id: str) -> None:
+        """Raises:
+        RateLimited: this account's ingress exceeded ``account_rate``."""
+        if self.accounts is not None:
+            wait = self.accounts.take(account_id)
+            if wait is not None:
+                raise RateLimited("too many events for this account", retry_after=wait)
+
+
+limits_key = web.AppKey("limits", Limits)
+
+
+async def read_body(request: web.Request, *, limit: int, timeout: float) -> bytes:
+    """The request body, read incrementally: never more than ``limit`` + 1 bytes buffered.
+
+    Only ``identity`` bodies are taken (DESIGN principle 2: X-on's bytes are kept as sent, so
+    the relay neither stores nor inflates compressed ones, and no compression bomb can expand
+    in its memory).
+
+    Raises:
+        ApiError: 415 ``unsupported_encoding`` for a ``Content-Encoding``; 413
+            ``body_too_large`` past ``limit`` (at once when ``Content-Length`` says so, else
+            as soon as the chunked body crosses it); 408 ``body_timeout`` when the body takes
+            longer than ``timeout`` seconds.
+    """
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415, "unsupported_encoding", "Content-Encoding is not supported; send the body as is"
+        )
+    too_large = ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(limit + 1 - len(body))
+                if not chunk:
+                    return bytes(body)
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError as exc:
+        message = f"request body not received within {timeout:g} s"
+        raise ApiError(408, "body_timeout", message) from exc
