@@ -5,6 +5,7 @@
     xon-sim send --url INGRESS_URL [--type T | --all-types] [--encoding E|all] [--count N]
                  [--concurrency C] [--rate R] [--json]
     xon-sim demo [--data-dir DIR] [--once]
+    xon-sim xon-api [--listen HOST:PORT] [--api-key KEY]
     xon-sim catalogue
 """
 
@@ -18,11 +19,15 @@ import sys
 from pathlib import Path
 from typing import cast
 
+from .. import logs
+from ..config import parse_hostport
+from ..errors import ConfigError
 from .catalogue import CATALOGUE, EVENT_TYPES
 from .demo import DemoOptions, run_demo
 from .encode import ENCODINGS, Encoding
 from .procs import DemoFailed
 from .send import SendResult, plan, send_requests
+from .xon_api import serve
 
 __all__ = ["main", "build_parser"]
 
@@ -67,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true",
                       help="exit 0 once every event sent arrived (non-zero on failure)")
 
+    api = sub.add_parser(
+        "xon-api", help="run a fake X-on API (records CTOX calls; faults via /_sim/faults)"
+    )
+    api.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT (default: %(default)s)")
+    api.add_argument("--api-key", default="sim-key",
+                     help="the Bearer key it requires (default: %(default)s)")
+
     sub.add_parser("catalogue", help="list the example event types and their params")
     return parser
 
@@ -82,15 +94,24 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_send(args))
             case "demo":
                 return asyncio.run(run_demo(DemoOptions(data_dir=args.data_dir, once=args.once)))
+            case "xon-api":
+                host, port = parse_hostport(args.listen, what="--listen")
+                logs.setup("info", "text")
+                print(f"fake X-on API on http://{host}:{port} (Bearer {args.api_key})")
+                asyncio.run(serve(host, port, args.api_key))
+                return 0
             case _:
                 _print_catalogue()
                 return 0
-    except DemoFailed as exc:
+    except (DemoFailed, ConfigError) as exc:
         print(f"xon-sim: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the fake API's port is taken
+        print(f"xon-sim: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("xon-sim: stopped", file=sys.stderr)
-        return 0 if args.command == "demo" else 130
+        return 0 if args.command in ("demo", "xon-api") else 130
 
 
 async def _send(args: argparse.Namespace) -> int:
@@ -125,3 +146,7 @@ def _print_catalogue() -> None:
     for spec in CATALOGUE.values():
         kind = "status" if spec.status else "real-time"
         print(f"{spec.type:18} {kind:9} {', '.join(spec.params)}  ({spec.description})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
