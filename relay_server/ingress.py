@@ -9,6 +9,7 @@ per-account rate, body size, body deadline, identity encoding only (relay_server
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -34,9 +35,16 @@ routes = web.RouteTableDef()
 _PREFIX = "/xon/"
 
 
+_id_clock = itertools.count()
+
+
 def new_event_id(now: float) -> str:
-    """``ev_`` + 12 hex digits of milliseconds + 16 random hex digits: sorts by time."""
-    return f"ev_{int(now * 1000):012x}{secrets.token_hex(8)}"
+    """``ev_`` + 12 hex digits of milliseconds + a 4-hex per-process counter + 12 random hex.
+
+    Ids sort by time; within one millisecond the counter keeps them in arrival order (the
+    random part alone would not), and the random part keeps instances from colliding.
+    """
+    return f"ev_{int(now * 1000):012x}{next(_id_clock) & 0xFFFF:04x}{secrets.token_hex(6)}"
 
 
 def _split_raw_path(raw_path: str) -> tuple[str, str]:
