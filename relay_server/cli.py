@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-listen", help="admin HOST:PORT (loopback by default)")
     run.add_argument("--store", help="sqlite:///PATH or redis://HOST:PORT/DB")
     run.add_argument("--public-url", help="base URL printed in ingress URLs")
-    run.add_argument("--log-level", help="debug, info, warning or error")
+    run.add_argument("--log-level", help="debug, info, warning, error or critical")
     run.add_argument("--log-format", choices=("text", "json"))
 
     account = sub.add_parser("account", help="manage accounts")

@@ -91,6 +91,13 @@ class LinkConfig:
     """Seconds to wait for a pong before declaring the link dead."""
     max_message_size: int = 2 * 1024 * 1024
     """Largest link message accepted, in bytes."""
+    heartbeat_interval: float | None = 15.0
+    """Relay: seconds between ``heartbeat`` frames telling the agent the newest seq it should
+    have (docs/protocol.md, Heartbeat); ``None``: send none."""
+    stall_timeout: float | None = 30.0
+    """Agent: seconds it waits, once a heartbeat says events are waiting and it has acked all
+    it received, for an event to arrive before it closes the link (4013 ``stalled``) and
+    reconnects; ``None``: never."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -102,6 +109,8 @@ class LinkConfig:
         for name, value in (
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("stall_timeout", self.stall_timeout),
         ):
             if value is not None and value <= 0:
                 raise ConfigError(f"link.{name} must be positive (or none)")
@@ -314,6 +323,9 @@ class ServerConfig:
     """Largest X-on request body accepted, in bytes (413 beyond)."""
     enrollment_ttl: float = 24 * 3600.0
     """Seconds an enrollment code stays valid."""
+    shutdown_grace: float = 10.0
+    """Seconds SIGTERM waits for in-flight ingress requests and CTOX commands to finish before
+    agents are sent away and the listeners close; it stops sooner once they are done."""
     log_level: str = "info"
     log_format: str = "text"
     """``text`` for a console, ``json`` for machines."""
@@ -334,6 +346,8 @@ class ServerConfig:
         _check_log_level(self.log_level)
         if self.enrollment_ttl <= 0:
             raise ConfigError("enrollment_ttl must be positive")
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace must not be negative")
         if self.store and not self.store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError(
                 f"store must be sqlite:///PATH or redis://HOST:PORT/DB, got {self.store!r}"
@@ -616,11 +630,15 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 raise ValueError("expected a path")
             return Path(value).expanduser()
         if origin is list:
+            (item_hint,) = typing.get_args(hint) or (Any,)
             if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
+                if dataclasses.is_dataclass(item_hint):
+                    # A list of tables ([[forward]]) from the environment: a JSON array.
+                    value = json.loads(value)
+                else:
+                    return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise ValueError("expected a list")
-            (item_hint,) = typing.get_args(hint) or (Any,)
             if item_hint is Any:
                 return value
             return [_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value)]

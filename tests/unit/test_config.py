@@ -339,3 +339,19 @@ def test_unusable_values_are_refused_at_load(cls: type, env: dict[str, str]) -> 
     prefix = SERVER_ENV_PREFIX if cls is ServerConfig else AGENT_ENV_PREFIX
     with pytest.raises(ConfigError):
         load(cls, path=None, env=env, flags={}, env_prefix=prefix)
+
+
+def test_list_of_tables_from_the_environment_is_json() -> None:
+    """[[forward]] targets come from the environment as a JSON array; anything else is refused."""
+    cfg = load(
+        AgentConfig,
+        path=None,
+        env={"XON_RELAY_AGENT_FORWARD": '[{"url": "http://127.0.0.1:9000/xon"}]'},
+        flags={},
+        env_prefix=AGENT_ENV_PREFIX,
+    )
+    assert [t.url for t in cfg.forward] == ["http://127.0.0.1:9000/xon"]
+    for bad in ("x", '{"url": "http://127.0.0.1:9000"}', '["x"]'):
+        with pytest.raises(ConfigError, match="forward"):
+            load(AgentConfig, path=None, env={"XON_RELAY_AGENT_FORWARD": bad}, flags={},
+                 env_prefix=AGENT_ENV_PREFIX)
