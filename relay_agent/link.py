@@ -7,6 +7,21 @@ hands each open connection to :class:`~relay_agent.commands.Commands` (which sen
 on it and gets their results back), and reconnects forever with exponential back-off and
 full jitter (DESIGN §Link protocol, Liveness). The only way out is a refusal by the relay (close
 4401/4403, or HTTP 401/403 on the upgrade), which :meth:`AgentLink.run` raises.
+
+Two faults of issue 6 are handled here rather than by ending the link:
+
+* **Inbox write failures** (disk full, database read-only): events the inbox could not commit
+  stay in memory, bounded by the relay's window since nothing is acked; the commit is retried
+  with back-off, health reports the error, and the link stays up. Once the disk recovers, the
+  events are committed and acked: nothing is lost (DESIGN principle 1).
+* **Connected but receiving nothing**: the relay's ``heartbeat`` frames name the newest seq we
+  should have. :class:`StallWatch` closes the link (4013 ``stalled``) and reconnects when we
+  have less, have acked all we have (so our own inbox is not what holds delivery back), and
+  nothing arrives for ``link.stall_timeout``.
+
+Test hook: with ``XON_TESTS_CRASH_AT=before_commit[:N]`` or ``before_ack[:N]`` in the
+environment, the process exits at once (``os._exit``, like ``kill -9``) at that point once N
+events (default 1) reached it, so the crash tests of issue 6 can hit the exact spot.
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -43,18 +59,32 @@ from shared.link import (
     Welcomed,
     frames,
 )
+from shared.link.session import HeartbeatReceived
 
 from . import net
 from .commands import Commands
 from .inbox import Inbox
 
-__all__ = ["AgentLink", "LinkState", "LinkStatus", "backoff_delay", "websocket_url", "CLIENT"]
+__all__ = [
+    "AgentLink",
+    "LinkState",
+    "LinkStatus",
+    "StallWatch",
+    "backoff_delay",
+    "websocket_url",
+    "CLIENT",
+    "CRASH_ENV",
+    "CRASH_EXIT_CODE",
+]
 
 log = logging.getLogger(__name__)
 
 CLIENT = "xon-relay-agent/0.1.0"
 _MAX_ATTEMPT = 32
 """Caps the exponent so ``2 ** attempt`` stays a small float; the delay is capped long before."""
+CRASH_ENV = "XON_TESTS_CRASH_AT"
+"""Test hook (module docstring): ``before_commit[:N]`` or ``before_ack[:N]``."""
+CRASH_EXIT_CODE = 70
 
 
 class LinkState(enum.StrEnum):
@@ -73,6 +103,9 @@ class LinkStatus:
     last_error: str | None = None
     lost_through: int = 0
     """Highest relay seq that relay retention dropped before this agent acked it (0: none)."""
+    inbox_error: str | None = None
+    """Why the inbox cannot store what the relay sent (disk full, read-only); None when it can.
+    While set, nothing is acked and the commit is retried (module docstring)."""
 
 
 def websocket_url(relay_url: str) -> str:
@@ -92,6 +125,59 @@ def backoff_delay(attempt: int, *, initial: float, cap: float, rand: Callable[[]
     return rand() * ceiling
 
 
+class StallWatch:
+    """Judges heartbeats (issue 6, "connected but receiving nothing"; docs/protocol.md).
+
+    The agent is *stalled* from the first heartbeat whose ``head`` is above the highest seq
+    received while everything received is acked: the relay has events for us and nothing of
+    ours holds them back (a window full of unacked events would). Any event, or a heartbeat
+    that is not ahead, ends it. Stalled for ``timeout`` seconds: the link must be closed.
+
+    Args:
+        timeout: ``link.stall_timeout``; ``None`` never judges a link stalled.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.since: float | None = None
+        """When the current stall began (the caller's clock), or None."""
+
+    def heartbeat(self, head: int, *, received: int, acked: int, now: float) -> None:
+        if self.timeout is not None and head > received and acked >= received:
+            if self.since is None:
+                self.since = now
+        else:
+            self.since = None
+
+    def progressed(self) -> None:
+        """An event arrived."""
+        self.since = None
+
+    def deadline(self) -> float | None:
+        if self.since is None or self.timeout is None:
+            return None
+        return self.since + self.timeout
+
+
+def _earliest(*times: float | None) -> float | None:
+    armed = [t for t in times if t is not None]
+    return min(armed) if armed else None
+
+
+class _CrashHook:
+    """The ``XON_TESTS_CRASH_AT`` test hook (module docstring); inert when unset."""
+
+    def __init__(self, spec: str) -> None:
+        point, _, count = spec.partition(":")
+        self.point = point
+        self.count = int(count) if count.isdigit() else 1
+
+    def reached(self, point: str, events: int) -> None:
+        if point == self.point and events >= self.count:
+            log.warning("link.test_crash", extra={"point": point, "events": events})
+            os._exit(CRASH_EXIT_CODE)
+
+
 def _fatal(code: int | None, reason: str) -> AuthError | None:
     if code not in FATAL_CLOSE_CODES:
         return None
@@ -107,9 +193,23 @@ class _Connection:
     one would be a protocol error).
     """
 
-    def __init__(self, ws: ClientConnection, session: AgentSession) -> None:
+    def __init__(
+        self, ws: ClientConnection, session: AgentSession, *, stall: StallWatch, retry: float
+    ) -> None:
         self.ws = ws
         self.session = session
+        self.stall = stall
+        self.window = 0
+        """The relay's window (welcome): the most events it sends before our ack."""
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+        """Events received and not yet committed, oldest first (at most ``window``)."""
+        self.status: dict[str, Any] = {}
+        """Status items (by key) received and not yet stored; ``status_snapshot`` when they
+        replace everything stored."""
+        self.status_snapshot = False
+        self.retry_at: float | None = None
+        """When to retry a failed inbox write (the loop's clock), or None."""
+        self.retry_delay = retry
         self._lock = asyncio.Lock()
 
     async def flush(self) -> None:
@@ -156,6 +256,12 @@ class AgentLink:
         self._inbox = inbox
         self._rand = rand
         self._clock = clock
+        # The only environment read below the CLI: a test hook, inert unless set.
+        self._crash = _CrashHook(os.environ.get(CRASH_ENV, ""))
+        self._received = 0
+        """Events received by this process (for the crash hook)."""
+        self._committed = 0
+        """Events committed by this process (for the crash hook)."""
 
     async def run(self) -> NoReturn:
         """Connect, pump, reconnect; forever.
@@ -213,28 +319,32 @@ class AgentLink:
 
     async def _pump(self, ws: ClientConnection) -> bool:
         loop = asyncio.get_running_loop()
+        link = self.config.link
         session = AgentSession(
             agent_id=self.config.agent_id,
             relay_id=self.config.relay_id,
             private_key=self._key,
             resume_after=self._inbox.last_seq(),
-            auth_timeout=self.config.link.auth_timeout,
+            auth_timeout=link.auth_timeout,
             now=loop.time(),
             client=CLIENT,
             # docs/protocol.md, Routing: the relay sends only the events this asks for.
             subscription=self.config.subscription.to_wire(),
         )
-        conn = _Connection(ws, session)
+        conn = _Connection(
+            ws, session, stall=StallWatch(link.stall_timeout), retry=self.config.backoff_initial
+        )
         # Bounded: when the inbox is slow, the reader stops and TCP pushes back on the relay.
-        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.config.link.window)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=link.window)
         reader = asyncio.create_task(self._read(ws, queue))
         welcomed = False
         closed: tuple[int | None, str] | None = None
         try:
             await conn.flush()
             while closed is None and session.close_requested is None:
+                deadline = _earliest(session.next_deadline(), conn.stall.deadline(), conn.retry_at)
                 try:
-                    async with asyncio.timeout_at(session.next_deadline()):
+                    async with asyncio.timeout_at(deadline):
                         messages = [await queue.get()]
                 except TimeoutError:
                     session.handle_timer(loop.time())
@@ -249,8 +359,10 @@ class AgentLink:
                             session.receive_message(text, loop.time())
                 await conn.flush()
                 welcomed, closed = await self._handle(conn, welcomed)
+                self._check_stall(conn, loop.time())
             if closed is None and session.close_requested is not None:
                 close = session.close_requested
+                await conn.flush()  # the error frame that explains a 4xxx close
                 await ws.close(close.code, close.reason)
                 closed = (close.code, close.reason)
         finally:
@@ -267,21 +379,41 @@ class AgentLink:
             raise fatal
         return welcomed
 
+    @staticmethod
+    def _check_stall(conn: _Connection, now: float) -> None:
+        deadline = conn.stall.deadline()
+        session = conn.session
+        if deadline is None or now < deadline or session.close_requested is not None:
+            return
+        # Issue 6: pings prove the relay's network stack is alive, not that our events flow.
+        log.warning("link.stalled", extra={"last_received": session.last_received,
+                                           "timeout": conn.stall.timeout})
+        session.close(CloseCode.STALLED, "heartbeats announce events that never arrive")
+
     async def _handle(
         self, conn: _Connection, welcomed: bool
     ) -> tuple[bool, tuple[int | None, str] | None]:
         """Act on the session's events; returns (welcomed, close code and reason if closed)."""
         session = conn.session
-        batch: list[tuple[int, dict[str, Any]]] = []
         closed: tuple[int | None, str] | None = None
+        head: int | None = None
         for event in session.events_received():
             match event:
                 case EventReceived(seq=seq, event=body):
-                    batch.append((seq, body))
+                    if not isinstance(body.get("id"), str) or not body["id"]:
+                        session.close(CloseCode.PROTOCOL_ERROR, "event without an id")
+                        break
+                    conn.pending.append((seq, body))
+                    conn.stall.progressed()
+                    self._received += 1
+                case HeartbeatReceived(head=beat):
+                    head = beat  # judged after this batch is committed
                 case Welcomed(
-                    account_id=account_id, resume_after=resume_after, trimmed_through=trimmed
+                    account_id=account_id, resume_after=resume_after, window=window,
+                    trimmed_through=trimmed,
                 ):
                     welcomed = True
+                    conn.window = window
                     if trimmed > resume_after:
                         # DESIGN principle 1 was broken upstream (relay retention hard limit):
                         # say so loudly rather than let the gap pass silently.
@@ -292,7 +424,7 @@ class AgentLink:
                         )
                     self.status.state = LinkState.CONNECTED
                     self.status.connected_since = self._clock()
-                    self.status.last_error = None
+                    self.status.last_error = self.status.inbox_error
                     log.info(
                         "agent.connected",
                         extra={"agent_id": self.config.agent_id, "account_id": account_id,
@@ -302,7 +434,7 @@ class AgentLink:
                 case CommandResultReceived(result=result):
                     self.commands.deliver(result)
                 case StatusReceived(items=items, snapshot=snapshot):
-                    await self._store_status(session, items, snapshot)
+                    _merge_status(conn, items, snapshot)
                 case GoingAway(reason=reason):
                     log.info("link.goaway", extra={"reason": reason})
                 case AuthFailed(reason=reason):
@@ -314,40 +446,71 @@ class AgentLink:
                     closed = (code, reason)
                 case _:
                     log.debug("link.event_ignored", extra={"kind": type(event).__name__})
-        if batch:
-            await self._commit(conn, batch)
+        if conn.window and len(conn.pending) > conn.window:
+            # More unacked events than the window allows: a relay bug, and our memory bound.
+            session.close(CloseCode.PROTOCOL_ERROR, "more events than the window allows")
+        now = asyncio.get_running_loop().time()
+        # Committing is right even while closing: the relay need not send those again.
+        if conn.retry_at is None or now >= conn.retry_at:
+            await self._write_inbox(conn)
+        if head is not None:
+            conn.stall.heartbeat(
+                head, received=session.last_received, acked=session.last_acked, now=now
+            )
         return welcomed, closed
 
-    async def _store_status(self, session: AgentSession, items: list[Any], snapshot: bool) -> None:
-        try:
-            stored = await self._inbox.save_status(items, snapshot=snapshot)
-        except StoreError as exc:
-            # A lost change would leave a stale value; a new link starts with a fresh snapshot.
-            log.error("status.store_failed", extra={"error": str(exc)})
-            session.close(CloseCode.INTERNAL_ERROR, "agent inbox unavailable")
-            return
-        if stored < len(items):
-            log.warning("status.items_refused", extra={"refused": len(items) - stored})
-        log.debug("status.stored", extra={"items": stored, "snapshot": snapshot})
+    async def _write_inbox(self, conn: _Connection) -> None:
+        """Store pending status items, then commit pending events and ack them.
 
-    async def _commit(self, conn: _Connection, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        A failure keeps both pending, acks nothing and schedules a retry with back-off: the
+        link stays up and the relay keeps the events (issue 6, disk full or read-only).
+        """
         session = conn.session
-        if any(not isinstance(body.get("id"), str) or not body["id"] for _, body in batch):
-            session.close(CloseCode.PROTOCOL_ERROR, "event without an id")
-            return
+        stored_status = False
+        batch: list[tuple[int, dict[str, Any]]] = []
         try:
-            result = await self._inbox.commit(batch)
+            if conn.status or conn.status_snapshot:
+                items, snapshot = list(conn.status.values()), conn.status_snapshot
+                stored = await self._inbox.save_status(items, snapshot=snapshot)
+                conn.status, conn.status_snapshot = {}, False
+                stored_status = True
+                log.debug("status.stored", extra={"items": stored, "snapshot": snapshot})
+            if conn.pending:
+                batch = conn.pending
+                self._crash.reached("before_commit", self._received)
+                result = await self._inbox.commit(batch)
         except StoreError as exc:
-            # Nothing is acked: the relay keeps the events and resends them after reconnect.
-            log.error("inbox.commit_failed", extra={"error": str(exc)})
-            session.close(CloseCode.INTERNAL_ERROR, "agent inbox unavailable")
+            self._inbox_failed(conn, exc)
             return
+        if stored_status or batch:
+            self._inbox_ok(conn)
+        if not batch:
+            return
+        conn.pending = []
+        self._committed += len(batch)
         self.status.last_event_at = self._clock()
+        self._crash.reached("before_ack", self._committed)
         # DESIGN principle 1: ack only after the inbox commit.
         session.ack(max(seq for seq, _ in batch))
         await conn.flush()
         log.debug("inbox.committed", extra={"events": len(batch), "stored": result.stored,
                                              "last_seq": result.last_seq})
+
+    def _inbox_failed(self, conn: _Connection, exc: StoreError) -> None:
+        if self.status.inbox_error is None:
+            log.error("inbox.write_failed", extra={"error": str(exc), "events": len(conn.pending)})
+        self.status.inbox_error = str(exc)[:300]
+        self.status.last_error = f"inbox cannot store events, not acking: {exc}"[:300]
+        conn.retry_at = asyncio.get_running_loop().time() + conn.retry_delay
+        conn.retry_delay = min(conn.retry_delay * 2, self.config.backoff_max)
+
+    def _inbox_ok(self, conn: _Connection) -> None:
+        conn.retry_at = None
+        conn.retry_delay = self.config.backoff_initial
+        if self.status.inbox_error is not None:
+            log.info("inbox.recovered")
+            self.status.inbox_error = None
+            self.status.last_error = None
 
     @staticmethod
     async def _read(ws: ClientConnection, queue: asyncio.Queue[str | None]) -> None:
@@ -359,3 +522,30 @@ class AgentLink:
         except WebSocketException:
             pass  # the close code is on ws; the sentinel below reports it
         await queue.put(None)
+
+
+def _merge_status(conn: _Connection, items: list[Any], snapshot: bool) -> None:
+    """Queue status items for storage, newest per key; a snapshot drops what it replaces."""
+    if snapshot:
+        conn.status, conn.status_snapshot = {}, True
+    refused = 0
+    for item in items:
+        # The inbox stores only items with a non-empty string key (inbox._status_rows).
+        if isinstance(item, dict) and isinstance(item.get("key"), str) and item["key"]:
+            if not _older(item, conn.status.get(item["key"])):
+                conn.status[item["key"]] = item
+        else:
+            refused += 1
+    if refused:
+        log.warning("status.items_refused", extra={"refused": refused})
+
+
+def _older(item: dict[str, Any], known: Any) -> bool:
+    """True when ``item`` has a lower relay seq than ``known`` (a late frame from another
+    relay instance must not roll a value back; the inbox applies the same rule)."""
+    if not isinstance(known, dict):
+        return False
+    new, old = item.get("seq"), known.get("seq")
+    if isinstance(new, bool) or isinstance(old, bool):
+        return False
+    return isinstance(new, int) and isinstance(old, int) and new < old

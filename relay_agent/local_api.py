@@ -148,6 +148,7 @@ async def get_health(request: web.Request) -> web.Response:
         "connected_since": _time(status.connected_since),
         "last_event_at": _time(status.last_event_at),
         "last_error": status.last_error,
+        "inbox_error": status.inbox_error,
         "lost_through": status.lost_through,
         "relay_url": config.relay_url,
         "agent_id": config.agent_id,

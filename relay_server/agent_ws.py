@@ -36,6 +36,7 @@ from shared.link.session import (
     CommandResultReceived,
     EventReceived,
     GoingAway,
+    HeartbeatReceived,
     HelloReceived,
     LinkEvent,
     LinkState,
@@ -45,11 +46,12 @@ from shared.link.session import (
     Welcomed,
 )
 from shared.logs import bind
+from shared.subscription import Subscription
 
 from .appkeys import config_key, hub_key
 from .ctox import refusal
 from .hub import AgentHub
-from .store.base import StatusItem
+from .store.base import StatusItem, StoredEvent
 
 __all__ = ["handle", "AgentLink"]
 
@@ -59,6 +61,11 @@ GOING_AWAY = 1001
 _RETRY_INITIAL = 0.05
 _RETRY_MAX = 2.0
 """Back-off of a sender whose store read failed, in seconds."""
+_ROUTED_READ = 256
+"""Events one read of a routed link asks for at least: few of them may match (protocol.md)."""
+_SCAN_PER_WAKE = 4096
+"""Events one wake-up of the sender scans at most before it yields to the event loop, so that a
+long run of events not for a routed agent never holds the loop (docs/protocol.md, Routing)."""
 _MAX_REASON = 123  # RFC 6455 §5.5: a close frame's payload is 125 bytes, 2 of them the code
 
 
@@ -108,6 +115,17 @@ class AgentLink:
         """This link's epoch among the agent's links (AgentHub.register); 0 before."""
         self._told_through = 0
         """The retention hole this link's welcome already announced (docs/protocol.md)."""
+        self._subscription: Subscription | None = None
+        """The routing filter of the agent's hello, for the life of this link; None: all."""
+        self._scan = 0
+        """Scan position: every event up to here was offered or passed over on this link."""
+        self._cursor_before = 0
+        """The agent's cursor stored before this handshake (docs/protocol.md, Retention)."""
+        self._passed_through = 0
+        """Events up to here are trimmed and were not owed to the agent (below its old cursor)."""
+        self._saved = -1
+        """The cursor this link last stored; a lower one is never stored after it."""
+        self._cursor_lock = asyncio.Lock()
         self.log = bind(log, conn_id=self.conn_id, peer=peer)
         self._loop = asyncio.get_running_loop()
         self.session = RelaySession(
@@ -122,6 +140,7 @@ class AgentLink:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._may_send = True
         self._closing = False
         self._done = asyncio.Event()
@@ -136,6 +155,12 @@ class AgentLink:
     def last_offered(self) -> int:
         """Highest seq offered on this link (the agent's resume point before the first)."""
         return self.session.last_offered
+
+    @property
+    def scanned_through(self) -> int:
+        """Highest seq this link offered or passed over (its subscription did not match):
+        the log is caught up when its head is not above this."""
+        return max(self._scan, self.session.last_offered)
 
     # -- called by the hub ----------------------------------------------------------------------
 
@@ -187,10 +212,16 @@ class AgentLink:
         )
 
     async def go_away(self, reason: str) -> None:
-        """Relay shutdown: ``goaway`` to an authenticated agent, then close 1001."""
+        """Relay shutdown: let running commands answer, then ``goaway`` to an authenticated
+        agent and close 1001 (the caller bounds the wait: ``shutdown_grace``)."""
         if self._closing:
             return
         self._closing = True
+        if self._commands:
+            # Issue 6, graceful shutdown: a command X-on is already handling is answered on
+            # this link. One that arrives meanwhile is re-sent by the agent on its next link
+            # and found again by its request id (DESIGN §Link protocol, Commands).
+            await asyncio.wait(list(self._commands))
         await self._stop_sender()
         # DESIGN §Link protocol, Liveness: "tells agents to go elsewhere and closes cleanly".
         if self.session.state is LinkState.OPEN:
@@ -233,6 +264,7 @@ class AgentLink:
             try:
                 await self._stop_commands()
                 await self._stop_sender()
+                await self._stop_heartbeat()
                 if self._closer is not None:
                     await self._closer
                 await self._release_claim()
@@ -278,14 +310,15 @@ class AgentLink:
     async def _handle(self, event: LinkEvent) -> bool:
         """Act on one session event; True when the link is over."""
         match event:
-            case HelloReceived(agent_id=agent_id):
+            case HelloReceived(agent_id=agent_id, subscription=subscription):
+                self._subscription = subscription
                 await self._lookup(agent_id)
             case Authenticated(agent_id=agent_id, account_id=account_id, resume_after=resume):
                 self.account_id = account_id
                 await self._start(agent_id, account_id, resume)
             case Acked(seq=seq):
                 self.hub.metrics.acks.inc()
-                await self._save_cursor(seq)
+                await self._save_cursor(self._acked_cursor(seq))
                 self._wake.set()
             case CommandReceived(command=command):
                 self._start_command(command)
@@ -301,6 +334,7 @@ class AgentLink:
                 | CommandResultReceived()
                 | StatusReceived()
                 | GoingAway()
+                | HeartbeatReceived()
             ):
                 pass  # agent-side events: a RelaySession never emits them
             case _:
@@ -309,6 +343,7 @@ class AgentLink:
 
     async def _start(self, agent_id: str, account_id: str, resume: int) -> None:
         """The handshake is done: take the agent over, send the status snapshot, then events."""
+        self._scan = resume
         try:
             current = await self.hub.register(self)
             if current:
@@ -320,8 +355,10 @@ class AgentLink:
         if not current:
             self.session.close(CloseCode.REPLACED, "replaced by a newer connection")
             return
-        # DESIGN §Link protocol, Events: the agent's inbox is authoritative.
-        await self._save_cursor(resume)
+        # DESIGN §Link protocol, Events: the agent's inbox is authoritative. Raised only over
+        # events that retention already dropped below the old cursor, so that a routed agent
+        # reconnecting before its next ack is not told of a hole of events never for it.
+        await self._save_cursor(max(resume, self._passed_through), reset=True)
         try:
             await self.hub.store.touch_agent(agent_id, now=time.time())
         except StoreError as exc:
@@ -333,14 +370,32 @@ class AgentLink:
         if self._may_send:
             self._sender = asyncio.create_task(self._send_events())
             self._wake.set()
+            interval = self.hub.link.heartbeat_interval
+            if interval is not None:
+                self._heartbeat = asyncio.create_task(self._heartbeats(interval))
 
-    async def _save_cursor(self, seq: int) -> None:
+    async def _save_cursor(self, seq: int, *, reset: bool = False) -> None:
         """Store the agent's cursor; skipped while the store is down (the next ack writes it,
-        and a stale cursor only makes retention keep more)."""
-        try:
-            await self.hub.store.set_cursor(self.agent_id or "", seq)
-        except StoreError as exc:
-            self.log.warning("agent.cursor_not_saved", extra={"seq": seq, "error": str(exc)})
+        and a stale cursor only makes retention keep more).
+
+        After the handshake's ``reset`` the cursor only moves up: the pump (acks) and the
+        sender (passed-over events) both store it, and a late write must not undo a newer one.
+        """
+        async with self._cursor_lock:
+            if not reset and seq <= self._saved:
+                return
+            try:
+                await self.hub.store.set_cursor(self.agent_id or "", seq)
+            except StoreError as exc:
+                self.log.warning("agent.cursor_not_saved", extra={"seq": seq, "error": str(exc)})
+                return
+            self._saved = seq
+
+    def _acked_cursor(self, seq: int) -> int:
+        """The cursor an ack of ``seq`` allows (docs/protocol.md, Routing): with nothing in
+        flight, the events passed over after the last offered one are not for the agent
+        either, so the cursor may reach the scan position; never beyond it."""
+        return self._scan if self.session.in_flight == 0 else seq
 
     async def _lookup(self, agent_id: str) -> None:
         """Answer the session's hello before the next message is fed (docs/protocol.md)."""
@@ -349,6 +404,7 @@ class AgentLink:
         try:
             agent = await self.hub.store.get_agent(agent_id)
             trimmed = 0 if agent is None else await self.hub.store.trimmed_through(agent.account_id)
+            cursor = 0 if agent is None else await self.hub.store.get_cursor(agent_id)
         except StoreError as exc:
             self.log.warning("agent.store_unavailable", extra={"error": str(exc)})
             self.session.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
@@ -360,13 +416,19 @@ class AgentLink:
             self.log.warning("agent.auth_failed", extra={"reason": "agent revoked"})
             self.session.close(CloseCode.REVOKED, "agent revoked")
         else:
-            if trimmed > self.session.last_offered:
+            # docs/protocol.md, Retention: events up to the old cursor were committed by the
+            # agent or passed over (routing); trimming them lost nothing the agent is owed.
+            resume = self.session.last_offered
+            self._cursor_before = cursor
+            self._passed_through = min(cursor, trimmed)
+            hole = trimmed if trimmed > max(resume, cursor) else 0
+            if hole:
                 self.log.warning(
                     "agent.behind_retention",
-                    extra={"resume_after": self.session.last_offered, "trimmed_through": trimmed},
+                    extra={"resume_after": resume, "cursor": cursor, "trimmed_through": trimmed},
                 )
             self._told_through = trimmed
-            self.session.agent_found(agent.public_key, agent.account_id, trimmed_through=trimmed)
+            self.session.agent_found(agent.public_key, agent.account_id, trimmed_through=hole)
 
     async def _send_snapshot(self, account_id: str) -> None:
         """The account's whole status before any event (DESIGN §Link protocol, Status)."""
@@ -436,6 +498,39 @@ class AgentLink:
         elif self.session.close_requested == Close(CloseCode.AUTH_TIMEOUT, "handshake timed out"):
             self.log.warning("agent.auth_timeout")
 
+    # -- heartbeats -----------------------------------------------------------------------------
+
+    async def _heartbeats(self, interval: float) -> None:
+        """Every ``interval``, tell the agent the newest seq it should have by now
+        (docs/protocol.md, Heartbeat): the log's head of one beat ago if the sender has not
+        scanned that far since, else the last seq offered. A sender that is merely busy gets a
+        whole interval, so only a stuck one makes the agent reconnect."""
+        assert self.account_id is not None
+        previous: int | None = None
+        try:
+            while self._may_send:
+                await asyncio.sleep(interval)
+                try:
+                    head = await self.hub.store.head_seq(self.account_id)
+                except StoreError:
+                    continue  # the sender reports the outage; this beat is skipped
+                if previous is not None and previous > self.scanned_through:
+                    due = previous
+                else:
+                    due = self.session.last_offered
+                previous = head
+                if self._may_send:
+                    self.session.send_heartbeat(due)
+                    await self._flush()
+        except Exception:
+            self.log.exception("agent.heartbeat_failed")
+
+    async def _stop_heartbeat(self) -> None:
+        task, self._heartbeat = self._heartbeat, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
     # -- the sender -----------------------------------------------------------------------------
 
     async def _send_events(self) -> None:
@@ -466,36 +561,72 @@ class AgentLink:
             await self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _offer_available(self) -> None:
+        """Offer the log after the scan position while the window has room; at most
+        ``_SCAN_PER_WAKE`` events per call, then wake again after yielding."""
         session, store = self.session, self.hub.store
         assert self.account_id is not None
+        scanned = 0
         while session.can_offer:
-            # Reading no more than the free slots is the back-pressure (STYLE §2 rule 4).
-            limit = self._free_slots()
-            batch = await store.read_events(
-                self.account_id, after=session.last_offered, limit=limit
-            )
-            if not batch:
+            limit = self._read_limit()
+            batch = await store.read_events(self.account_id, after=self._scan, limit=limit)
+            if batch and batch[0].seq > self._scan + 1 and await self._behind_retention():
                 return
-            if batch[0].seq > session.last_offered + 1 and await self._behind_retention():
-                return
-            for stored in batch:
-                if not session.offer(stored.seq, stored.event.to_json()):
-                    break
-                self.hub.metrics.deliveries.inc()
+            offered = self._offer_batch(batch)
             await self._flush()
+            if not offered and not session.in_flight:
+                # docs/protocol.md, Routing: an idle routed agent shows no lag and does not
+                # hold back the soft retention limits for events it will never receive.
+                await self._save_cursor(self._scan)
             if len(batch) < limit:
                 return
+            scanned += len(batch)
+            if scanned >= _SCAN_PER_WAKE:
+                self._wake.set()
+                await asyncio.sleep(0)
+                return
+
+    def _offer_batch(self, batch: list[StoredEvent]) -> int:
+        """Offer the events of ``batch`` the agent subscribed to; returns how many.
+
+        The scan position moves past each event offered or passed over, and stops before a
+        matching one the window refused (it is read again after the next ack).
+        """
+        offered = 0
+        for stored in batch:
+            if self._wants(stored):
+                if not self.session.offer(stored.seq, stored.event.to_json()):
+                    break
+                offered += 1
+                self.hub.metrics.deliveries.inc()
+            self._scan = stored.seq
+        return offered
+
+    def _wants(self, stored: StoredEvent) -> bool:
+        if self._subscription is None:
+            return True
+        event = stored.event
+        # Matching reads only these two fields of the event object; building the whole
+        # object (base64 of the body) for every passed-over event would be waste.
+        return self._subscription.matches({"type": event.type, "params": event.params})
+
+    def _read_limit(self) -> int:
+        """Reading no more than the free slots is the back-pressure (STYLE §2 rule 4); a
+        routed link reads more, as most of a batch may be passed over."""
+        free = self._free_slots()
+        return free if self._subscription is None else max(free, _ROUTED_READ)
 
     async def _behind_retention(self) -> bool:
         """Seqs skipped: if retention dropped events this link never offered, close with
         BEHIND_RETENTION so that the next welcome tells the agent (docs/protocol.md)."""
         assert self.account_id is not None
         trimmed = await self.hub.store.trimmed_through(self.account_id)
-        if trimmed <= max(self.session.last_offered, self._told_through):
-            return False  # an ordinary gap (other accounts' seqs), or one the welcome named
+        if trimmed <= max(self._scan, self._told_through, self._cursor_before):
+            # An ordinary gap (other accounts' seqs), one the welcome named, or events below
+            # the agent's old cursor, which it committed or was not owed (docs/protocol.md).
+            return False
         self.log.warning(
             "agent.behind_retention",
-            extra={"last_offered": self.session.last_offered, "trimmed_through": trimmed},
+            extra={"scanned_through": self._scan, "trimmed_through": trimmed},
         )
         if self._closer is None:  # closing from its own task would cancel itself midway
             self._closer = asyncio.create_task(

@@ -20,7 +20,7 @@ from .appkeys import config_key, hub_key, relay_id_key, store_key
 from .limits import Limits, limits_key
 from .metrics import count_ingress
 from .middleware import error_middleware, source_limit_middleware
-from .services import Services, services_key
+from .services import Services, services_key, track_requests
 
 __all__ = [
     "create_public_app",
@@ -48,7 +48,8 @@ def _install(app: web.Application, services: Services) -> None:
 def create_public_app(services: Services) -> web.Application:
     """X-on ingress, agent WebSocket, enrollment, health (DESIGN §Relay server endpoints)."""
     app = web.Application(
-        middlewares=[error_middleware, source_limit_middleware],
+        # track_requests: requests in flight are drained on shutdown (Services.drain).
+        middlewares=[error_middleware, source_limit_middleware, track_requests],
         client_max_size=max(services.config.max_body_size + 1, _MIN_CLIENT_MAX_SIZE),
     )
     _install(app, services)

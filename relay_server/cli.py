@@ -209,10 +209,14 @@ async def _serve(config: ServerConfig) -> int:
 
     admin_file = data_dir / ADMIN_FILE
     async with open_services(config, admin_token=token) as services:
-        public = web.AppRunner(
-            create_public_app(services), shutdown_timeout=10, **server_options(config)
+        public_app = create_public_app(services)
+        # Drain already waited for the requests in flight; this bounds any that slipped in
+        # after it, before the listening socket closed.
+        grace = config.shutdown_grace
+        public = web.AppRunner(public_app, shutdown_timeout=grace, **server_options(config))
+        admin = web.AppRunner(
+            create_admin_app(services), access_log=None, shutdown_timeout=grace
         )
-        admin = web.AppRunner(create_admin_app(services), access_log=None, shutdown_timeout=10)
         await public.setup()
         await admin.setup()
         try:
@@ -242,8 +246,9 @@ async def _serve(config: ServerConfig) -> int:
             )
             await stop.wait()
             log.info("server.stopping")
-            # Readiness fails first, then agents are told to go elsewhere, then the
-            # listeners stop; the store closes last (leaving open_services).
+            # Readiness fails first, requests in flight finish (within shutdown_grace), then
+            # agents are told to go elsewhere, then the listeners stop; the store closes last
+            # (leaving open_services). Issue 6: graceful shutdown, 0 lost.
             await services.drain()
         finally:
             await admin.cleanup()

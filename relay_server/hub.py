@@ -311,7 +311,9 @@ class AgentHub:
             heads = await asyncio.gather(*(self.store.head_seq(a) for a in chunk))
             for account_id, head in zip(chunk, heads, strict=True):
                 for link in self._accounts.get(account_id, ()):
-                    if head > link.last_offered:
+                    # scanned_through, not last_offered: a routed link has nothing to do
+                    # when the newest events were not for it.
+                    if head > link.scanned_through:
                         link.wake()
 
     async def _refresh_status(self, accounts: Iterable[str]) -> None:

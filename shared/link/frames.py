@@ -24,6 +24,7 @@ frame                     direction       meaning
 ``command_result``        relay → agent   X-on's answer to a command
 ``status``                relay → agent   status values (a snapshot on connect, then changes)
 ``goaway``                relay → agent   the relay is shutting down: reconnect elsewhere
+``heartbeat``             relay → agent   the newest seq the agent should have by now
 ``error``                 either          why the sender is about to close the link
 ========================  ==============  =================================================
 """
@@ -59,6 +60,7 @@ __all__ = [
     "CommandResult",
     "Status",
     "GoAway",
+    "Heartbeat",
     "Error",
     "Frame",
     "encode",
@@ -88,6 +90,8 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 4011
     BEHIND_RETENTION = 4012
     """Retention dropped events past this link's position; the next ``welcome`` says which."""
+    STALLED = 4013
+    """Agent: heartbeats say events are waiting for us, yet none arrived (docs/protocol.md)."""
     UNAUTHORIZED = 4401
     REVOKED = 4403
 
@@ -201,6 +205,17 @@ class GoAway:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """Relay → agent, every ``link.heartbeat_interval``: the agent should have every event for
+    it up to ``head`` by now. An agent that has less, has acked all it has, and then receives
+    nothing for ``link.stall_timeout`` closes with ``stalled`` and reconnects (issue 6:
+    "connected but receiving nothing")."""
+
+    type: ClassVar[str] = "heartbeat"
+    head: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
     """Either side: why the sender is closing the link."""
 
@@ -220,6 +235,7 @@ Frame = (
     | CommandResult
     | Status
     | GoAway
+    | Heartbeat
     | Error
 )
 
@@ -236,6 +252,7 @@ _TYPES: dict[str, type[Any]] = {
         CommandResult,
         Status,
         GoAway,
+        Heartbeat,
         Error,
     )
 }

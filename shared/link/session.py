@@ -46,12 +46,23 @@ raises ``InvalidState`` or ``LocalProtocolError`` at once, because it is a bug t
 condition to handle.
 
 Once a session is CLOSING, calls whose effect the protocol recovers anyway (``ack``,
-``offer``, ``send_command_result``, ``send_status``, ``agent_found``, ``close``,
-``go_away``) are silently moot instead of raising: the race between a local decision and the
-link ending is normal, unacked events are resent after the resume point and command results
-are found again by request id (DESIGN §Link protocol). ``send_command`` still raises, because
-its caller waits for an answer that will never come and must refuse at once (DESIGN §Agent
-local API: "503 at once when the relay is unreachable").
+``offer``, ``send_command_result``, ``send_status``, ``send_heartbeat``, ``agent_found``,
+``close``, ``go_away``) are silently moot instead of raising: the race between a local
+decision and the link ending is normal, unacked events are resent after the resume point and
+command results are found again by request id (DESIGN §Link protocol). ``send_command`` still
+raises, because its caller waits for an answer that will never come and must refuse at once
+(DESIGN §Agent local API: "503 at once when the relay is unreachable").
+
+Heartbeats
+----------
+
+WebSocket pings prove that the peer's network stack answers, not that events flow: a relay
+whose sender for one link is stuck keeps answering pings forever (issue 6, "connected but
+receiving nothing"). So the relay's I/O layer calls ``send_heartbeat(head)`` every
+``link.heartbeat_interval`` with the newest seq this agent should have by now, and the agent
+session reports each one as :class:`HeartbeatReceived`. Whether the agent is behind, and for
+how long, is the agent I/O layer's judgement (it alone knows whether its own inbox is holding
+acks back); the session only offers ``last_received`` and ``last_acked`` for it.
 """
 
 from __future__ import annotations
@@ -78,6 +89,7 @@ from .frames import (
     Event,
     Frame,
     GoAway,
+    Heartbeat,
     Hello,
     Status,
     Welcome,
@@ -103,6 +115,7 @@ __all__ = [
     "CommandResultReceived",
     "StatusReceived",
     "GoingAway",
+    "HeartbeatReceived",
     "PeerError",
     "Closed",
     "LinkEvent",
@@ -230,6 +243,13 @@ class GoingAway:
 
 
 @dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    """Agent: the relay says every event for us up to ``head`` should have arrived by now."""
+
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
 class PeerError:
     """Either side: the peer explained why it is closing the link."""
 
@@ -256,6 +276,7 @@ LinkEvent = (
     | CommandResultReceived
     | StatusReceived
     | GoingAway
+    | HeartbeatReceived
     | PeerError
     | Closed
 )
@@ -275,6 +296,7 @@ TRANSITIONS: Mapping[tuple[LinkState, type[Frame]], LinkState] = {
     (OPEN, Command): OPEN,
     (OPEN, CommandResult): OPEN,
     (OPEN, Status): OPEN,
+    (OPEN, Heartbeat): OPEN,  # issue 6: "connected but receiving nothing" (module docstring)
     # The peer announces its close ("error" either way, "goaway" from the relay on shutdown);
     # a relay may shut down, or fail, while a handshake is still under way.
     (CONNECTING, GoAway): CLOSING,
@@ -304,6 +326,8 @@ def _describe(frame: Frame) -> str:
             return f"{frame.type} seq={seq}"
         case Command(request_id=request_id) | CommandResult(request_id=request_id):
             return f"{frame.type} request_id={request_id}"
+        case Heartbeat(head=head):
+            return f"{frame.type} head={head}"
         case _:
             return frame.type
 
@@ -556,6 +580,18 @@ class RelaySession(LinkSession):
         if self._app_call_allowed("send status"):
             self._send(Status(items=list(items), snapshot=snapshot))
 
+    def send_heartbeat(self, head: int) -> None:
+        """Tell the agent the newest seq it should have by now (module docstring, Heartbeats).
+
+        Raises:
+            InvalidState: the handshake has not finished (moot once closing).
+            LocalProtocolError: ``head`` is negative.
+        """
+        if head < 0:
+            raise LocalProtocolError(f"heartbeat head must not be negative, not {head}")
+        if self._app_call_allowed("send a heartbeat"):
+            self._send(Heartbeat(head=head))
+
     def go_away(self, reason: str) -> None:
         """Shutting down: tell the agent to reconnect, then close with 1001 (DESIGN §Liveness)."""
         if self.state >= CLOSING:
@@ -581,7 +617,15 @@ class RelaySession(LinkSession):
                 self._events.append(CommandReceived(frame))
             case Error(code=code, message=message):
                 self._peer_error(code, message)
-            case Challenge() | Welcome() | Event() | CommandResult() | Status() | GoAway():
+            case (
+                Challenge()
+                | Welcome()
+                | Event()
+                | CommandResult()
+                | Status()
+                | GoAway()
+                | Heartbeat()
+            ):
                 raise RemoteProtocolError(f"{frame.type} frame is sent by relays, not agents")
             case _:  # pragma: no cover - every frame type is listed above
                 assert_never(frame)
@@ -679,6 +723,16 @@ class AgentSession(LinkSession):
             )
         )
 
+    @property
+    def last_received(self) -> int:
+        """Highest seq received on this link (the resume point before the first event)."""
+        return self._window.highest
+
+    @property
+    def last_acked(self) -> int:
+        """Highest seq acked on this link (the resume point before the first ack)."""
+        return self._window.acked
+
     def ack(self, seq: int) -> None:
         """Tell the relay everything up to ``seq`` is committed in the inbox.
 
@@ -719,6 +773,10 @@ class AgentSession(LinkSession):
                 self._events.append(CommandResultReceived(frame))
             case Status(items=items, snapshot=snapshot):
                 self._events.append(StatusReceived(items, snapshot))
+            case Heartbeat(head=head):
+                if head < 0:
+                    raise RemoteProtocolError("heartbeat head must not be negative")
+                self._events.append(HeartbeatReceived(head))
             case GoAway(reason=reason):
                 # DESIGN §Liveness: the relay is shutting down; it closes with 1001 next.
                 self._peer_closing(1001, reason)

@@ -4,7 +4,7 @@ The short variant runs in CI: ``EXAMPLES`` hypothesis examples per test (300 by 
 long variant sets ``XON_FUZZ_EXAMPLES`` (e.g. 10000) and prints, per test, the example count
 and memory before and after (RSS and tracemalloc, which only runs in the long variant):
 
-    XON_FUZZ_EXAMPLES=10000 .venv/bin/pytest tests/fuzz -s -p no:randomly
+    XON_FUZZ_EXAMPLES=10000 .venv/bin/pytest tests/fuzz -s -p no:logging --timeout 1800
 """
 
 from __future__ import annotations

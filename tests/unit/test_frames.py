@@ -21,6 +21,7 @@ from shared.link.frames import (
     Event,
     Frame,
     GoAway,
+    Heartbeat,
     Hello,
     Status,
     Welcome,
@@ -43,6 +44,7 @@ EVERY_FRAME: list[Frame] = [
         error="",
     ),
     Status(items=[{"name": "messages_waiting", "value": 3}], snapshot=True),
+    Heartbeat(head=8),
     GoAway(reason="shutting down"),
     Error(code="protocol_error", message="bad frame"),
 ]
