@@ -38,7 +38,7 @@ from shared.config import (
 from shared.errors import ConfigError, RelayError, Revoked, Unauthorized
 from shared.files import ensure_private_dir, write_private_file
 
-from . import doctor, net, page, security, tokens, winservice
+from . import net, page, security, tokens, winservice
 from .app import local_url, run_agent
 from .configfile import render_config, unknown_keys
 from .enroll import (
@@ -544,6 +544,10 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    # Imported here: its x509 and http.client cost the running agent ~2 MB RSS for nothing
+    # (issue 7, agent footprint).
+    from . import doctor
+
     config_path: Path = args.config or _data_dir(args) / CONFIG_FILE
     if args.timeout <= 0:
         raise _Fail("--timeout must be positive", EXIT_CONFIG)

@@ -335,28 +335,36 @@ class Inbox:
     def _commit_sync(self, items: list[tuple[int, dict[str, Any]]]) -> CommitResult:
         db = self._conn()
         now = self._clock()
-        stored = 0
-        last_seq = self._last_seq
+        rows = [
+            (
+                str(event["id"]),
+                seq,
+                str(event.get("received_at", "")),
+                now,
+                json.dumps(event, separators=(",", ":"), ensure_ascii=False),
+            )
+            for seq, event in items
+        ]
+        # A duplicate's seq counts too: the relay must not send it again.
+        last_seq = max((seq for seq, _ in items), default=self._last_seq)
+        last_seq = max(last_seq, self._last_seq)
         last_cursor = self._last_cursor
         db.execute("BEGIN IMMEDIATE")
         try:
-            for seq, event in items:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO events (id, seq, received_at, stored_at, event)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        str(event["id"]),
-                        seq,
-                        str(event.get("received_at", "")),
-                        now,
-                        json.dumps(event, separators=(",", ":"), ensure_ascii=False),
-                    ),
-                )
-                if cur.rowcount == 1:
-                    stored += 1
-                    last_cursor = max(last_cursor, int(cur.lastrowid or 0))
-                # A duplicate's seq counts too: the relay must not send it again.
-                last_seq = max(last_seq, seq)
+            # One executemany for the batch (not a statement call per event); the changes
+            # counter tells how many were new, the AUTOINCREMENT sequence the last cursor.
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO events (id, seq, received_at, stored_at, event)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            stored = db.total_changes - before
+            if stored:
+                row = db.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+                ).fetchone()
+                last_cursor = max(last_cursor, int(row[0]))
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('last_seq', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -93,7 +93,7 @@ class Delivery:
             log.info("delivery.started", extra={"kind": target.kind, "target": target.key})
 
     async def close(self) -> None:
-        """Stop every target; positions are already stored after each delivery."""
+        """Stop every target; each stores its position as it stops (see PushTarget)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

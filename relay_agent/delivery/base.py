@@ -7,14 +7,19 @@ over. Either way it stays in the inbox (never silently dropped from the log).
 
 A push target (forward, tcp) walks the inbox from its stored position, one event at a time and
 in cursor order (DESIGN principle 1: "a local app ... sees each event once, in order"), retrying
-each with exponential back-off until the app takes it, and stores its position in the inbox
-after each success, so that a restart resumes exactly there. The concrete modes only say how to
-hand one event over (:meth:`PushTarget.deliver`).
+each with exponential back-off until the app takes it. It stores its position in the inbox once
+per page of up to :data:`PAGE` events, and before it starts waiting to retry an event, rather
+than after every event: each store is an fsync'd write on the inbox thread that the link's
+commits wait behind (docs/performance.md). So after a crash or kill a restart hands over again
+at most the events of the page in progress; delivery is at least once (DESIGN principle 1) and
+every request carries the event id for the app to drop a repeat. The concrete modes only say
+how to hand one event over (:meth:`PushTarget.deliver`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -22,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from shared.errors import UpstreamError
+from shared.errors import StoreError, UpstreamError
 from shared.events import format_time, parse_time
 from shared.logs import bind
 from shared.subscription import Subscription
@@ -144,6 +149,8 @@ class PushTarget(ABC):
         self._stale = stale
         self._sleep = sleep
         self._clock = clock
+        self._reached = 0
+        """Every event up to this cursor was delivered or passed over (maybe not stored yet)."""
         self.log = bind(log, target=key, kind=self.kind)
 
     @property
@@ -184,7 +191,7 @@ class PushTarget(ABC):
         inbox = self._inbox
         start = inbox.last_cursor if self._start == "latest" else inbox.pruned_cursor
         cursor = await inbox.init_position(self.position_name, start)
-        self.status.cursor = cursor
+        self.status.cursor = self._reached = cursor
         while not inbox.released:
             try:
                 batch = await inbox.read(cursor, PAGE)
@@ -194,16 +201,24 @@ class PushTarget(ABC):
             if not batch:
                 await inbox.wait_beyond(cursor, IDLE_WAIT)
                 continue
-            for item in batch:
-                if await self._handle(item):
-                    await self._store(item.cursor)
-                cursor = item.cursor
-            if cursor > (self.status.cursor or 0):
-                # Events of other types or stale-skipped ones: stored once per page.
-                await self._store(cursor)
+            try:
+                for item in batch:
+                    await self._handle(item)
+                    cursor = self._reached = item.cursor
+            except asyncio.CancelledError:
+                # A clean stop keeps what the app took (a crash re-delivers the page).
+                with contextlib.suppress(StoreError):
+                    await self._store_reached()
+                raise
+            await self._store_reached()  # once per page (module docstring)
+
+    async def _store_reached(self) -> None:
+        if self._reached > (self.status.cursor or 0):
+            await self._store(self._reached)
 
     async def _store(self, cursor: int) -> None:
         self.status.cursor = await self._inbox.advance_position(self.position_name, cursor)
+        self._reached = max(self._reached, self.status.cursor)
 
     async def _overtaken(self, cursor: int, oldest: int) -> int:
         # Retention outran this target (it was failing for long). Nothing can bring the events
@@ -233,6 +248,9 @@ class PushTarget(ABC):
             try:
                 await self.deliver(item, stale)
             except UpstreamError as exc:
+                if not attempt:
+                    # The app may stay away for long: keep what it took so far.
+                    await self._store_reached()
                 delay = retry_delay(attempt, initial=self._retry_initial, cap=self._retry_max)
                 attempt += 1
                 self.status.failures = attempt

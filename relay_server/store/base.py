@@ -392,3 +392,12 @@ class Store(Protocol):
 
     async def count_after(self, account_id: str, after: int) -> int:
         """How many events of the account's log have seq > ``after`` (an agent's backlog)."""
+
+    # -- replay (docs/operations.md, Replay) ----------------------------------------------------
+    async def request_replay(self, agent_id: str, after_seq: int) -> None:
+        """Record that the agent's next link must send its account's log again after
+        ``after_seq``; replaces a pending request. Nothing happens for an unknown agent."""
+
+    async def take_replay(self, agent_id: str) -> int | None:
+        """The agent's pending replay point, removed in the same step so that one link takes
+        it (``None``: no replay pending)."""

@@ -13,7 +13,8 @@ The layout (``P`` is the key prefix, ``xon:`` by default)::
     P{acct:<id>}:account           hash     the AccountRecord fields
     P{acct:<id>}:agents            zset     the account's agent ids, scored by created_at
     P{acct:<id>}:agent:<agent id>  hash     the AgentRecord fields, plus cursor, code_hash,
-                                            link_epoch and link_owner (docs/scaling.md)
+                                            link_epoch and link_owner (docs/scaling.md),
+                                            replay_after (docs/operations.md, Replay)
     P{acct:<id>}:seq               string   last seq given out in this account's log
     P{acct:<id>}:events            stream   entry id "<seq>-0", fields seq, event (JSON)
     P{acct:<id>}:xon_ids           hash     X-on event id -> seq (dedup)
@@ -1207,6 +1208,26 @@ class RedisStore:
             last = await self._r.xrevrange(key, count=1) if first else []
         # Seqs of one account are contiguous (the append script): position is arithmetic.
         return _seq_of(last[0][0]) - _seq_of(first[0][0]) + 1 if first and last else 0
+
+    # -- replay (docs/operations.md, Replay) ----------------------------------------------------
+
+    @_finish_uncancelled
+    async def request_replay(self, agent_id: str, after_seq: int) -> None:
+        await self._set_agent_field(agent_id, "replay_after", str(after_seq))
+
+    @_finish_uncancelled
+    async def take_replay(self, agent_id: str) -> int | None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is None:
+                return None
+            key = self._agent_key(account_id, agent_id)
+            # MULTI on one key: read and delete in one step, so only one link takes it.
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hget(key, "replay_after")
+                pipe.hdel(key, "replay_after")
+                value, _ = await pipe.execute()
+        return None if value is None else int(value)
 
 
 # -- URL and (de)serialisation -------------------------------------------------------------------

@@ -7,6 +7,18 @@ Group commit: ``append_event`` callers put their event in a bounded queue and wa
 task takes everything queued (up to ``batch_size``), stores it in ONE transaction and wakes each
 caller only after that commit (DESIGN principle 1: 2xx only after a durable commit). While one
 batch is being committed the next one gathers, so under load one fsync serves many requests.
+
+Agent cursors (``set_cursor``) and ``last_seen`` (``touch_agent``) are written behind: the call
+records the value in memory (latest wins) and returns; the writer stores every recorded value
+in its next transaction, together with the events of that batch (docs/performance.md). Reads
+of this instance see the recorded values at once. A crash can lose the last ones: a cursor
+that is too low only means re-delivery, which the agent drops by event id (DESIGN principle 1,
+at least once), and makes retention keep a little more.
+
+Reads run on a second thread with its own connection (WAL lets it read while the writer
+commits), so a lookup never queues behind an fsync. Ingress key lookups are also cached in
+memory for ``_ACCOUNT_TTL`` seconds: this instance's own key changes drop the cache at once,
+another process's (an admin CLI on the same file) are seen within the TTL.
 """
 
 from __future__ import annotations
@@ -45,6 +57,11 @@ __all__ = ["SqliteStore"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_ACCOUNT_TTL = 1.0
+"""Seconds an ingress key lookup is served from memory (see the module docstring)."""
+_ACCOUNT_CACHE_SIZE = 10_000
+"""Cached lookups at most (one per account in use); beyond it the cache starts afresh."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,6 +135,10 @@ CREATE TABLE IF NOT EXISTS previous_ingress_keys (
     account_id TEXT NOT NULL,
     valid_until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replays (
+    agent_id TEXT PRIMARY KEY,
+    after_seq INTEGER NOT NULL
+);
 """
 
 _EVENT_COLUMNS = (
@@ -143,9 +164,20 @@ class SqliteStore:
 
     def __init__(self, *, batch_size: int = 256, queue_size: int = 4096) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
         self._conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
         self._batch_size = batch_size
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        # None asks the writer for a transaction of written-behind values alone.
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=queue_size)
+        self._cursors: dict[str, int] = {}
+        """Cursors set but not yet committed (latest wins)."""
+        self._touches: dict[str, float] = {}
+        """``last_seen`` times recorded but not yet committed."""
+        self._flush_queued = False
+        self._accounts: dict[str, tuple[float, AccountRecord]] = {}
+        """Ingress key hash → (monotonic expiry, account): positive lookups only."""
+        self._account_generation = 0
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -162,8 +194,12 @@ class SqliteStore:
         store = cls(**kwargs)
         try:
             await store._run(lambda: store._connect(path))
+            # After the writer made the schema: the reader only ever reads.
+            await store._read(lambda: store._connect_reader(path))
         except StoreError:
+            await store._run_unchecked(store._close_conn)
             store._executor.shutdown(wait=True)
+            store._reader.shutdown(wait=True)
             raise
         store._writer = asyncio.create_task(store._write_loop(), name="sqlite-store-writer")
         return store
@@ -180,6 +216,20 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite: {exc}") from exc
 
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the read thread (its own connection: never waits for a commit)."""
+        if self._closed:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._reader, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _run_unchecked(self, fn: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, fn)
+
     def _connect(self, path: Path) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
         try:
@@ -194,10 +244,26 @@ class SqliteStore:
             raise
         self._conn = conn
 
+    def _connect_reader(self, path: Path) -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self._read_conn = conn
+
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:  # pragma: no cover - open() guarantees it
             raise StoreError("store is not open")
         return self._conn
+
+    def _rdb(self) -> sqlite3.Connection:
+        """The read connection (on the read thread only)."""
+        if self._read_conn is None:  # pragma: no cover - open() guarantees it
+            raise StoreError("store is not open")
+        return self._read_conn
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(lambda: self._write(fn))
@@ -224,14 +290,27 @@ class SqliteStore:
             self._writer.cancel()  # now idle in queue.get()
             await asyncio.gather(self._writer, return_exceptions=True)
         loop = asyncio.get_running_loop()
+        if self._cursors or self._touches:
+            # Left over by a failed commit: one last try, then they are lost (re-delivery).
+            try:
+                await self._tx(self._side_writes(dict(self._cursors), dict(self._touches)))
+            except StoreError as exc:
+                log.warning("store.cursor_flush_failed", extra={"error": str(exc)})
+        await loop.run_in_executor(self._reader, self._close_read_conn)
         await loop.run_in_executor(self._executor, self._close_conn)
         self._closed = True
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     def _close_conn(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _close_read_conn(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
 
     async def ping(self) -> None:
         await self._run(lambda: self._db().execute("SELECT 1").fetchone())
@@ -280,17 +359,24 @@ class SqliteStore:
         return record
 
     async def get_account(self, id_or_name: str) -> AccountRecord | None:
-        return await self._run(
+        return await self._read(
             lambda: self._one_account("id = ? OR name = ? ORDER BY id = ? DESC", (id_or_name,) * 3)
         )
 
     async def account_by_ingress_hash(self, key_hash: str) -> AccountRecord | None:
+        if self._closed:
+            raise StoreError("store is closed")
+        cached = self._accounts.get(key_hash)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        generation = self._account_generation
+
         def select() -> AccountRecord | None:
             current = self._one_account("ingress_key_hash = ?", (key_hash,))
             if current is not None:
                 return current
             row = (
-                self._db()
+                self._rdb()
                 .execute(
                     "SELECT account_id FROM previous_ingress_keys"
                     " WHERE key_hash = ? AND valid_until > ?",
@@ -301,16 +387,32 @@ class SqliteStore:
             found = None if row is None else self._one_account("id = ?", (row[0],))
             return None if found is None else replace(found, ingress_key_hash=key_hash)
 
-        return await self._run(select)
+        account = await self._read(select)
+        # Only current keys are cached (a previous key's deadline is checked every time), and
+        # nothing read while a key change committed (the generation moved meanwhile).
+        if (
+            account is not None
+            and account.ingress_key_hash == key_hash
+            and generation == self._account_generation
+        ):
+            if len(self._accounts) >= _ACCOUNT_CACHE_SIZE:
+                self._accounts.clear()
+            self._accounts[key_hash] = (time.monotonic() + _ACCOUNT_TTL, account)
+        return account
+
+    def _forget_accounts(self) -> None:
+        """An account changed on this instance: drop every cached lookup."""
+        self._account_generation += 1
+        self._accounts.clear()
 
     async def list_accounts(self) -> list[AccountRecord]:
         def select() -> list[AccountRecord]:
-            rows = self._db().execute(
+            rows = self._rdb().execute(
                 f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id"
             )
             return [_account(row) for row in rows]
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def update_account(
         self, account_id: str, *, xon_api_url: str | None = None, xon_api_key: str | None = None
@@ -324,11 +426,14 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else _account(row)
 
-        return await self._tx(update)
+        try:
+            return await self._tx(update)
+        finally:
+            self._forget_accounts()
 
     def _one_account(self, where: str, args: tuple[str, ...]) -> AccountRecord | None:
         row = (
-            self._db()
+            self._rdb()
             .execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE {where} LIMIT 1", args)
             .fetchone()
         )
@@ -378,13 +483,19 @@ class SqliteStore:
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
         def select() -> AgentRecord | None:
             row = (
-                self._db()
+                self._rdb()
                 .execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE id = ?", (agent_id,))
                 .fetchone()
             )
             return None if row is None else _agent(row)
 
-        return await self._run(select)
+        agent = await self._read(select)
+        return None if agent is None else self._with_touch(agent)
+
+    def _with_touch(self, agent: AgentRecord) -> AgentRecord:
+        """``agent`` with its ``last_seen`` not yet committed, if any."""
+        seen = self._touches.get(agent.id)
+        return agent if seen is None else replace(agent, last_seen=seen)
 
     async def list_agents(self, account_id: str | None = None) -> list[AgentRecord]:
         def select() -> list[AgentRecord]:
@@ -393,10 +504,10 @@ class SqliteStore:
             if account_id is not None:
                 sql += " WHERE account_id = ?"
                 args = (account_id,)
-            rows = self._db().execute(sql + " ORDER BY created_at, id", args)
+            rows = self._rdb().execute(sql + " ORDER BY created_at, id", args)
             return [_agent(row) for row in rows]
 
-        return await self._run(select)
+        return [self._with_touch(agent) for agent in await self._read(select)]
 
     async def revoke_agent(self, agent_id: str, *, now: float) -> AgentRecord | None:
         def revoke(conn: sqlite3.Connection) -> AgentRecord | None:
@@ -411,16 +522,29 @@ class SqliteStore:
         return await self._tx(revoke)
 
     async def touch_agent(self, agent_id: str, *, now: float) -> None:
-        def touch(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE agents SET last_seen = ? WHERE id = ?", (now, agent_id))
-
-        await self._tx(touch)
+        # Written behind (module docstring): a reconnect storm makes one transaction.
+        self._check_writable()
+        self._touches[agent_id] = now
+        self._queue_flush()
 
     # -- events and cursors --------------------------------------------------------------------
 
-    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+    def _check_writable(self) -> None:
         if self._closing or self._writer is None or self._writer.done():
             raise StoreError("store is closed")
+
+    def _queue_flush(self) -> None:
+        """Make sure the writer runs soon for the written-behind values."""
+        if self._flush_queued:
+            return
+        try:
+            self._queue.put_nowait(None)
+        except asyncio.QueueFull:
+            return  # the writer is busy: it takes the values with its next batch
+        self._flush_queued = True
+
+    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+        self._check_writable()
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         # A bounded queue: when the disk falls behind, ingress handlers wait here.
         await self._queue.put(_Pending(event, xon_id, done))
@@ -428,60 +552,107 @@ class SqliteStore:
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            taken = [await self._queue.get()]
+            while len(taken) < self._batch_size and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            self._flush_queued = False
+            batch = [pending for pending in taken if pending is not None]
+            cursors, touches = dict(self._cursors), dict(self._touches)
+            if not (batch or cursors or touches):
+                for _ in taken:
+                    self._queue.task_done()
+                continue
+            side = self._side_writes(cursors, touches)
+
+            def write(conn: sqlite3.Connection) -> list[AppendResult]:
+                side(conn)
+                return _append_batch(conn, batch)
+
             try:
-                results = await self._tx(lambda c: _append_batch(c, batch))
+                results = await self._tx(write)
             except StoreError as exc:
+                # The written-behind values stay recorded: the next transaction retries them.
                 log.warning("store.commit_failed", extra={"events": len(batch), "error": str(exc)})
                 for pending in batch:
                     if not pending.done.done():
                         pending.done.set_exception(StoreError(str(exc)))
             else:
-                self.commit_count += 1
+                if batch:
+                    self.commit_count += 1
+                self._forget_written(cursors, touches)
                 for pending, result in zip(batch, results, strict=True):
                     if not pending.done.done():  # the caller may have been cancelled
                         pending.done.set_result(result)
-            for _ in batch:
+            for _ in taken:
                 self._queue.task_done()
+
+    @staticmethod
+    def _side_writes(
+        cursors: dict[str, int], touches: dict[str, float]
+    ) -> Callable[[sqlite3.Connection], None]:
+        def write(conn: sqlite3.Connection) -> None:
+            if cursors:
+                conn.executemany(
+                    "UPDATE agents SET cursor = ? WHERE id = ?",
+                    [(seq, agent_id) for agent_id, seq in cursors.items()],
+                )
+            if touches:
+                conn.executemany(
+                    "UPDATE agents SET last_seen = ? WHERE id = ?",
+                    [(now, agent_id) for agent_id, now in touches.items()],
+                )
+
+        return write
+
+    def _forget_written(self, cursors: dict[str, int], touches: dict[str, float]) -> None:
+        """Drop the committed values, unless a newer one was recorded meanwhile."""
+        for agent_id, seq in cursors.items():
+            if self._cursors.get(agent_id) == seq:
+                del self._cursors[agent_id]
+        for agent_id, now in touches.items():
+            if self._touches.get(agent_id) == now:
+                del self._touches[agent_id]
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
-            rows = self._db().execute(
+            rows = self._rdb().execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (account_id, after, limit),
             )
             return [_stored(row) for row in rows]
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def head_seq(self, account_id: str) -> int:
         def select() -> int:
             row = (
-                self._db()
+                self._rdb()
                 .execute("SELECT MAX(seq) FROM events WHERE account_id = ?", (account_id,))
                 .fetchone()
             )
             return int(row[0] or 0)
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def get_cursor(self, agent_id: str) -> int:
+        recorded = self._cursors.get(agent_id)
+        if recorded is not None:
+            return recorded
+
         def select() -> int:
-            row = (
-                self._db().execute("SELECT cursor FROM agents WHERE id = ?", (agent_id,)).fetchone()
-            )
+            row = self._rdb().execute(
+                "SELECT cursor FROM agents WHERE id = ?", (agent_id,)
+            ).fetchone()
             return 0 if row is None else int(row[0])
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def set_cursor(self, agent_id: str, seq: int) -> None:
-        def update(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE agents SET cursor = ? WHERE id = ?", (seq, agent_id))
-
-        await self._tx(update)
+        # Written behind (module docstring): an ack no longer waits for an fsync of its own.
+        self._check_writable()
+        self._cursors[agent_id] = seq
+        self._queue_flush()
 
     # -- link ownership (docs/scaling.md) ------------------------------------------------------
 
@@ -518,7 +689,7 @@ class SqliteStore:
             # SQLite limits host parameters (999 in old builds): ask in chunks.
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                rows = self._db().execute(
+                rows = self._rdb().execute(
                     "SELECT agents.id, agents.revoked_at, COALESCE(links.epoch, 0) FROM agents"
                     " LEFT JOIN links ON links.agent_id = agents.id"
                     f" WHERE agents.id IN ({', '.join('?' * len(chunk))})",
@@ -528,7 +699,7 @@ class SqliteStore:
                     found[agent_id] = LinkCheck(epoch=int(epoch), revoked=revoked_at is not None)
             return found
 
-        return await self._run(select)
+        return await self._read(select)
 
     # -- retention (docs/redis.md, Retention) ---------------------------------------------------
 
@@ -536,7 +707,7 @@ class SqliteStore:
         self, account_id: str, *, keep_events: int | None, keep_since: float | None
     ) -> int:
         def select() -> int:
-            db = self._db()
+            db = self._rdb()
             cut = 0
             if keep_events is not None:
                 row = db.execute(
@@ -554,7 +725,7 @@ class SqliteStore:
                 cut = max(cut, int(row[0] or 0))
             return cut
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
         def trim(conn: sqlite3.Connection) -> int:
@@ -580,7 +751,7 @@ class SqliteStore:
     async def trimmed_through(self, account_id: str) -> int:
         def select() -> int:
             row = (
-                self._db()
+                self._rdb()
                 .execute(
                     "SELECT trimmed_through FROM retention WHERE account_id = ?", (account_id,)
                 )
@@ -588,7 +759,7 @@ class SqliteStore:
             )
             return 0 if row is None else int(row[0])
 
-        return await self._run(select)
+        return await self._read(select)
 
     # -- CTOX idempotency ---------------------------------------------------------------------
 
@@ -618,10 +789,10 @@ class SqliteStore:
 
     async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
         def select() -> CommandRecord | None:
-            record = _one_command(self._db(), account_id, key)
+            record = _one_command(self._rdb(), account_id, key)
             return record if record is not None and record.expires_at > now else None
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def finish_command(
         self,
@@ -686,12 +857,12 @@ class SqliteStore:
 
     async def status_snapshot(self, account_id: str) -> list[StatusItem]:
         def select() -> list[StatusItem]:
-            rows = self._db().execute(
+            rows = self._rdb().execute(
                 "SELECT item FROM status_items WHERE account_id = ? ORDER BY key", (account_id,)
             )
             return [StatusItem.from_json(account_id, json.loads(row[0])) for row in rows]
 
-        return await self._run(select)
+        return await self._read(select)
 
 
     # -- operations (docs/operations.md) -------------------------------------------------------
@@ -709,7 +880,10 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else _account(row)
 
-        return await self._tx(update)
+        try:
+            return await self._tx(update)
+        finally:
+            self._forget_accounts()
 
     async def rotate_ingress_key(
         self, account_id: str, *, new_hash: str, old_valid_until: float
@@ -736,32 +910,40 @@ class SqliteStore:
             ).fetchone()
             return _account(updated)
 
-        return await self._tx(rotate)
+        try:
+            return await self._tx(rotate)
+        finally:
+            self._forget_accounts()
 
     async def previous_ingress_keys(self, account_id: str, *, now: float) -> list[float]:
         def select() -> list[float]:
-            rows = self._db().execute(
+            rows = self._rdb().execute(
                 "SELECT valid_until FROM previous_ingress_keys"
                 " WHERE account_id = ? AND valid_until > ? ORDER BY valid_until",
                 (account_id, now),
             )
             return [float(row[0]) for row in rows]
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def delete_account(self, account_id: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
             args = (account_id,)
-            conn.execute(
-                "DELETE FROM links WHERE agent_id IN (SELECT id FROM agents WHERE account_id = ?)",
-                args,
-            )
+            for owned in ("links", "replays"):
+                conn.execute(
+                    f"DELETE FROM {owned} WHERE agent_id IN"
+                    " (SELECT id FROM agents WHERE account_id = ?)",
+                    args,
+                )
             for table in ("agents", "events", "commands", "status_items", "retention"):
                 conn.execute(f"DELETE FROM {table} WHERE account_id = ?", args)
             conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
             return conn.execute("DELETE FROM accounts WHERE id = ?", args).rowcount > 0
 
-        return await self._tx(delete)
+        try:
+            return await self._tx(delete)
+        finally:
+            self._forget_accounts()
 
     async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
         def update(conn: sqlite3.Connection) -> AgentRecord | None:
@@ -782,28 +964,28 @@ class SqliteStore:
             if account_id is not None:
                 sql += " AND account_id = ?"
                 args += (account_id,)
-            row = self._db().execute(sql, args).fetchone()
+            row = self._rdb().execute(sql, args).fetchone()
             return None if row is None else _stored(row)
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def recent_events(
         self, account_id: str, *, limit: int, before: int | None = None
     ) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
-            rows = self._db().execute(
+            rows = self._rdb().execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND seq < ?"
                 " ORDER BY seq DESC LIMIT ?",
                 (account_id, before if before is not None else 2**63 - 1, limit),
             )
             return [_stored(row) for row in rows]
 
-        return await self._run(select)
+        return await self._read(select)
 
     async def count_after(self, account_id: str, after: int) -> int:
         def select() -> int:
             row = (
-                self._db()
+                self._rdb()
                 .execute(
                     "SELECT COUNT(*) FROM events WHERE account_id = ? AND seq > ?",
                     (account_id, after),
@@ -812,7 +994,28 @@ class SqliteStore:
             )
             return int(row[0])
 
-        return await self._run(select)
+        return await self._read(select)
+
+    # -- replay (docs/operations.md, Replay) ----------------------------------------------------
+
+    async def request_replay(self, agent_id: str, after_seq: int) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO replays (agent_id, after_seq) SELECT id, ? FROM agents WHERE id = ?"
+                " ON CONFLICT (agent_id) DO UPDATE SET after_seq = excluded.after_seq",
+                (after_seq, agent_id),
+            )
+
+        await self._tx(record)
+
+    async def take_replay(self, agent_id: str) -> int | None:
+        def take(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "DELETE FROM replays WHERE agent_id = ? RETURNING after_seq", (agent_id,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._tx(take)
 
 
 def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> CommandRecord | None:
