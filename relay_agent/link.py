@@ -410,7 +410,7 @@ class AgentLink:
                     head = beat  # judged after this batch is committed
                 case Welcomed(
                     account_id=account_id, resume_after=resume_after, window=window,
-                    trimmed_through=trimmed,
+                    trimmed_through=trimmed, replay_after=replay,
                 ):
                     welcomed = True
                     conn.window = window
@@ -430,6 +430,11 @@ class AgentLink:
                         extra={"agent_id": self.config.agent_id, "account_id": account_id,
                                "resume_after": resume_after},
                     )
+                    if replay is not None:
+                        # docs/operations.md, Replay: the events after ``replay`` come again;
+                        # the inbox keeps the ones it holds once (by id) and acks them all.
+                        log.info("link.replay", extra={"replay_after": replay,
+                                                       "resume_after": resume_after})
                     await self.commands.attach(conn)
                 case CommandResultReceived(result=result):
                     self.commands.deliver(result)

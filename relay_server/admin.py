@@ -385,6 +385,74 @@ async def revoke_agent(request: web.Request) -> web.Response:
     return web.json_response({"agent_id": agent_id, "revoked": True, "disconnected": disconnected})
 
 
+_REPLAY_CLOSE = 1000
+"""A normal close: the agent reconnects at once and its next link carries the replay."""
+
+
+def _replay_point(data: dict[str, object]) -> tuple[str, int | float]:
+    """``("since", unix time)`` or ``("after_seq", N)``: exactly one of the two."""
+    if len(data) != 1 or not set(data) <= {"since", "after_seq"}:
+        raise ApiError(400, "bad_request", "give either since (ISO 8601) or after_seq, only")
+    if "after_seq" in data:
+        after = data["after_seq"]
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= 2**62:
+            raise ApiError(400, "bad_request", "'after_seq' must be an integer 0 or more")
+        return "after_seq", after
+    since = data["since"]
+    try:
+        if not isinstance(since, str):
+            raise ValueError(since)
+        return "since", parse_time(since)
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", "'since' must be an ISO 8601 time") from exc
+
+
+@routes.post("/v1/agents/{agent_id}/replay")
+async def replay_agent(request: web.Request) -> web.Response:
+    """Send the agent its account's events again, from a time or after a seq
+    (docs/operations.md, Replay). The point is recorded in the store and the agent is
+    disconnected with a normal close, so its next link (at once when it is online, else when
+    it next connects) starts there; its inbox keeps one copy of each event."""
+    services = request.app[services_key]
+    store = services.store
+    agent_id = request.match_info["agent_id"]
+    data = await read_json_object(request)
+    kind, value = _replay_point(data)
+    agent = await store.get_agent(agent_id)
+    if agent is None:
+        raise ApiError(404, "unknown_agent", f"no agent {agent_id!r}")
+    if agent.revoked:
+        raise ApiError(409, "agent_revoked", f"agent {agent_id!r} is revoked")
+    if kind == "since":
+        # The newest event received before that time: the replay starts with the first event
+        # at or after it.
+        after = await store.retention_cut(agent.account_id, keep_events=None, keep_since=value)
+    else:
+        after = int(value)
+    head = await store.head_seq(agent.account_id)
+    await store.request_replay(agent_id, after)
+    disconnected = await services.hub.disconnect(agent_id, _REPLAY_CLOSE, "replay")
+    # Until the agent's next link takes the replay, the lowered cursor keeps the soft
+    # retention limits off the events to resend (that link stores it again).
+    if await store.get_cursor(agent_id) > after:
+        await store.set_cursor(agent_id, after)
+    events = await store.count_after(agent.account_id, after)
+    log.info(
+        "agent.replay_requested",
+        extra={"agent_id": agent_id, "after_seq": after, "disconnected": disconnected},
+    )
+    return web.json_response(
+        {
+            "agent_id": agent_id,
+            "account_id": agent.account_id,
+            "after_seq": after,
+            "through_seq": head,
+            "events": events,
+            "disconnected": disconnected,
+        }
+    )
+
+
 @routes.get("/v1/agents/{agent_id}")
 async def get_agent(request: web.Request) -> web.Response:
     state = await _agent(request.app[services_key], request.match_info["agent_id"])

@@ -105,6 +105,16 @@ def add_commands(
     agent_rename = agent_sub.add_parser("rename", parents=[admin], help="rename an agent")
     agent_rename.add_argument("agent_id", metavar="AGENT_ID")
     agent_rename.add_argument("name", metavar="NEW_NAME")
+    agent_replay = agent_sub.add_parser(
+        "replay", parents=[admin], help="send an agent its account's events again"
+    )
+    agent_replay.add_argument("agent_id", metavar="AGENT_ID")
+    point = agent_replay.add_mutually_exclusive_group(required=True)
+    point.add_argument("--since", help="from this time: ISO 8601, or a duration ago (2h)")
+    point.add_argument("--after-seq", type=int, help="the events after this seq")
+    agent_replay.add_argument(
+        "--wait", default="30s", help="how long to show progress (default 30s; 0: do not wait)"
+    )
 
     events = sub.add_parser("events", help="look at the event log")
     events_sub = events.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -148,6 +158,8 @@ def dispatch(args: argparse.Namespace, call: Call) -> int | None:
         case ("agent", "rename"):
             res = call("PATCH", f"/v1/agents/{_q(args.agent_id)}", {"name": args.name})
             return _agent_show(args, res)
+        case ("agent", "replay"):
+            return _agent_replay(args, call, sys.stderr)
         case ("events", "show"):
             return _event_show(args, call)
         case ("events", "list"):
@@ -237,6 +249,63 @@ def _agent_show(args: argparse.Namespace, res: dict[str, Any]) -> int:
     print(f"  last seen: {res['last_seen'] or '-'}; online since: {res['online_since'] or '-'}")
     print(f"  cursor: {res['cursor']}; backlog: {res['backlog']} event(s)")
     return 0
+
+
+def _agent_replay(args: argparse.Namespace, call: Call, progress: IO[str]) -> int:
+    """Record the replay, then follow the agent's cursor until it passed the log's head of
+    the request (or ``--wait`` ran out, or the agent is offline: it replays when it next
+    connects)."""
+    wait = parse_duration(args.wait)
+    body: dict[str, Any]
+    if args.since is not None:
+        body = {"since": format_time(parse_since(args.since, now=time.time()))}
+    else:
+        if args.after_seq < 0:
+            raise CommandFailed("--after-seq must be 0 or more")
+        body = {"after_seq": args.after_seq}
+    path = f"/v1/agents/{_q(args.agent_id)}"
+    res = call("POST", f"{path}/replay", body)
+    progress.write(
+        f"replay of agent {res['agent_id']} recorded: {res['events']} event(s) after seq"
+        f" {res['after_seq']}\n"
+    )
+    progress.flush()
+    state = _follow_replay(path, res, call, progress, wait)
+    if args.json:
+        _out({**res, "state": state})
+    elif state == "done":
+        print(f"agent {res['agent_id']} has every event through seq {res['through_seq']} again")
+    elif state == "pending":
+        print(f"agent {res['agent_id']} is offline: the replay starts when it next connects")
+    else:
+        print(f"agent {res['agent_id']} is still replaying; follow it with: agent show")
+    return 0
+
+
+_POLL = 0.25
+"""Seconds between two looks at the agent's cursor while a replay runs."""
+
+
+def _follow_replay(
+    path: str, res: dict[str, Any], call: Call, progress: IO[str], wait: float
+) -> str:
+    """``done``, ``pending`` (the agent is offline) or ``running`` (``wait`` ran out)."""
+    through, start = res["through_seq"], res["after_seq"]
+    if not res["disconnected"]:
+        return "pending"  # not connected (here): it takes the replay when it next connects
+    deadline = time.monotonic() + wait
+    shown = None
+    while True:
+        agent = call("GET", path, None)
+        if agent["cursor"] >= through and agent["online"]:
+            return "done"
+        if time.monotonic() >= deadline:
+            return "running" if agent["online"] else "pending"
+        if agent["online"] and agent["cursor"] != shown:
+            shown = agent["cursor"]
+            progress.write(f"replaying: at seq {max(shown, start)} of {through}\n")
+            progress.flush()
+        time.sleep(_POLL)
 
 
 def _event_show(args: argparse.Namespace, call: Call) -> int:

@@ -125,6 +125,10 @@ class AgentLink:
         """Events up to here are trimmed and were not owed to the agent (below its old cursor)."""
         self._saved = -1
         """The cursor this link last stored; a lower one is never stored after it."""
+        self._replay: int | None = None
+        """An operator's replay point this link took from the store (docs/operations.md)."""
+        self._replay_until = 0
+        """The agent's resume point: the replay is done once the cursor reaches it."""
         self._cursor_lock = asyncio.Lock()
         self.log = bind(log, conn_id=self.conn_id, peer=peer)
         self._loop = asyncio.get_running_loop()
@@ -268,6 +272,7 @@ class AgentLink:
                 if self._closer is not None:
                     await self._closer
                 await self._release_claim()
+                await self._keep_replay()
             finally:
                 self.log.info("agent.disconnected", extra={"close_code": self.ws.close_code})
                 self._done.set()
@@ -281,6 +286,25 @@ class AgentLink:
         except StoreError as exc:
             # The next link of this agent waits out cluster.handover_timeout instead.
             self.log.warning("agent.release_failed", extra={"error": str(exc)})
+
+    async def _keep_replay(self) -> None:
+        """The link ended: a replay it took and did not finish (the agent's cursor is still
+        below its resume point) is recorded again from where the agent got to, so that the
+        next link goes on with it. A replay requested meanwhile is kept too: the lower point
+        covers both."""
+        if self._replay is None or self.agent_id is None or self._saved >= self._replay_until:
+            return
+        after = max(self._replay, self._saved)
+        store = self.hub.store
+        try:
+            pending = await store.take_replay(self.agent_id)
+            if pending is not None:
+                after = min(after, pending)
+            await store.request_replay(self.agent_id, after)
+        except StoreError as exc:
+            self.log.warning("agent.replay_not_kept", extra={"error": str(exc)})
+            return
+        self.log.info("agent.replay_pending", extra={"replay_after": after})
 
     async def _pump(self) -> None:
         session = self.session
@@ -313,9 +337,11 @@ class AgentLink:
             case HelloReceived(agent_id=agent_id, subscription=subscription):
                 self._subscription = subscription
                 await self._lookup(agent_id)
-            case Authenticated(agent_id=agent_id, account_id=account_id, resume_after=resume):
+            case Authenticated(
+                agent_id=agent_id, account_id=account_id, resume_after=resume, replay_after=replay
+            ):
                 self.account_id = account_id
-                await self._start(agent_id, account_id, resume)
+                await self._start(agent_id, account_id, resume, replay)
             case Acked(seq=seq):
                 self.hub.metrics.acks.inc()
                 await self._save_cursor(self._acked_cursor(seq))
@@ -341,9 +367,12 @@ class AgentLink:
                 assert_never(event)
         return False
 
-    async def _start(self, agent_id: str, account_id: str, resume: int) -> None:
-        """The handshake is done: take the agent over, send the status snapshot, then events."""
-        self._scan = resume
+    async def _start(
+        self, agent_id: str, account_id: str, resume: int, replay: int | None
+    ) -> None:
+        """The handshake is done: take the agent over, send the status snapshot, then events
+        (from the operator's replay point when there is one)."""
+        self._scan = resume if replay is None else replay
         try:
             current = await self.hub.register(self)
             if current:
@@ -355,10 +384,16 @@ class AgentLink:
         if not current:
             self.session.close(CloseCode.REPLACED, "replaced by a newer connection")
             return
-        # DESIGN §Link protocol, Events: the agent's inbox is authoritative. Raised only over
-        # events that retention already dropped below the old cursor, so that a routed agent
-        # reconnecting before its next ack is not told of a hole of events never for it.
-        await self._save_cursor(max(resume, self._passed_through), reset=True)
+        if replay is not None:
+            # docs/operations.md, Replay: the cursor follows the replay, so the backlog shows
+            # what is left of it and the soft retention limits keep those events meanwhile.
+            await self._save_cursor(replay, reset=True)
+        else:
+            # DESIGN §Link protocol, Events: the agent's inbox is authoritative. Raised only
+            # over events that retention already dropped below the old cursor, so that a
+            # routed agent reconnecting before its next ack is not told of a hole of events
+            # never for it.
+            await self._save_cursor(max(resume, self._passed_through), reset=True)
         try:
             await self.hub.store.touch_agent(agent_id, now=time.time())
         except StoreError as exc:
@@ -367,6 +402,8 @@ class AgentLink:
             "agent.connected",
             extra={"account": account_id, "resume_after": resume, "epoch": self.epoch},
         )
+        if replay is not None:
+            self.log.info("agent.replay", extra={"replay_after": replay, "resume_after": resume})
         if self._may_send:
             self._sender = asyncio.create_task(self._send_events())
             self._wake.set()
@@ -405,6 +442,10 @@ class AgentLink:
             agent = await self.hub.store.get_agent(agent_id)
             trimmed = 0 if agent is None else await self.hub.store.trimmed_through(agent.account_id)
             cursor = 0 if agent is None else await self.hub.store.get_cursor(agent_id)
+            if agent is not None and agent.public_key is not None and not agent.revoked:
+                # Taken now, as the welcome must carry it; put back by _keep_replay() if this
+                # link ends before the agent has it all.
+                self._replay = await self.hub.store.take_replay(agent_id)
         except StoreError as exc:
             self.log.warning("agent.store_unavailable", extra={"error": str(exc)})
             self.session.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
@@ -428,7 +469,17 @@ class AgentLink:
                     extra={"resume_after": resume, "cursor": cursor, "trimmed_through": trimmed},
                 )
             self._told_through = trimmed
-            self.session.agent_found(agent.public_key, agent.account_id, trimmed_through=hole)
+            self._replay_until = resume
+            replay = self._replay
+            if replay is not None and replay >= resume:
+                # The agent never had the events after its resume point: ordinary delivery
+                # sends them, no replay needed.
+                self.log.info("agent.replay_moot", extra={"replay_after": replay,
+                                                          "resume_after": resume})
+                replay = self._replay = None
+            self.session.agent_found(
+                agent.public_key, agent.account_id, trimmed_through=hole, replay_after=replay
+            )
 
     async def _send_snapshot(self, account_id: str) -> None:
         """The account's whole status before any event (DESIGN §Link protocol, Status)."""

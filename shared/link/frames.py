@@ -133,7 +133,8 @@ class Auth:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
-    """Relay → agent: authenticated; events follow with seq > ``resume_after``."""
+    """Relay → agent: authenticated; events follow with seq > ``resume_after`` (or
+    ``replay_after``, when set)."""
 
     type: ClassVar[str] = "welcome"
     agent_id: str
@@ -144,6 +145,11 @@ class Welcome:
     """Above ``resume_after`` when the relay's retention dropped the events after it up to this
     seq before the agent acked them: they are lost, delivery resumes after them (0: nothing
     was lost). Older agents ignore the field."""
+    replay_after: int | None = None
+    """Set when an operator asked the relay to send this account's events again (docs/
+    operations.md, Replay): events follow with seq > ``replay_after``, below ``resume_after``
+    too, once for this link; the agent's inbox drops the ones it still holds by event id.
+    Left out: no replay, events follow ``resume_after`` as usual."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -171,11 +171,13 @@ class HelloReceived:
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
-    """Relay: the agent proved its identity; the link is OPEN, deliver after ``resume_after``."""
+    """Relay: the agent proved its identity; the link is OPEN, deliver after ``resume_after``
+    (after ``replay_after`` instead when it is set: an operator's replay, docs/operations.md)."""
 
     agent_id: str
     account_id: str
     resume_after: int
+    replay_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,9 @@ class Welcomed:
     trimmed_through: int = 0
     """Above ``resume_after`` when the relay's retention dropped the events after
     ``resume_after`` up to this seq before they were acked: tell the operator."""
+    replay_after: int | None = None
+    """Set when the relay replays the account's log from this seq (below ``resume_after``):
+    the events that follow may already be in the inbox, which drops them by event id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +521,7 @@ class RelaySession(LinkSession):
         self._agent_id = ""
         self._agent: tuple[str, str] | None = None  # (public key, account id) once looked up
         self._trimmed_through = 0
+        self._replay_after: int | None = None
 
     @property
     def can_offer(self) -> bool:
@@ -532,7 +538,14 @@ class RelaySession(LinkSession):
         """Events offered and not yet acked."""
         return self._window.in_flight
 
-    def agent_found(self, public_key: str, account_id: str, *, trimmed_through: int = 0) -> None:
+    def agent_found(
+        self,
+        public_key: str,
+        account_id: str,
+        *,
+        trimmed_through: int = 0,
+        replay_after: int | None = None,
+    ) -> None:
         """Answer :class:`HelloReceived` for an enrolled, unrevoked agent.
 
         Args:
@@ -540,16 +553,26 @@ class RelaySession(LinkSession):
             account_id: the account the agent belongs to.
             trimmed_through: the highest seq retention dropped from the account's log; when it
                 is above the agent's resume point, the ``welcome`` says so (docs/protocol.md).
+            replay_after: an operator's pending replay (docs/operations.md, Replay): deliver
+                after this seq instead of the agent's resume point, which it must be below.
 
         Raises:
             InvalidState: not waiting for a lookup (before ``hello``, or a second answer).
+            LocalProtocolError: ``replay_after`` is negative or not below the resume point.
         """
         if self.state >= CLOSING:
             return
         if self.state is not AUTHENTICATING or self._agent is not None:
             raise InvalidState(f"agent_found() answers one hello; state {self.state.name}")
+        resume_after = self._window.last_offered
+        if replay_after is not None and not 0 <= replay_after < resume_after:
+            raise LocalProtocolError(
+                f"replay_after {replay_after} must be 0 or more and below the agent's resume"
+                f" point {resume_after}"
+            )
         self._agent = (public_key, account_id)
         self._trimmed_through = trimmed_through
+        self._replay_after = replay_after
 
     def offer(self, seq: int, event: dict[str, Any]) -> bool:
         """Send one event unless the window is full.
@@ -664,6 +687,10 @@ class RelaySession(LinkSession):
         # docs/protocol.md, Retention: the explicit signal that events the agent never acked
         # are gone; seqs may skip, so delivery simply resumes after them.
         lost = self._trimmed_through if self._trimmed_through > resume_after else 0
+        replay = self._replay_after
+        if replay is not None:
+            # docs/operations.md, Replay: this link sends the log again from the replay point.
+            self._window = SendWindow(size=self._window.size, start=replay)
         self._send(
             Welcome(
                 agent_id=self._agent_id,
@@ -671,9 +698,10 @@ class RelaySession(LinkSession):
                 resume_after=resume_after,
                 window=self._window.size,
                 trimmed_through=lost,
+                replay_after=replay,
             )
         )
-        self._events.append(Authenticated(self._agent_id, account_id, resume_after))
+        self._events.append(Authenticated(self._agent_id, account_id, resume_after, replay))
 
 
 class AgentSession(LinkSession):
@@ -810,7 +838,14 @@ class AgentSession(LinkSession):
             or welcome.window < 1
         ):
             raise RemoteProtocolError("welcome does not match this agent's hello")
+        replay = welcome.replay_after
+        if replay is not None:
+            # docs/operations.md, Replay: honoured once, here, for this link only. Below the
+            # resume point or it would skip events instead of sending them again.
+            if not 0 <= replay < welcome.resume_after:
+                raise RemoteProtocolError("welcome replay_after must be below resume_after")
+            self._window.rewind(replay)
         lost = welcome.trimmed_through if welcome.trimmed_through > welcome.resume_after else 0
         self._events.append(
-            Welcomed(welcome.account_id, welcome.resume_after, welcome.window, lost)
+            Welcomed(welcome.account_id, welcome.resume_after, welcome.window, lost, replay)
         )

@@ -139,6 +139,21 @@ class ReceiveWindow:
             )
         self.highest = seq
 
+    def rewind(self, start: int) -> None:
+        """Accept the seqs after ``start`` again, even those at or below the resume point:
+        the relay replays the account's log from there (docs/operations.md, Replay). Acks
+        start over from ``start`` too, so that each replayed batch is acked as it commits.
+
+        Raises:
+            LocalProtocolError: ``start`` is negative or above the highest seq received.
+        """
+        if not 0 <= start <= self.highest:
+            raise LocalProtocolError(
+                f"cannot rewind to {start}: it must be 0 to the highest seq {self.highest}"
+            )
+        self.highest = start
+        self.acked = start
+
     def ack(self, seq: int) -> bool:
         """Record that everything up to ``seq`` is committed in the inbox.
 
