@@ -1,20 +1,12 @@
-"""Child processes of a bench: started with their own environment, always stopped."""
+"""Child processes of a bench: the demo's supervisor (shared.sim.procs) raising BenchFailed."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import signal
-from pathlib import Path
-from typing import IO, Any
-
 from shared.errors import RelayError
+from shared.sim import procs as _sim
+from shared.sim.procs import STEP, wait_for_json
 
 __all__ = ["BenchFailed", "Children", "run_command", "wait_for_json", "STEP"]
-
-STEP = 0.05
-"""Seconds between two looks at a file or a figure another process writes."""
 
 
 class BenchFailed(RelayError):
@@ -23,113 +15,14 @@ class BenchFailed(RelayError):
     code = "bench_failed"
 
 
-class Children:
+class Children(_sim.Children):
     """The subprocesses of one bench; :meth:`stop_all` ends every one of them."""
 
-    def __init__(self) -> None:
-        self._procs: list[tuple[str, asyncio.subprocess.Process, IO[bytes] | None]] = []
-
-    async def start(
-        self,
-        name: str,
-        args: list[str],
-        log_path: Path | None,
-        *,
-        env: dict[str, str] | None = None,
-        pipes: bool = False,
-    ) -> asyncio.subprocess.Process:
-        """Start ``args``; output to ``log_path`` (stderr too), or stdin/stdout pipes."""
-        log = log_path.open("ab") if log_path is not None else None
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if pipes else log,
-                stderr=log,
-                env=env,
-            )
-        except BaseException:
-            if log is not None:
-                log.close()
-            raise
-        self._procs.append((name, proc, log))
-        return proc
-
-    def check_alive(self) -> None:
-        """Raise :class:`BenchFailed` naming the first child that exited on its own."""
-        for name, proc, log in self._procs:
-            if proc.returncode is not None:
-                where = f" (log: {log.name})" if log is not None else ""
-                raise BenchFailed(f"{name} exited with code {proc.returncode}{where}")
-
-    async def stop(self, proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-        """SIGTERM one child, SIGKILL it after ``grace`` seconds; forget it."""
-        for entry in list(self._procs):
-            if entry[1] is proc:
-                await self._stop(entry, grace)
-                self._procs.remove(entry)
-
-    async def stop_all(self, grace: float = 10.0) -> None:
-        """SIGTERM every child, then SIGKILL those still running after ``grace`` seconds."""
-        for _, proc, _ in self._procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for entry in self._procs:
-            await self._stop(entry, grace)
-        self._procs.clear()
-
-    @staticmethod
-    async def _stop(
-        entry: tuple[str, asyncio.subprocess.Process, IO[bytes] | None], grace: float
-    ) -> None:
-        _, proc, log = entry
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        if log is not None:
-            log.close()
+    error = BenchFailed
 
 
-async def run_command(args: list[str], *, env: dict[str, str] | None = None,
-                      timeout: float = 60.0) -> str:
-    """Run a short command and return its stdout.
-
-    Raises:
-        BenchFailed: non-zero exit (with the last line of its stderr) or no end in time.
-    """
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env,
-    )
-    what = " ".join([Path(args[0]).name, *args[1:3]])
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise BenchFailed(f"{what} did not finish within {timeout:g} s") from None
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines() or ["no error output"]
-        raise BenchFailed(f"{what} failed (exit {proc.returncode}): {lines[-1]}")
-    return out.decode(errors="replace")
-
-
-async def wait_for_json(path: Path, children: Children, *, timeout: float) -> dict[str, Any]:
-    """Wait until ``path`` holds a JSON object (written by a child) and return it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        children.check_alive()
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                return data
-        await asyncio.sleep(STEP)
-    raise BenchFailed(f"{path} did not appear within {timeout:g} s")
+async def run_command(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> str:
+    """Run a short command and return its stdout; raises :class:`BenchFailed` on failure."""
+    return await _sim.run_command(args, env=env, timeout=timeout, error=BenchFailed)
