@@ -11,6 +11,12 @@ A store outage does not end a link (issue 5, docs/scaling.md): the sender retrie
 back-off and resumes by itself, and a failed cursor write is skipped (the agent's inbox is
 authoritative; the next ack writes it). Only a handshake that cannot read the store is refused
 with 4011, which the agent retries with back-off.
+
+Load shedding (docs/performance.md, reconnect storm; ``None`` turns it off): at most
+``link.max_handshakes`` links per relay process may be between the upgrade and the end of their
+handshake (authenticated and registered, or failed). Beyond that the upgrade is answered 503
+``busy`` with ``Retry-After`` before any WebSocket work, and the agent retries after its
+jittered back-off (DESIGN §Link protocol, Liveness) instead of queueing behind the store.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import assert_never
 
 from aiohttp import WSMsgType, web
 
 from shared import crypto
+from shared.config import LinkConfig
 from shared.errors import StoreError
 from shared.link import frames
 from shared.link.frames import SUBPROTOCOL, CloseCode
@@ -51,7 +59,8 @@ from shared.subscription import Subscription
 from .appkeys import config_key, hub_key
 from .ctox import refusal
 from .hub import AgentHub
-from .store.base import StatusItem, StoredEvent
+from .middleware import error_response
+from .store.base import AgentRecord, StatusItem, StoredEvent
 
 __all__ = ["handle", "AgentLink"]
 
@@ -67,17 +76,59 @@ _SCAN_PER_WAKE = 4096
 """Events one wake-up of the sender scans at most before it yields to the event loop, so that a
 long run of events not for a routed agent never holds the loop (docs/protocol.md, Routing)."""
 _MAX_REASON = 123  # RFC 6455 §5.5: a close frame's payload is 125 bytes, 2 of them the code
+_BUSY_RETRY_AFTER = 1
+"""Seconds a refused upgrade is told to wait; the agent's own jittered back-off spreads it."""
+_HANDSHAKE_STATES = (LinkState.CONNECTING, LinkState.AUTHENTICATING)
+
+_handshakes: weakref.WeakKeyDictionary[AgentHub, int] = weakref.WeakKeyDictionary()
+"""Handshakes in progress per hub, i.e. per relay process (tests run several in one)."""
+
+
+class HandshakeSlot:
+    """One of the ``link.max_handshakes`` handshakes a hub runs at once; released once."""
+
+    def __init__(self, hub: AgentHub) -> None:
+        self._hub: AgentHub | None = hub
+        _handshakes[hub] = _handshakes.get(hub, 0) + 1
+
+    @classmethod
+    def take(cls, hub: AgentHub) -> HandshakeSlot | None:
+        """A slot, or ``None`` when ``link.max_handshakes`` handshakes are in progress."""
+        limit = hub.link.max_handshakes
+        if limit is not None and _handshakes.get(hub, 0) >= limit:
+            return None
+        return cls(hub)
+
+    def release(self) -> None:
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            _handshakes[hub] -= 1
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Serve one agent WebSocket until it closes."""
+    """Serve one agent WebSocket until it closes; 503 ``busy`` when too many handshakes run."""
     hub = request.app[hub_key]
     config = request.app[config_key]
+    slot = HandshakeSlot.take(hub)
+    if slot is None:
+        log.debug("agent.upgrade_busy", extra={"peer": request.remote})
+        response = error_response(503, "busy", "too many agent handshakes in progress; retry")
+        response.headers["Retry-After"] = str(_BUSY_RETRY_AFTER)
+        return response
+    try:
+        return await _serve(request, hub, config.link, slot)
+    finally:
+        slot.release()
+
+
+async def _serve(
+    request: web.Request, hub: AgentHub, link_config: LinkConfig, slot: HandshakeSlot
+) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         timeout=hub.close_timeout,
-        heartbeat=config.link.ping_interval,
-        max_msg_size=config.link.max_message_size,
+        heartbeat=link_config.ping_interval,
+        max_msg_size=link_config.max_message_size,
         # Frames are small JSON: per-message deflate saves little and costs ~100 KB of zlib
         # state per connection (bench/scale: 130 KB -> 25 KB RSS per idle agent).
         compress=False,
@@ -89,7 +140,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # a normal disconnect, not a server error.
         log.debug("agent.upgrade_aborted", extra={"peer": request.remote})
         return ws
-    link = AgentLink(hub, ws, request.transport, peer=request.remote or "")
+    link = AgentLink(hub, ws, request.transport, peer=request.remote or "", slot=slot)
     await link.run()
     return ws
 
@@ -104,8 +155,11 @@ class AgentLink:
         transport: asyncio.Transport | None,
         *,
         peer: str,
+        slot: HandshakeSlot | None = None,
     ) -> None:
         self.hub = hub
+        self._slot = slot
+        """Released when the handshake ends (authenticated and started, or failed)."""
         self.ws = ws
         self._transport = transport
         self.conn_id = crypto.new_token(6)
@@ -264,6 +318,8 @@ class AgentLink:
             await self.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
         finally:
             # Bookkeeping first: the server may cancel this handler while it cleans up.
+            if self._slot is not None:
+                self._slot.release()
             self.hub.detach(self)
             try:
                 await self._stop_commands()
@@ -325,6 +381,9 @@ class AgentLink:
             for event in session.events_received():
                 if await self._handle(event):
                     return
+            if self._slot is not None and session.state not in _HANDSHAKE_STATES:
+                # Authenticated (and _start done: claim, snapshot, cursor) or failing.
+                self._slot.release()
             await self._flush()
             request = session.close_requested
             if request is not None and not self.ws.closed:
@@ -439,13 +498,7 @@ class AgentLink:
         self.agent_id = agent_id
         self.log = bind(log, conn_id=self.conn_id, agent_id=agent_id)
         try:
-            agent = await self.hub.store.get_agent(agent_id)
-            trimmed = 0 if agent is None else await self.hub.store.trimmed_through(agent.account_id)
-            cursor = 0 if agent is None else await self.hub.store.get_cursor(agent_id)
-            if agent is not None and agent.public_key is not None and not agent.revoked:
-                # Taken now, as the welcome must carry it; put back by _keep_replay() if this
-                # link ends before the agent has it all.
-                self._replay = await self.hub.store.take_replay(agent_id)
+            agent, cursor, trimmed = await self._read_agent(agent_id)
         except StoreError as exc:
             self.log.warning("agent.store_unavailable", extra={"error": str(exc)})
             self.session.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
@@ -480,6 +533,35 @@ class AgentLink:
             self.session.agent_found(
                 agent.public_key, agent.account_id, trimmed_through=hole, replay_after=replay
             )
+
+    async def _read_agent(self, agent_id: str) -> tuple[AgentRecord | None, int, int]:
+        """The agent's record, its stored cursor and its account's retention point (0 for an
+        agent that will be refused); takes its pending replay point into ``self._replay``.
+
+        Two rounds of concurrent reads rather than four in a row: in a reconnect storm each
+        handshake's reads queue on the store (docs/performance.md).
+
+        Raises:
+            StoreError: a read failed. A replay point taken meanwhile is kept in
+                ``self._replay``, so that :meth:`_keep_replay` puts it back.
+        """
+        store = self.hub.store
+        agent, cursor = await asyncio.gather(store.get_agent(agent_id), store.get_cursor(agent_id))
+        if agent is None or agent.public_key is None or agent.revoked:
+            return agent, cursor, 0  # refused: the retention point is not needed
+        # The replay point is taken now, as the welcome must carry it; put back by
+        # _keep_replay() if this link ends before the agent has it all.
+        trimmed, replay = await asyncio.gather(
+            store.trimmed_through(agent.account_id),
+            store.take_replay(agent_id),
+            return_exceptions=True,
+        )
+        if isinstance(replay, BaseException):
+            raise replay
+        self._replay = replay
+        if isinstance(trimmed, BaseException):
+            raise trimmed
+        return agent, cursor, trimmed
 
     async def _send_snapshot(self, account_id: str) -> None:
         """The account's whole status before any event (DESIGN §Link protocol, Status)."""

@@ -98,10 +98,18 @@ class LinkConfig:
     """Agent: seconds it waits, once a heartbeat says events are waiting and it has acked all
     it received, for an event to arrive before it closes the link (4013 ``stalled``) and
     reconnects; ``None``: never."""
+    max_handshakes: int | None = None
+    """Relay: link handshakes (upgrade to authenticated) one process runs at once; beyond it
+    the upgrade is answered 503 ``busy`` with ``Retry-After`` and the agent backs off with
+    jitter; ``None`` (default): no limit. Off by default because agents do not yet honour
+    Retry-After (each refusal doubles their back-off): it shortens a 10,000-agent storm but
+    lengthens 2,000–5,000-agent ones (docs/performance.md, round 3)."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ConfigError("link.window must be at least 1")
+        if self.max_handshakes is not None and self.max_handshakes < 1:
+            raise ConfigError("link.max_handshakes must be at least 1 (or none)")
         if self.auth_timeout <= 0:
             raise ConfigError("link.auth_timeout must be positive")
         if self.max_message_size < 1024:
