@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from .frames import (
     FATAL_CLOSE_CODES,
+    FEATURE_EVENTS,
+    FEATURES,
     LINK_VERSION,
+    MAX_EVENTS_BYTES,
+    MAX_EVENTS_ITEMS,
     SUBPROTOCOL,
     AccountId,
     Ack,
@@ -23,6 +27,7 @@ from .frames import (
     Error,
     Event,
     EventId,
+    Events,
     Frame,
     GoAway,
     Heartbeat,
@@ -32,6 +37,8 @@ from .frames import (
     Welcome,
     decode,
     encode,
+    encode_event_item,
+    encode_events,
 )
 from .session import (
     AUTHENTICATING,
@@ -66,6 +73,10 @@ __all__ = [
     # frames
     "LINK_VERSION",
     "SUBPROTOCOL",
+    "FEATURE_EVENTS",
+    "FEATURES",
+    "MAX_EVENTS_ITEMS",
+    "MAX_EVENTS_BYTES",
     "CloseCode",
     "FATAL_CLOSE_CODES",
     "AgentId",
@@ -78,6 +89,7 @@ __all__ = [
     "Auth",
     "Welcome",
     "Event",
+    "Events",
     "Ack",
     "Command",
     "CommandResult",
@@ -86,6 +98,8 @@ __all__ = [
     "Error",
     "Frame",
     "encode",
+    "encode_event_item",
+    "encode_events",
     "decode",
     # session
     "LinkState",

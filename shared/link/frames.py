@@ -9,6 +9,12 @@ close code the link must close with) for anything that is not a well-formed fram
 and version. Unknown *fields* are ignored so that a newer peer may add optional data; unknown
 *event parameters* are inside ``Event.event`` and pass through untouched (DESIGN principle 2).
 
+Optional behaviour that an older peer would refuse is negotiated: the agent's ``hello`` lists
+the ``features`` it understands (older relays ignore the field) and the relay uses one only when
+it is listed. :data:`FEATURES` is every feature of this version; today only
+:data:`FEATURE_EVENTS`, the ``events`` frame (issue 7: one WebSocket message per event made the
+socket write a tenth of the relay's time).
+
 Which side sends what (DESIGN §Link protocol):
 
 ========================  ==============  =================================================
@@ -19,6 +25,7 @@ frame                     direction       meaning
 ``auth``                  agent → relay   Ed25519 signature over (relay id, agent id, nonce)
 ``welcome``               relay → agent   authenticated; where delivery resumes; the window
 ``event``                 relay → agent   one event with its sequence number
+``events``                relay → agent   several events, oldest first (only if hello asked)
 ``ack``                   agent → relay   cumulative: every seq ≤ this one is committed
 ``command``               agent → relay   a CTOX command with its request id
 ``command_result``        relay → agent   X-on's answer to a command
@@ -44,6 +51,10 @@ from ..errors import RemoteProtocolError
 __all__ = [
     "LINK_VERSION",
     "SUBPROTOCOL",
+    "FEATURE_EVENTS",
+    "FEATURES",
+    "MAX_EVENTS_ITEMS",
+    "MAX_EVENTS_BYTES",
     "CloseCode",
     "FATAL_CLOSE_CODES",
     "AgentId",
@@ -55,6 +66,7 @@ __all__ = [
     "Auth",
     "Welcome",
     "Event",
+    "Events",
     "Ack",
     "Command",
     "CommandResult",
@@ -64,11 +76,24 @@ __all__ = [
     "Error",
     "Frame",
     "encode",
+    "encode_event_item",
+    "encode_events",
     "decode",
 ]
 
 LINK_VERSION = 1
 SUBPROTOCOL = "xon-relay.v1"
+
+FEATURE_EVENTS = "events"
+"""``hello`` feature: send me several events per message, in ``events`` frames."""
+FEATURES: tuple[str, ...] = (FEATURE_EVENTS,)
+"""Every optional feature this version of the link understands (the agent asks for all)."""
+MAX_EVENTS_ITEMS = 1024
+"""Most events one ``events`` frame may carry; a longer list is a malformed frame."""
+MAX_EVENTS_BYTES = 64 * 1024
+"""The relay closes an ``events`` frame before its UTF-8 encoding would pass this many bytes,
+far below the default ``link.max_message_size`` (2 MiB) of either side; an event that alone is
+larger travels in a frame of its own, as it would in an ``event`` frame."""
 
 AgentId = NewType("AgentId", str)
 AccountId = NewType("AccountId", str)
@@ -112,6 +137,9 @@ class Hello:
     subscription: dict[str, Any] | None = None
     """Which events this agent wants (docs/protocol.md, Routing); left out: every event. The
     relay validates it with :meth:`shared.subscription.Subscription.from_wire`."""
+    features: list[str] | None = None
+    """Optional link features the agent understands (:data:`FEATURES`); left out: none. Older
+    relays ignore the field, and a relay ignores names it does not know."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +187,17 @@ class Event:
     type: ClassVar[str] = "event"
     seq: int
     event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Events:
+    """Relay → agent, only to an agent whose ``hello`` listed :data:`FEATURE_EVENTS`: several
+    events in one message, each ``{"seq", "event"}`` on the wire. Decoding checks what it can
+    alone: 1 to :data:`MAX_EVENTS_ITEMS` items, integer seqs strictly increasing, object
+    events; the agent session checks the first seq against the ones before, as for ``event``."""
+
+    type: ClassVar[str] = "events"
+    items: list[Event]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,6 +275,7 @@ Frame = (
     | Auth
     | Welcome
     | Event
+    | Events
     | Ack
     | Command
     | CommandResult
@@ -253,6 +293,7 @@ _TYPES: dict[str, type[Any]] = {
         Auth,
         Welcome,
         Event,
+        Events,
         Ack,
         Command,
         CommandResult,
@@ -284,15 +325,35 @@ def _field_checks(cls: type[Any]) -> list[tuple[str, type, bool]]:
 
 _CHECKS = {name: _field_checks(cls) for name, cls in _TYPES.items()}
 
+# One encoder for every frame: json.dumps() with non-default options builds a new one per call,
+# a cost paid once per event on the relay's hot path (issue 7).
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_EVENTS_HEAD = f'{{"v":{LINK_VERSION},"type":"{Events.type}","items":['
+_EVENTS_TAIL = "]}"
+
 
 def encode(frame: Frame) -> str:
     """Encode a frame as one JSON text message."""
+    if isinstance(frame, Events):
+        return encode_events([encode_event_item(e.seq, e.event) for e in frame.items])
     data: dict[str, Any] = {"v": LINK_VERSION, "type": frame.type}
     for f in dataclasses.fields(frame):
         value = getattr(frame, f.name)
         if value is not None:  # an optional field that is unset stays off the wire
             data[f.name] = value
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(data)
+
+
+def encode_event_item(seq: int, event: dict[str, Any]) -> str:
+    """One item of an ``events`` frame, encoded on its own so that the sender can count the
+    frame's size as it fills it (:data:`MAX_EVENTS_BYTES`)."""
+    return _dumps({"seq": seq, "event": event})
+
+
+def encode_events(items: list[str]) -> str:
+    """An ``events`` frame around items from :func:`encode_event_item`, in order: as long as
+    ``encode_events([])`` plus the items and a comma between each two."""
+    return _EVENTS_HEAD + ",".join(items) + _EVENTS_TAIL
 
 
 def decode(text: str | bytes) -> Frame:
@@ -334,5 +395,28 @@ def decode(text: str | bytes) -> Frame:
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise RemoteProtocolError(f"{kind} frame field {name!r} must be {expected.__name__}")
         kwargs[name] = value
+    if cls is Events:
+        kwargs["items"] = _event_items(kwargs["items"])
     frame: Frame = cls(**kwargs)
     return frame
+
+
+def _event_items(raw: list[Any]) -> list[Event]:
+    """The items of an ``events`` frame as :class:`Event` values (see :class:`Events`)."""
+    if not 1 <= len(raw) <= MAX_EVENTS_ITEMS:
+        raise RemoteProtocolError(f"events frame must carry 1 to {MAX_EVENTS_ITEMS} items")
+    items = []
+    last: int | None = None
+    for item in raw:
+        if not isinstance(item, dict):
+            raise RemoteProtocolError("events frame items must be objects")
+        seq, event = item.get("seq"), item.get("event")
+        # type() rather than isinstance: a seq of `true` is malformed, not seq 1.
+        if type(seq) is not int or not isinstance(event, dict):
+            raise RemoteProtocolError("events frame items need an integer seq and an object event")
+        # DESIGN §Link protocol, Events: in order; the frame alone can show a step back.
+        if last is not None and seq <= last:
+            raise RemoteProtocolError(f"events frame seq {seq} is not above {last}")
+        items.append(Event(seq=seq, event=event))
+        last = seq
+    return items

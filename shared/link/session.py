@@ -63,6 +63,22 @@ receiving nothing"). So the relay's I/O layer calls ``send_heartbeat(head)`` eve
 session reports each one as :class:`HeartbeatReceived`. Whether the agent is behind, and for
 how long, is the agent I/O layer's judgement (it alone knows whether its own inbox is holding
 acks back); the session only offers ``last_received`` and ``last_acked`` for it.
+
+Batching events
+---------------
+
+One WebSocket message per event costs one encode, one frame and one socket write each (issue 7:
+the write alone was 12 % of the relay's time). An agent whose ``hello`` lists
+:data:`~shared.link.frames.FEATURE_EVENTS` (an :class:`AgentSession` built with that feature
+in ``features``) gets them batched: ``offer`` encodes the event as an item and holds it, and
+the next ``data_to_send()`` turns the run of items held into one ``events`` frame. Any other
+frame queued meanwhile (status, a command result, a heartbeat, an error) closes the run first,
+so frames still leave in the order of the calls. A run is also closed before it would pass
+:data:`~shared.link.frames.MAX_EVENTS_BYTES` (UTF-8 bytes, counted as items are added) or
+:data:`~shared.link.frames.MAX_EVENTS_ITEMS` items. An agent that did not ask (an older one,
+which would refuse the frame as unknown) gets one ``event`` frame per event as before. The
+window counts events, not frames, either way; the agent session turns an ``events`` frame into
+one :class:`EventReceived` per item, after the same order check as for ``event`` frames.
 """
 
 from __future__ import annotations
@@ -87,6 +103,7 @@ from .frames import (
     CommandResult,
     Error,
     Event,
+    Events,
     Frame,
     GoAway,
     Heartbeat,
@@ -297,6 +314,7 @@ TRANSITIONS: Mapping[tuple[LinkState, type[Frame]], LinkState] = {
     (AUTHENTICATING, Welcome): OPEN,  # agent
     # DESIGN §Link protocol, Events/Commands/Status: only on an authenticated link.
     (OPEN, Event): OPEN,
+    (OPEN, Events): OPEN,  # only to an agent whose hello asked (module docstring, Batching)
     (OPEN, Ack): OPEN,
     (OPEN, Command): OPEN,
     (OPEN, CommandResult): OPEN,
@@ -317,6 +335,8 @@ _PLAIN_CLOSE_CODES = frozenset({1000, 1001})
 # The error frame names a 4xxx code in lower case (docs/protocol.md, Close codes).
 _NAME_BY_CODE = {int(code): code.name.lower() for code in CloseCode}
 _CODE_BY_NAME = {name: code for code, name in _NAME_BY_CODE.items()}
+# What an ``events`` frame adds around its items (the commas between them are counted apart).
+_EVENTS_OVERHEAD = len(frames.encode_events([]))
 
 
 def _close_reason(text: str) -> str:
@@ -329,6 +349,8 @@ def _describe(frame: Frame) -> str:
     match frame:
         case Event(seq=seq) | Ack(seq=seq):
             return f"{frame.type} seq={seq}"
+        case Events(items=items):
+            return f"{frame.type} seq={items[0].seq}..{items[-1].seq} n={len(items)}"
         case Command(request_id=request_id) | CommandResult(request_id=request_id):
             return f"{frame.type} request_id={request_id}"
         case Heartbeat(head=head):
@@ -522,6 +544,14 @@ class RelaySession(LinkSession):
         self._agent: tuple[str, str] | None = None  # (public key, account id) once looked up
         self._trimmed_through = 0
         self._replay_after: int | None = None
+        self._batching = False
+        """The agent's hello asked for ``events`` frames (module docstring, Batching)."""
+        # The run of encoded event items not yet framed, its first and last seq (for DEBUG
+        # lines) and its size once framed, less the frame's own overhead: each item plus one
+        # comma.
+        self._items: list[str] = []
+        self._items_seqs = (0, 0)
+        self._items_bytes = 0
 
     @property
     def can_offer(self) -> bool:
@@ -590,8 +620,17 @@ class RelaySession(LinkSession):
             return False
         if not self._window.offer(seq):
             return False
-        self._send(Event(seq=seq, event=event))
+        if self._batching:
+            self._hold(seq, event)
+        else:
+            self._send(Event(seq=seq, event=event))
         return True
+
+    def data_to_send(self) -> list[str]:
+        """Encoded frames to write, in order, since the last call (drained); the events
+        offered since, to an agent that asked for batches, go out as ``events`` frames."""
+        self._frame_items()
+        return super().data_to_send()
 
     def send_command_result(self, result: frames.CommandResult) -> None:
         """Answer a :class:`CommandReceived` (InvalidState before OPEN, moot once closing)."""
@@ -622,6 +661,36 @@ class RelaySession(LinkSession):
         self._send(GoAway(reason=reason))
         self.close(1001, reason)
 
+    def _send(self, frame: Frame) -> None:
+        # Events held so far were offered before this frame was queued: they go out first.
+        self._frame_items()
+        super()._send(frame)
+
+    def _hold(self, seq: int, event: dict[str, Any]) -> None:
+        """Add an event to the run of items the next ``events`` frame will carry."""
+        item = frames.encode_event_item(seq, event)
+        # Message limits count bytes; an ASCII string (the usual event) is as long as its
+        # encoding, and isascii() is O(1) in CPython, so only other text is encoded to count.
+        size = len(item) if item.isascii() else len(item.encode())
+        if self._items and (
+            _EVENTS_OVERHEAD + self._items_bytes + size > frames.MAX_EVENTS_BYTES
+            or len(self._items) >= frames.MAX_EVENTS_ITEMS
+        ):
+            self._frame_items()
+        self._items_seqs = (self._items_seqs[0] if self._items else seq, seq)
+        self._items.append(item)
+        self._items_bytes += size + 1
+
+    def _frame_items(self) -> None:
+        """Queue the run of held items as one ``events`` frame (nothing when there is none)."""
+        if not self._items:
+            return
+        items, self._items, self._items_bytes = self._items, [], 0
+        if self.debug:
+            first, last = self._items_seqs
+            self.logger.debug("> events seq=%d..%d n=%d", first, last, len(items))
+        self._outgoing.append(frames.encode_events(items))
+
     def _handle(self, frame: Frame) -> None:
         match frame:
             case Hello():
@@ -644,6 +713,7 @@ class RelaySession(LinkSession):
                 Challenge()
                 | Welcome()
                 | Event()
+                | Events()
                 | CommandResult()
                 | Status()
                 | GoAway()
@@ -663,6 +733,11 @@ class RelaySession(LinkSession):
                 subscription = Subscription.from_wire(hello.subscription)
             except ValueError as exc:
                 raise RemoteProtocolError(f"hello: {exc}"[:200]) from exc
+        features = hello.features or []
+        if not all(isinstance(name, str) for name in features):
+            raise RemoteProtocolError("hello features must be strings")
+        # Module docstring, Batching: only an agent that asked understands the frame.
+        self._batching = frames.FEATURE_EVENTS in features
         self._agent_id = hello.agent_id
         # DESIGN §Link protocol, Events: resume after what the agent's inbox committed.
         self._window = SendWindow(size=self._window.size, start=hello.resume_after)
@@ -718,10 +793,15 @@ class AgentSession(LinkSession):
         client: free-form software version for the relay's logs.
         subscription: the routing filter sent in ``hello`` (docs/protocol.md, Routing), in its
             wire form (:meth:`Subscription.to_wire`); ``None`` asks for every event.
+        features: the optional link features ``hello`` asks for, among those this version
+            implements (:data:`~shared.link.frames.FEATURES`, what the agent's pump passes).
+            Empty (the default): none, as an older agent; an ``events`` frame is then a
+            protocol error.
         logger: see :class:`LinkSession`.
 
     Raises:
-        LocalProtocolError: ``resume_after`` is negative.
+        LocalProtocolError: ``resume_after`` is negative, or ``features`` names one this
+            version does not implement (the relay could send what we cannot read).
     """
 
     def __init__(
@@ -735,19 +815,25 @@ class AgentSession(LinkSession):
         now: float,
         client: str = "",
         subscription: dict[str, Any] | None = None,
+        features: Sequence[str] = (),
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
+        unknown = sorted(set(features) - set(frames.FEATURES))
+        if unknown:
+            raise LocalProtocolError(f"link features not implemented: {', '.join(unknown)}")
         super().__init__(auth_timeout=auth_timeout, now=now, logger=logger)
         self.agent_id = agent_id
         self.relay_id = relay_id
         self._private_key = private_key
         self._window = ReceiveWindow(start=resume_after)
+        self._batching = frames.FEATURE_EVENTS in features
         self._send(
             Hello(
                 agent_id=agent_id,
                 resume_after=resume_after,
                 client=client,
                 subscription=subscription,
+                features=list(features) or None,
             )
         )
 
@@ -797,6 +883,14 @@ class AgentSession(LinkSession):
                 # DESIGN §Link protocol, Events: in order, after the resume point.
                 self._window.receive(seq)
                 self._events.append(EventReceived(seq, event))
+            case Events(items=items):
+                if not self._batching:
+                    raise RemoteProtocolError("events frame sent to an agent that did not ask")
+                # As for single events; decode() already saw the items increase, so only the
+                # first can fail, before any of the frame's events is reported.
+                for item in items:
+                    self._window.receive(item.seq)
+                    self._events.append(EventReceived(item.seq, item.event))
             case CommandResult():
                 self._events.append(CommandResultReceived(frame))
             case Status(items=items, snapshot=snapshot):

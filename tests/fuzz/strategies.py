@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from shared.link import frames
 
 FRAME_TYPES = [
-    "hello", "challenge", "auth", "welcome", "event", "ack", "command", "command_result",
-    "status", "goaway", "error",
+    "hello", "challenge", "auth", "welcome", "event", "events", "ack", "command",
+    "command_result", "status", "goaway", "error",
 ]
 FIELDS = [
     "agent_id", "resume_after", "client", "relay_id", "nonce", "signature", "account_id",
     "window", "seq", "event", "request_id", "ctox_type", "params", "status", "body", "items",
-    "snapshot", "reason", "code", "message", "headers", "idempotency_key",
+    "snapshot", "reason", "code", "message", "headers", "idempotency_key", "features",
 ]
 
 _scalars = (
@@ -56,8 +56,10 @@ def _valid_frames() -> list[str]:
                          "body_b64": ""}}
     samples: list[frames.Frame] = [
         frames.Hello(agent_id="agent-1", resume_after=3, client="fuzz"),
+        frames.Hello(agent_id="agent-1", client="fuzz", features=list(frames.FEATURES)),
         frames.Ack(seq=1),
         frames.Event(seq=1, event=event),
+        frames.Events(items=[frames.Event(seq=1, event=event), frames.Event(seq=2, event={})]),
         frames.GoAway(reason="bye"),
         frames.Error(code="protocol_error", message="x"),
     ]

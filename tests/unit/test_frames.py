@@ -19,6 +19,7 @@ from shared.link.frames import (
     CommandResult,
     Error,
     Event,
+    Events,
     Frame,
     GoAway,
     Heartbeat,
@@ -33,6 +34,7 @@ EVERY_FRAME: list[Frame] = [
     Auth(signature="c2lnbmF0dXJl"),
     Welcome(agent_id="agent-1", account_id="acct-1", resume_after=7, window=256),
     Event(seq=8, event={"id": "e1", "type": "sms", "params": {"x-unknown": ["a", 1]}}),
+    Events(items=[Event(seq=9, event={"id": "e2"}), Event(seq=12, event={"id": "e3"})]),
     Ack(seq=8),
     Command(request_id="r1", ctox_type="sms", params={"to": "0123"}, idempotency_key="k"),
     CommandResult(
