@@ -1,16 +1,23 @@
 """The embedded SQLite store (DESIGN §Storage: SQLite, WAL, batched commits).
 
-Every database call runs on one dedicated thread that owns the only connection, so SQLite never
-sees two threads and the event loop never blocks on disk.
+Every write runs on one dedicated thread that owns the only write connection, so SQLite never
+sees two writing threads and the event loop never blocks on disk.
 
-Group commit: ``append_event`` callers put their event in a bounded queue and wait; one writer
-task takes everything queued (up to ``batch_size``), stores it in ONE transaction and wakes each
-caller only after that commit (DESIGN principle 1: 2xx only after a durable commit). While one
-batch is being committed the next one gathers, so under load one fsync serves many requests.
+Group commit, for every write: a caller (an event append, a link claim or release, a status
+item, an admin change, ...) puts its write in a bounded queue and waits; one writer task takes
+everything queued (up to ``batch_size``), runs it in queue order in ONE transaction and wakes
+each caller only after that COMMIT returned (DESIGN principle 1: nothing is reported done
+before it is durable). Each write but an event append runs under its own ``SAVEPOINT``: one that
+raises is undone alone and its caller gets the exception, the rest of the batch commits (an
+append is one INSERT, which SQLite undoes by itself when it fails). When the transaction
+itself fails, every caller of the batch gets ``StoreError``. A caller cancelled while its write
+is still queued gives the write up; once its batch began, the write commits all the same. While
+one batch is being committed the next one gathers, so under load one fsync serves many writes:
+ingress events as much as a reconnect storm's link claims and releases (docs/performance.md).
 
 Agent cursors (``set_cursor``) and ``last_seen`` (``touch_agent``) are written behind: the call
 records the value in memory (latest wins) and returns; the writer stores every recorded value
-in its next transaction, together with the events of that batch (docs/performance.md). Reads
+in its next transaction, together with the writes of that batch (docs/performance.md). Reads
 of this instance see the recorded values at once. A crash can lose the last ones: a cursor
 that is too low only means re-delivery, which the agent drops by event id (DESIGN principle 1,
 at least once), and makes retention keep a little more.
@@ -33,7 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, format_time
@@ -149,17 +156,56 @@ _ACCOUNT_COLUMNS = "id, name, created_at, ingress_key_hash, xon_api_url, xon_api
 _COMMAND_COLUMNS = "account_id, key, request_hash, claimed_at, claim_deadline, expires_at, result"
 
 
-@dataclass(slots=True)
-class _Pending:
-    event: XonEvent
-    xon_id: str | None
-    done: asyncio.Future[AppendResult]
+@dataclass(slots=True, eq=False)
+class _Write(Generic[T]):
+    """One queued write: :meth:`run` applies it on the store thread inside the writer's
+    transaction; :meth:`settle` answers its caller on the event loop once that committed."""
+
+    apply: Callable[[sqlite3.Connection], T]
+    done: asyncio.Future[T]
+    savepoint: bool
+    """False for a write of one statement (an event append): a failed statement undoes itself."""
+    result: Any = None
+    error: Exception | None = None
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        """Apply the write; when it raises, undo it alone and keep the exception for the caller.
+
+        Raises only when the failure ended the whole transaction.
+        """
+        if self.savepoint:
+            conn.execute("SAVEPOINT write")
+        try:
+            self.result = self.apply(conn)
+        except Exception as exc:
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+            if self.savepoint:
+                conn.execute("ROLLBACK TO write")
+            self.error = exc
+        if self.savepoint:
+            conn.execute("RELEASE write")
+
+    def settle(self) -> None:
+        """Answer the caller with the committed result or the write's own exception."""
+        if self.done.done():  # the caller was cancelled
+            return
+        if self.error is None:
+            self.done.set_result(self.result)
+        elif isinstance(self.error, sqlite3.Error):
+            self.done.set_exception(_store_error(self.error))
+        else:
+            self.done.set_exception(self.error)
+
+    def fail(self, error: StoreError) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
 
 class SqliteStore:
     """:class:`~relay_server.store.base.Store` on one SQLite file.
 
-    Open it with :meth:`open`; ``commit_count`` counts event-batch commits (tests, metrics).
+    Open it with :meth:`open`; ``commit_count`` counts the writer's commits (tests, metrics).
     """
 
     def __init__(self, *, batch_size: int = 256, queue_size: int = 4096) -> None:
@@ -169,7 +215,7 @@ class SqliteStore:
         self._read_conn: sqlite3.Connection | None = None
         self._batch_size = batch_size
         # None asks the writer for a transaction of written-behind values alone.
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[_Write[Any] | None] = asyncio.Queue(maxsize=queue_size)
         self._cursors: dict[str, int] = {}
         """Cursors set but not yet committed (latest wins)."""
         self._touches: dict[str, float] = {}
@@ -182,7 +228,8 @@ class SqliteStore:
         self._closing = False
         self._closed = False
         self.commit_count = 0
-        """Event-batch transactions committed so far."""
+        """Transactions committed so far: one per batch of writes and written-behind values,
+        each one fsync."""
 
     @classmethod
     async def open(cls, path: Path, **kwargs: Any) -> SqliteStore:
@@ -206,25 +253,19 @@ class SqliteStore:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the store thread; sqlite errors become ``StoreError``."""
+    async def _run(self, fn: Callable[[], T], thread: ThreadPoolExecutor | None = None) -> T:
+        """Run ``fn`` on the store thread (or ``thread``); sqlite errors become ``StoreError``."""
         if self._closed:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await loop.run_in_executor(thread or self._executor, fn)
         except sqlite3.Error as exc:
-            raise StoreError(f"sqlite: {exc}") from exc
+            raise _store_error(exc) from exc
 
     async def _read(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the read thread (its own connection: never waits for a commit)."""
-        if self._closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._reader, fn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite: {exc}") from exc
+        return await self._run(fn, self._reader)
 
     async def _run_unchecked(self, fn: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -265,20 +306,88 @@ class SqliteStore:
             raise StoreError("store is not open")
         return self._read_conn
 
-    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(lambda: self._write(fn))
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T], *, savepoint: bool = True) -> T:
+        """Run ``fn`` in the writer's next transaction (module docstring); return its result,
+        or raise its exception, once that transaction committed.
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one immediate transaction (on the store thread)."""
+        Raises:
+            StoreError: the store is closed, ``fn`` failed in SQLite, or the commit failed.
+        """
+        self._check_writable()
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # A bounded queue: when the disk falls behind, writers wait here.
+        await self._queue.put(_Write(fn, done, savepoint))
+        return await done
+
+    def _check_writable(self) -> None:
+        if self._closing or self._writer is None or self._writer.done():
+            raise StoreError("store is closed")
+
+    async def _write_loop(self) -> None:
+        while True:
+            taken = [await self._queue.get()]
+            while len(taken) < self._batch_size and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            self._flush_queued = False
+            # A caller cancelled before its batch began gave its write up.
+            writes = [w for w in taken if w is not None and not w.done.cancelled()]
+            await self._commit(writes)
+            for _ in taken:
+                self._queue.task_done()
+
+    async def _commit(self, writes: list[_Write[Any]]) -> None:
+        """Run ``writes`` and store the written-behind values in one transaction, then answer
+        each write's caller."""
+        cursors, touches = dict(self._cursors), dict(self._touches)
+        if not (writes or cursors or touches):
+            return
+        try:
+            await self._run(lambda: self._commit_batch(writes, cursors, touches))
+        except StoreError as exc:
+            # The written-behind values stay recorded: the next transaction retries them.
+            log.warning("store.commit_failed", extra={"writes": len(writes), "error": str(exc)})
+            for write in writes:
+                write.fail(StoreError(str(exc)))
+            return
+        self.commit_count += 1
+        self._forget_written(cursors, touches)
+        for write in writes:
+            write.settle()
+
+    def _commit_batch(
+        self, writes: list[_Write[Any]], cursors: dict[str, int], touches: dict[str, float]
+    ) -> None:
+        """One immediate transaction on the store thread: the written-behind values, then
+        ``writes`` in queue order (each keeps its own result or exception)."""
         conn = self._db()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(conn)
+            if cursors:
+                conn.executemany(
+                    "UPDATE agents SET cursor = ? WHERE id = ?",
+                    [(seq, agent_id) for agent_id, seq in cursors.items()],
+                )
+            if touches:
+                conn.executemany(
+                    "UPDATE agents SET last_seen = ? WHERE id = ?",
+                    [(now, agent_id) for agent_id, now in touches.items()],
+                )
+            for write in writes:
+                write.run(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
-        return result
+
+    def _forget_written(self, cursors: dict[str, int], touches: dict[str, float]) -> None:
+        """Drop the committed values, unless a newer one was recorded meanwhile."""
+        for agent_id, seq in cursors.items():
+            if self._cursors.get(agent_id) == seq:
+                del self._cursors[agent_id]
+        for agent_id, now in touches.items():
+            if self._touches.get(agent_id) == now:
+                del self._touches[agent_id]
 
     async def close(self) -> None:
         """Commit what is queued, then close. Idempotent."""
@@ -289,13 +398,9 @@ class SqliteStore:
             await self._queue.join()
             self._writer.cancel()  # now idle in queue.get()
             await asyncio.gather(self._writer, return_exceptions=True)
+        # Values left over by a failed commit: one last try, then they are lost (re-delivery).
+        await self._commit([])
         loop = asyncio.get_running_loop()
-        if self._cursors or self._touches:
-            # Left over by a failed commit: one last try, then they are lost (re-delivery).
-            try:
-                await self._tx(self._side_writes(dict(self._cursors), dict(self._touches)))
-            except StoreError as exc:
-                log.warning("store.cursor_flush_failed", extra={"error": str(exc)})
         await loop.run_in_executor(self._reader, self._close_read_conn)
         await loop.run_in_executor(self._executor, self._close_conn)
         self._closed = True
@@ -400,6 +505,14 @@ class SqliteStore:
             self._accounts[key_hash] = (time.monotonic() + _ACCOUNT_TTL, account)
         return account
 
+    async def _account_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``_tx`` for a write that changes accounts: every cached lookup is dropped after it,
+        also when the caller is cancelled (the write may commit all the same)."""
+        try:
+            return await self._tx(fn)
+        finally:
+            self._forget_accounts()
+
     def _forget_accounts(self) -> None:
         """An account changed on this instance: drop every cached lookup."""
         self._account_generation += 1
@@ -426,10 +539,7 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else _account(row)
 
-        try:
-            return await self._tx(update)
-        finally:
-            self._forget_accounts()
+        return await self._account_tx(update)
 
     def _one_account(self, where: str, args: tuple[str, ...]) -> AccountRecord | None:
         row = (
@@ -529,10 +639,6 @@ class SqliteStore:
 
     # -- events and cursors --------------------------------------------------------------------
 
-    def _check_writable(self) -> None:
-        if self._closing or self._writer is None or self._writer.done():
-            raise StoreError("store is closed")
-
     def _queue_flush(self) -> None:
         """Make sure the writer runs soon for the written-behind values."""
         if self._flush_queued:
@@ -544,74 +650,7 @@ class SqliteStore:
         self._flush_queued = True
 
     async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
-        self._check_writable()
-        done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        # A bounded queue: when the disk falls behind, ingress handlers wait here.
-        await self._queue.put(_Pending(event, xon_id, done))
-        return await done
-
-    async def _write_loop(self) -> None:
-        while True:
-            taken = [await self._queue.get()]
-            while len(taken) < self._batch_size and not self._queue.empty():
-                taken.append(self._queue.get_nowait())
-            self._flush_queued = False
-            batch = [pending for pending in taken if pending is not None]
-            cursors, touches = dict(self._cursors), dict(self._touches)
-            if not (batch or cursors or touches):
-                for _ in taken:
-                    self._queue.task_done()
-                continue
-            side = self._side_writes(cursors, touches)
-
-            def write(conn: sqlite3.Connection) -> list[AppendResult]:
-                side(conn)
-                return _append_batch(conn, batch)
-
-            try:
-                results = await self._tx(write)
-            except StoreError as exc:
-                # The written-behind values stay recorded: the next transaction retries them.
-                log.warning("store.commit_failed", extra={"events": len(batch), "error": str(exc)})
-                for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(StoreError(str(exc)))
-            else:
-                if batch:
-                    self.commit_count += 1
-                self._forget_written(cursors, touches)
-                for pending, result in zip(batch, results, strict=True):
-                    if not pending.done.done():  # the caller may have been cancelled
-                        pending.done.set_result(result)
-            for _ in taken:
-                self._queue.task_done()
-
-    @staticmethod
-    def _side_writes(
-        cursors: dict[str, int], touches: dict[str, float]
-    ) -> Callable[[sqlite3.Connection], None]:
-        def write(conn: sqlite3.Connection) -> None:
-            if cursors:
-                conn.executemany(
-                    "UPDATE agents SET cursor = ? WHERE id = ?",
-                    [(seq, agent_id) for agent_id, seq in cursors.items()],
-                )
-            if touches:
-                conn.executemany(
-                    "UPDATE agents SET last_seen = ? WHERE id = ?",
-                    [(now, agent_id) for agent_id, now in touches.items()],
-                )
-
-        return write
-
-    def _forget_written(self, cursors: dict[str, int], touches: dict[str, float]) -> None:
-        """Drop the committed values, unless a newer one was recorded meanwhile."""
-        for agent_id, seq in cursors.items():
-            if self._cursors.get(agent_id) == seq:
-                del self._cursors[agent_id]
-        for agent_id, now in touches.items():
-            if self._touches.get(agent_id) == now:
-                del self._touches[agent_id]
+        return await self._tx(lambda conn: _append(conn, event, xon_id), savepoint=False)
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
         def select() -> list[StoredEvent]:
@@ -774,7 +813,7 @@ class SqliteStore:
         expires_at: float,
     ) -> CommandRecord | None:
         def claim(conn: sqlite3.Connection) -> CommandRecord | None:
-            # BEGIN IMMEDIATE (in _write) holds the write lock, so check-then-insert is atomic.
+            # The writer's BEGIN IMMEDIATE holds the write lock: check-then-insert is atomic.
             existing = _one_command(conn, account_id, key)
             if existing is not None and existing.expires_at > now:
                 return existing
@@ -880,10 +919,7 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else _account(row)
 
-        try:
-            return await self._tx(update)
-        finally:
-            self._forget_accounts()
+        return await self._account_tx(update)
 
     async def rotate_ingress_key(
         self, account_id: str, *, new_hash: str, old_valid_until: float
@@ -910,10 +946,7 @@ class SqliteStore:
             ).fetchone()
             return _account(updated)
 
-        try:
-            return await self._tx(rotate)
-        finally:
-            self._forget_accounts()
+        return await self._account_tx(rotate)
 
     async def previous_ingress_keys(self, account_id: str, *, now: float) -> list[float]:
         def select() -> list[float]:
@@ -940,10 +973,7 @@ class SqliteStore:
             conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
             return conn.execute("DELETE FROM accounts WHERE id = ?", args).rowcount > 0
 
-        try:
-            return await self._tx(delete)
-        finally:
-            self._forget_accounts()
+        return await self._account_tx(delete)
 
     async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
         def update(conn: sqlite3.Connection) -> AgentRecord | None:
@@ -1036,45 +1066,46 @@ def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> Command
     )
 
 
-def _append_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[AppendResult]:
-    """Insert a batch inside the caller's transaction; duplicates resolve to the first copy.
+def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: str | None) -> AppendResult:
+    """Insert ``event`` inside the writer's transaction; a duplicate resolves to the first copy.
 
     Rows inserted earlier in the same transaction are visible here, so a duplicate within one
-    batch also finds its first copy.
+    batch also finds its first copy. The INSERT is the only change: a failed one leaves none.
     """
-    results: list[AppendResult] = []
-    for pending in batch:
-        event = pending.event
-        if pending.xon_id is not None:
-            row = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND xon_id = ?",
-                (event.account, pending.xon_id),
-            ).fetchone()
-            if row is not None:
-                results.append(AppendResult(stored=_stored(row), duplicate=True))
-                continue
-        req = event.request
-        cur = conn.execute(
-            "INSERT INTO events (id, account_id, xon_id, type, received_at, params, method,"
-            " path, query, content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.id,
-                event.account,
-                pending.xon_id,
-                event.type,
-                event.received_at,
-                json.dumps(event.params, ensure_ascii=False),
-                req.method,
-                req.path,
-                req.query,
-                req.content_type,
-                req.body,
-            ),
-        )
-        seq = cur.lastrowid
-        assert seq is not None
-        results.append(AppendResult(stored=StoredEvent(seq=seq, event=event), duplicate=False))
-    return results
+    if xon_id is not None:
+        row = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND xon_id = ?",
+            (event.account, xon_id),
+        ).fetchone()
+        if row is not None:
+            return AppendResult(stored=_stored(row), duplicate=True)
+    req = event.request
+    cur = conn.execute(
+        "INSERT INTO events (id, account_id, xon_id, type, received_at, params, method,"
+        " path, query, content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.id,
+            event.account,
+            xon_id,
+            event.type,
+            event.received_at,
+            json.dumps(event.params, ensure_ascii=False),
+            req.method,
+            req.path,
+            req.query,
+            req.content_type,
+            req.body,
+        ),
+    )
+    seq = cur.lastrowid
+    assert seq is not None
+    return AppendResult(stored=StoredEvent(seq=seq, event=event), duplicate=False)
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    error = StoreError(f"sqlite: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _account(row: tuple[Any, ...]) -> AccountRecord:
