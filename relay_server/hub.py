@@ -16,6 +16,12 @@ independent of them:
 * the re-check (``cluster.recheck_interval``) reads every connected agent's record and closes
   the links of revoked agents (4403) and links a newer one replaced elsewhere (4010).
 
+The hub also times the links' ``heartbeat`` frames (docs/protocol.md, Heartbeat): one ticker
+reads each served account's log head once per ``link.heartbeat_interval`` and a
+:class:`HeartbeatRule` per link decides whether that link's agent gets a frame. An idle agent
+that has everything gets none, so 10,000 idle links cost one head read per account per interval
+instead of one store read and one frame per link (docs/performance.md, bench 3).
+
 One link per agent, across instances (DESIGN §Link protocol: "the newest link wins"): see
 :meth:`AgentHub.register` and docs/scaling.md for the exact rule.
 """
@@ -41,12 +47,55 @@ if TYPE_CHECKING:
     from .agent_ws import AgentLink
     from .ctox import CtoxService
 
-__all__ = ["AgentHub"]
+__all__ = ["AgentHub", "HeartbeatRule"]
 
 log = logging.getLogger(__name__)
 
 _CONCURRENCY = 32
-"""Store reads the poll runs at once (one per served account)."""
+"""Store reads the poll and the heartbeat ticker run at once (one per served account)."""
+
+
+class HeartbeatRule:
+    """Whether one link's next heartbeat round sends a ``heartbeat`` frame, and its ``head``
+    (docs/protocol.md, Heartbeat). Pure: the hub feeds it the account's log head and the
+    link's positions once per ``link.heartbeat_interval``.
+
+    ``head`` is what it always was: the log head of one round ago when the sender has still not
+    scanned that far (it had a whole interval: it is stuck), else the last seq offered.
+
+    The frame is skipped when nothing is in flight and ``head`` is the last seq offered, i.e.
+    the agent acked everything up to it. That is safe: the agent starts a stall only on a
+    heartbeat above the highest seq it received while it has acked all it received, so above
+    its acked seq, and the relay's acked seq (everything offered, here) is never above the
+    agent's own. A skipped frame could only have ended a stall, and a stall can only have
+    begun with an earlier frame that was not skippable; so after such a frame the next one is
+    sent whatever it says. Every frame that could start a stall still goes out in the same
+    round as before: the agent detects a stuck sender within the same bounds (one to two
+    intervals, plus ``link.stall_timeout``).
+    """
+
+    def __init__(self) -> None:
+        self._previous: int | None = None
+        """The account's log head read in the previous round (None before the first)."""
+        self._ahead = False
+        """The last frame sent was not skippable: the agent may be stalled on it."""
+
+    def due(self, head: int, *, scanned: int, offered: int, in_flight: int) -> int | None:
+        """One round: the ``head`` to send, or None to send nothing.
+
+        Args:
+            head: the account's log head, read this round.
+            scanned: the link's ``scanned_through`` (offered or passed over up to here).
+            offered: the last seq offered on the link (its resume point before the first).
+            in_flight: events offered and not acked.
+        """
+        previous, self._previous = self._previous, head
+        due = previous if previous is not None and previous > scanned else offered
+        ahead = due > offered or in_flight > 0
+        if not ahead and not self._ahead:
+            return None
+        self._ahead = ahead
+        return due
 
 
 class AgentHub:
@@ -91,6 +140,10 @@ class AgentHub:
         self._jobs: set[asyncio.Task[None]] = set()
         self._poll_now = asyncio.Event()
         self._failing: set[str] = set()
+        self._beats: dict[AgentLink, HeartbeatRule] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self.heartbeat_rounds = 0
+        """Heartbeat rounds finished since this hub began (tests wait on it)."""
         self.metrics = RelayMetrics()
         """Counters that ingress, the links and the admin listener update and expose."""
 
@@ -103,6 +156,24 @@ class AgentHub:
     def shutting_down(self) -> bool:
         return self._shutting_down
 
+    @property
+    def keepalive(self) -> float | None:
+        """Seconds without a frame from an agent before the relay pings it (aiohttp's
+        ``heartbeat``); ``None`` when ``link.ping_interval`` is none.
+
+        Longer than the agent's ping interval: aiohttp restarts this timer whenever data
+        arrives, so the agent's own pings keep the relay from pinging a live agent at all. A
+        dead or black-holed agent is cut by the relay 1.5 × (``ping_interval`` +
+        ``ping_timeout``) after its last frame (the pong wait is half the interval): 45 s with
+        the defaults. The agent itself notices within ~30 s (DESIGN §Link protocol, Liveness).
+        A ``ping_timeout`` of none counts as ``ping_interval`` here: the agent still pings.
+        """
+        ping = self.link.ping_interval
+        if ping is None:
+            return None
+        timeout = self.link.ping_timeout
+        return ping + (timeout if timeout is not None else ping)
+
     async def start(self) -> None:
         """Start the bus, the poll and the re-check (the real server; link tests may skip it)."""
         await self.bus.start(self._on_notice, self._poll_now.set)
@@ -114,6 +185,9 @@ class AgentHub:
     async def close(self) -> None:
         """Stop the background work (after :meth:`shutdown` closed the links)."""
         tasks = [*self._loops, *self._jobs]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+            self._ticker = None
         self._loops = []
         for task in tasks:
             task.cancel()
@@ -228,6 +302,24 @@ class AgentHub:
             del self._agents[link.agent_id]
             del self._since[link.agent_id]
         self._drop(link)
+        self.stop_heartbeats(link)
+
+    def start_heartbeats(self, link: AgentLink) -> None:
+        """Judge ``link`` in every heartbeat round from now on (none if
+        ``link.heartbeat_interval`` is none); the ticker runs while any link is judged."""
+        interval = self.link.heartbeat_interval
+        if interval is None:
+            return
+        self._beats[link] = HeartbeatRule()
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._heartbeat_loop(interval), name="hub-beats")
+
+    def stop_heartbeats(self, link: AgentLink) -> None:
+        """No more heartbeats for ``link``; the ticker stops with the last link."""
+        self._beats.pop(link, None)
+        if not self._beats and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def _drop(self, link: AgentLink) -> None:
         if link.account_id is None:
@@ -346,6 +438,62 @@ class AgentHub:
                 self._drop(link)
                 link.log.info("agent.replaced", extra={"by_epoch": check.epoch})
                 self._spawn(link.replace())
+
+    # -- heartbeats -----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            # Fixed steps, so that a slow round does not stretch the agents' detection bound.
+            due = max(due + interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+            try:
+                await self._guarded("heartbeat", self._heartbeat_round())
+            except Exception:
+                # One round's bug must not end every link's heartbeats for good.
+                log.exception("hub.heartbeat_failed")
+            self.heartbeat_rounds += 1
+
+    async def _heartbeat_round(self) -> None:
+        """Read each judged account's log head once and let each of its links' rules decide.
+
+        The head comes from the store, not from this instance's appends: with Redis, other
+        instances append too. A failed read skips that account's links this round (their rules
+        keep the older head, which only gives their senders more time) and is reported after
+        the other accounts had theirs.
+        """
+        by_account: dict[str, list[AgentLink]] = {}
+        for link in self._beats:
+            if link.account_id is not None:
+                by_account.setdefault(link.account_id, []).append(link)
+        accounts = list(by_account)
+        failure: StoreError | None = None
+        for start in range(0, len(accounts), _CONCURRENCY):
+            chunk = accounts[start : start + _CONCURRENCY]
+            heads = await asyncio.gather(
+                *(self.store.head_seq(a) for a in chunk), return_exceptions=True
+            )
+            for account_id, head in zip(chunk, heads, strict=True):
+                if isinstance(head, StoreError):
+                    failure = head
+                    continue
+                if isinstance(head, BaseException):
+                    raise head
+                for link in by_account[account_id]:
+                    rule = self._beats.get(link)
+                    if rule is None:
+                        continue  # the link ended while the heads were read
+                    due = rule.due(
+                        head,
+                        scanned=link.scanned_through,
+                        offered=link.last_offered,
+                        in_flight=link.session.in_flight,
+                    )
+                    if due is not None:
+                        link.heartbeat(due)
+        if failure is not None:
+            raise failure
 
     async def _guarded(self, what: str, job: Awaitable[None]) -> None:
         """Run one pass; a store outage is logged once when it starts and once when it ends."""

@@ -150,14 +150,16 @@ async def test_agent_reconnects_when_heartbeats_announce_events_that_never_come(
 
 
 async def test_a_caught_up_routed_agent_is_never_judged_stalled(tmp_path: Path) -> None:
-    """Heartbeats to a routed agent whose filter matches none of the account's new events
-    say it has everything: no stall, no reconnect, while the log keeps growing."""
+    """A routed agent whose filter matches none of the account's new events has everything:
+    heartbeat rounds pass (sending it nothing, or frames saying so) without a stall or a
+    reconnect, while the log keeps growing."""
     routed = SubscriptionConfig(types=["call.*"])
     async with running_agent(tmp_path, subscription=routed) as s:
+        hub = s.relay.services.hub
         for _ in range(8):
-            beats = s.heartbeats_received()
+            rounds = hub.heartbeat_rounds
             await s.relay.append(3)  # sms.received: not for this agent
-            await until(lambda: s.heartbeats_received() >= beats + 2, what="two heartbeats")
+            await until(lambda: hub.heartbeat_rounds >= rounds + 2, what="two heartbeat rounds")
         assert s.named("link.stalled") == []
         assert len(s.named("agent.connected")) == 1
         assert s.inbox.last_seq() == 0
