@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import logging.handlers
 import os
 import signal
 import ssl
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared import crypto, logs
+from shared import aio, crypto, logs
 from shared.config import (
     AGENT_ENV_PREFIX,
     AgentConfig,
@@ -355,6 +354,9 @@ def run_hosted(
 
 
 def _log_to_file(path: Path) -> logging.Handler:
+    # Only the Windows service logs to a file: ``run`` on a console need not load the module.
+    import logging.handlers
+
     root = logging.getLogger()
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024 * 1024,
                                                    backupCount=5, encoding="utf-8")
@@ -384,7 +386,7 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
     if not token:
         raise _Fail(f"{config.data_dir / TOKEN_FILE} is empty", EXIT_CONFIG)
     try:
-        asyncio.run(_serve(config, token, key, attach_stop))
+        aio.run(_serve(config, token, key, attach_stop))
     except Revoked as exc:
         log.error("agent.revoked", extra={"agent_id": config.agent_id, "reason": str(exc)})
         return EXIT_REFUSED
@@ -418,8 +420,10 @@ async def _serve(config: AgentConfig, token: str, key: crypto.Ed25519PrivateKey,
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, or a
-            pass  # service's non-main thread: Ctrl-C raises / the host stops us instead
+        # Windows, or a service's non-main thread (asyncio raises RuntimeError there, uvloop
+        # ValueError): Ctrl-C raises / the host stops us instead.
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+            pass
     if attach_stop is not None:
         attach_stop(lambda: _call_soon(loop, stop.set))
     await run_agent(config, token=token, private_key=key, stop=stop)

@@ -31,9 +31,12 @@ it survives restarts and never skips an event silently.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +58,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+TAIL_EVENTS = 256
+"""Newest events kept in memory after their commit (as their stored JSON text), so that a
+reader keeping up (a long-poll, a push target) is answered without a trip to the worker thread,
+where it would also queue behind the commit in progress. About 1 KB each."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -169,6 +177,11 @@ class Inbox:
         self._pruned_cursor = 0
         self._changed = asyncio.Event()
         self._released = False
+        # (cursor, event JSON) of the newest committed events, consecutive cursors. Appended by
+        # the worker thread, read by the event loop: the lock keeps a read from seeing it half
+        # changed.
+        self._tail: deque[tuple[int, str]] = deque(maxlen=TAIL_EVENTS)
+        self._tail_lock = threading.Lock()
 
     @classmethod
     async def open(
@@ -276,8 +289,26 @@ class Inbox:
         Raises:
             CursorExpired: ``after`` is below the highest pruned cursor.
         """
-        rows = await self._run(self._read_sync, after, limit)
+        rows = self._read_tail(after, limit)
+        if rows is None:
+            rows = await self._run(self._read_sync, after, limit)
         return [InboxEvent(cursor, json.loads(text)) for cursor, text in rows]
+
+    def _read_tail(self, after: int | None, limit: int) -> list[tuple[int, str]] | None:
+        """What :meth:`_read_sync` would return, from memory; ``None`` when the tail does not
+        hold every event after ``after`` up to the newest one committed."""
+        start = self._pruned_cursor if after is None else after
+        with self._tail_lock:
+            if not self._tail or self._tail[-1][0] != self._last_cursor:
+                return None  # empty, or a commit is between the worker and the loop
+            first = self._tail[0][0]
+            if start + 1 < first:
+                return None  # older than the tail: the database has it
+            # Checked like _read_sync does; a prune running now is ordered after this read.
+            if after is not None and after < self._pruned_cursor:
+                raise CursorExpired(after, self._pruned_cursor)
+            skip = max(0, start + 1 - first)
+            return list(itertools.islice(self._tail, skip, skip + limit))
 
     async def wait_beyond(self, after: int | None, timeout: float) -> None:
         """Return once an event with cursor > ``after`` is committed, or after ``timeout``."""
@@ -374,9 +405,24 @@ class Inbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._remember(rows, stored, last_cursor)
         self._last_seq = last_seq
         self._last_cursor = last_cursor
         return CommitResult(stored, last_seq)
+
+    def _remember(self, rows: list[tuple[str, int, str, float, str]], stored: int,
+                  last_cursor: int) -> None:
+        """Put a committed batch in the tail (worker thread)."""
+        with self._tail_lock:
+            if stored != len(rows) or last_cursor != self._last_cursor + stored:
+                # Duplicates were ignored: which row got which cursor is unknown here. The
+                # tail starts again with the next batch; reads before that go to the database.
+                self._tail.clear()
+                return
+            first = last_cursor - stored + 1
+            if self._tail and self._tail[-1][0] + 1 != first:
+                self._tail.clear()
+            self._tail.extend(zip(range(first, last_cursor + 1), (row[4] for row in rows)))
 
     def _count_maybe_over(self) -> bool:
         assert self.max_events is not None

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shared import crypto, logs
+from shared import aio, crypto, logs
 from shared.config import SERVER_ENV_PREFIX, ServerConfig, default_data_dir, load, parse_hostport
 from shared.errors import ConfigError, RelayError
 from shared.files import ensure_private_dir, write_private_file
@@ -264,7 +264,7 @@ def _cmd_run(config: ServerConfig) -> int:
         logs.setup(config.log_level, config.log_format)
     except ValueError as exc:
         raise ConfigError(f"log_level: unknown level {config.log_level!r}") from exc
-    return asyncio.run(_serve(config))
+    return aio.run(_serve(config))
 
 
 # -- admin commands --------------------------------------------------------------------------

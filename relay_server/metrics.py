@@ -140,6 +140,9 @@ class RelayMetrics:
         self.backlog = Gauge(
             "xon_relay_backlog", "Events after the cursors of all enrolled agents", registry=r
         )
+        # labels() parses its arguments and takes a lock on every call; an ingress answer
+        # happens per event, so each status's child is looked up once (statuses are few).
+        self._ingress_by_status: dict[int, Counter] = {}
         self._minutes: deque[tuple[int, list[int]]] = deque(maxlen=_HISTORY_MINUTES)
         self.recent_commands: deque[CommandOutcome] = deque(maxlen=_RECENT_COMMANDS)
         """The latest command results on this instance, newest last."""
@@ -147,7 +150,12 @@ class RelayMetrics:
     # -- updated where things happen ------------------------------------------------------------
 
     def ingress_answered(self, status: int) -> None:
-        self.ingress_requests.labels(status=str(status)).inc()
+        child = self._ingress_by_status.get(status)
+        if child is None:
+            child = self._ingress_by_status[status] = self.ingress_requests.labels(
+                status=str(status)
+            )
+        child.inc()
         minute = int(self._clock() // 60)
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, [0, 0, 0]))

@@ -8,11 +8,13 @@ over. Either way it stays in the inbox (never silently dropped from the log).
 A push target (forward, tcp) walks the inbox from its stored position, one event at a time and
 in cursor order (DESIGN principle 1: "a local app ... sees each event once, in order"), retrying
 each with exponential back-off until the app takes it. It stores its position in the inbox once
-per page of up to :data:`PAGE` events, and before it starts waiting to retry an event, rather
-than after every event: each store is an fsync'd write on the inbox thread that the link's
-commits wait behind (docs/performance.md). So after a crash or kill a restart hands over again
-at most the events of the page in progress; delivery is at least once (DESIGN principle 1) and
-every request carries the event id for the app to drop a repeat. The concrete modes only say
+it moved :data:`PAGE` cursors past the stored one, once the inbox has been quiet for
+:data:`POSITION_DELAY`, before it starts waiting to retry an event, and when it stops; not after
+every event, nor after every read (a target keeping up reads one or two events at a time): each
+store is an fsync'd write on the inbox thread that the link's commits wait behind
+(docs/performance.md). So after a crash or kill a restart hands over again at most
+:data:`PAGE` events; delivery is at least once (DESIGN principle 1) and every request carries
+the event id for the app to drop a repeat. The concrete modes only say
 how to hand one event over (:meth:`PushTarget.deliver`).
 """
 
@@ -34,7 +36,15 @@ from shared.subscription import Subscription
 
 from ..inbox import CursorExpired, Inbox, InboxEvent
 
-__all__ = ["StalePolicy", "PushTarget", "TargetStatus", "retry_delay", "PAGE", "IDLE_WAIT"]
+__all__ = [
+    "StalePolicy",
+    "PushTarget",
+    "TargetStatus",
+    "retry_delay",
+    "PAGE",
+    "IDLE_WAIT",
+    "POSITION_DELAY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ PAGE = 100
 """Events read from the inbox at a time (memory per target is bounded by one page)."""
 IDLE_WAIT = 60.0
 """Longest wait for a new event before the loop looks again (a safety net; commits wake it)."""
+POSITION_DELAY = 1.0
+"""Seconds without a new event after which a target stores the progress it has not stored."""
 _MAX_ATTEMPT = 32
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -170,9 +182,13 @@ class PushTarget(ABC):
         """Release connections; the loop is already stopped."""
 
     def report(self) -> dict[str, Any]:
-        """This target's line in ``/v1/health``; subclasses add their address."""
+        """This target's line in ``/v1/health``; subclasses add their address.
+
+        ``cursor`` and ``lag`` are the target's progress, stored or not yet (the stored
+        position follows within :data:`POSITION_DELAY` or :data:`PAGE` events).
+        """
         status = self.status
-        cursor = status.cursor
+        cursor = None if status.cursor is None else max(status.cursor, self._reached)
         return {
             "name": self.key,
             "cursor": None if cursor is None else str(cursor),
@@ -192,25 +208,36 @@ class PushTarget(ABC):
         start = inbox.last_cursor if self._start == "latest" else inbox.pruned_cursor
         cursor = await inbox.init_position(self.position_name, start)
         self.status.cursor = self._reached = cursor
-        while not inbox.released:
-            try:
-                batch = await inbox.read(cursor, PAGE)
-            except CursorExpired as exc:
-                cursor = await self._overtaken(cursor, exc.oldest)
-                continue
-            if not batch:
-                await inbox.wait_beyond(cursor, IDLE_WAIT)
-                continue
-            try:
+        try:
+            while not inbox.released:
+                try:
+                    batch = await inbox.read(cursor, PAGE)
+                except CursorExpired as exc:
+                    cursor = await self._overtaken(cursor, exc.oldest)
+                    continue
+                if not batch:
+                    await self._wait_beyond(cursor)
+                    continue
                 for item in batch:
                     await self._handle(item)
                     cursor = self._reached = item.cursor
-            except asyncio.CancelledError:
-                # A clean stop keeps what the app took (a crash re-delivers the page).
-                with contextlib.suppress(StoreError):
-                    await self._store_reached()
-                raise
-            await self._store_reached()  # once per page (module docstring)
+                    if cursor - (self.status.cursor or 0) >= PAGE:
+                        await self._store_reached()
+        finally:
+            # A stop (or shutdown) keeps what the app took; a crash re-delivers at most PAGE.
+            with contextlib.suppress(StoreError):
+                await self._store_reached()
+
+    async def _wait_beyond(self, cursor: int) -> None:
+        """Wait for an event after ``cursor``; progress not stored yet is stored once no
+        event came for :data:`POSITION_DELAY`."""
+        inbox = self._inbox
+        if self._reached <= (self.status.cursor or 0):
+            await inbox.wait_beyond(cursor, IDLE_WAIT)
+            return
+        await inbox.wait_beyond(cursor, POSITION_DELAY)
+        if inbox.last_cursor <= cursor:
+            await self._store_reached()
 
     async def _store_reached(self) -> None:
         if self._reached > (self.status.cursor or 0):

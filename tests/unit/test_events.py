@@ -6,8 +6,11 @@ Ingress parsing (parse_ingress) is tested in its own module.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.events import RawRequest, XonEvent, format_time, parse_time
 
@@ -103,6 +106,31 @@ def test_format_time() -> None:
     """format_time writes ISO 8601 UTC with milliseconds and a Z."""
     assert format_time(0) == "1970-01-01T00:00:00.000Z"
     assert format_time(1_800_000_000.5) == "2027-01-15T08:00:00.500Z"
+
+
+def _datetime_format(ts: float) -> str:
+    """The reference spelling: what datetime makes of ``ts`` (format_time caches the second)."""
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        0.0, -0.0004, -1.5, 1.9999995, 1.9999994999, 2.0000005, 59.9995, 86_399.9999996,
+        1_795_727_825.9999995, 1_795_727_825.99999949, 4_102_444_799.9999999,
+    ],
+)
+def test_format_time_rounds_like_datetime_at_the_edges(ts: float) -> None:
+    """Microseconds round half to even, carrying into the next second, as datetime does."""
+    assert format_time(ts) == _datetime_format(ts)
+
+
+@given(st.lists(st.floats(min_value=-2e9, max_value=4e9), min_size=1, max_size=20))
+def test_format_time_matches_datetime(stamps: list[float]) -> None:
+    """Any sequence of times (the cached second changing or not) spells as datetime would."""
+    for ts in stamps:
+        assert format_time(ts) == _datetime_format(ts)
 
 
 @pytest.mark.parametrize("ts", [0.0, 1.001, 1_764_169_445.123, 1_800_000_000.999])

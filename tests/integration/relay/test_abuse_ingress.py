@@ -95,6 +95,32 @@ async def test_chunked_body_over_the_limit_is_413_before_it_ends(relay: PublicRe
     assert await relay.event_ids() == []
 
 
+@pytest.mark.parametrize("size", [MAX_BODY, MAX_BODY + 1])
+async def test_whole_chunked_body_is_kept_or_refused_by_its_size(
+    relay: PublicRelay, size: int
+) -> None:
+    """A chunked body that arrives complete with its head (no deadline is armed for it) is
+    stored byte-exact up to the limit and refused with 413 one byte past it."""
+    body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                      for part in (body[:1000], body[1000:]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(
+        f"POST {relay.ingress_path}/sms HTTP/1.1\r\nHost: relay\r\n"
+        "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .encode() + chunks + b"0\r\n\r\n"
+    )
+    status, _, answer = await read_response(reader)
+    writer.close()
+    stored = await relay.services.store.read_events(relay.account_id, after=0, limit=10)
+    if size <= MAX_BODY:
+        assert status == 200
+        assert [s.event.request.body for s in stored] == [body]
+    else:
+        assert (status, error_code(answer)) == (413, "body_too_large")
+        assert stored == []
+
+
 def _bombs() -> dict[str, bytes]:
     inflated = b"0" * (64 * MAX_BODY)  # 64 times the limit, a few hundred bytes compressed
     return {

@@ -1,0 +1,44 @@
+"""``xon-relay-agent run`` leaves out what only other commands need (issue 7, agent footprint).
+
+Each module below is imported where it is used, not at the top of a module on the run path;
+an eager import creeping back would raise the idle agent's RSS without failing anything else.
+A fresh interpreter imports what ``run`` imports at start and reports its ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+LAZY = {
+    "relay_agent.doctor": "doctor's x509 and HTTP checks",
+    "xml.etree.ElementTree": "XML ingress bodies: parsed by the relay only (shared.events)",
+    "pyexpat": "ElementTree's parser",
+    "logging.handlers": "the log file of the Windows service (cli.run_hosted)",
+}
+
+RUN_PATH = ("relay_agent.cli", "relay_agent.app")
+"""What the console script imports before ``run`` starts: the CLI, and through it the agent."""
+
+
+def loaded_modules(*modules: str) -> set[str]:
+    code = f"import sys, {', '.join(modules)}; print('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+    return set(done.stdout.split())
+
+
+def test_run_path_does_not_import_lazy_modules() -> None:
+    """Importing the CLI and the agent loads none of the modules other commands need."""
+    loaded = loaded_modules(*RUN_PATH)
+    # Not vacuous: the run path's own modules are there.
+    assert {"relay_agent.link", "relay_agent.local_api", "shared.events"} <= loaded
+    assert {name: why for name, why in LAZY.items() if name in loaded} == {}
+
+
+def test_lazy_modules_are_importable() -> None:
+    """The names above are real modules (a typo would make the check above pass for nothing)."""
+    assert set(LAZY) <= loaded_modules(*LAZY)
