@@ -9,12 +9,22 @@ several hundred per event loop in a few processes.
 Figures: relay RSS per connection (target ≤ 40 KB), relay CPU while every link idles with its
 keepalive pings, and a reconnect storm (every connection reset at once; agents come back with
 the real agent's jittered back-off) → time until all are authenticated again (target ≤ 30 s).
+
+``python -m bench scale`` runs it with the relay's default settings. ``python -m bench.scale``
+runs it alone and can set the relay's ``[link]`` table, for trying load-shedding settings::
+
+    python -m bench.scale --agents 10000 --idle 10 --link max_handshakes=128 \
+        --link handshake_queue_timeout=3
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +58,9 @@ class Options:
     profile: Path | None = None
     compression: bool = True
     """False: an experiment, the agents do not offer permessage-deflate (the real one does)."""
+    relay_link: tuple[tuple[str, str], ...] = ()
+    """``[link]`` settings of the relay (key, value as in the environment), e.g.
+    ``(("max_handshakes", "128"),)``; empty: the defaults."""
 
 
 async def _enroll(db: Path, count: int) -> tuple[str, list[tuple[str, str]]]:
@@ -104,6 +117,11 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
     t0 = time.time()
     relay_id, agents = await _enroll(root / "relay" / "relay.db", count)
     enroll_seconds = time.time() - t0
+    if opts.relay_link:
+        # The bench strips XON_RELAY_* from the children's environment; the relay reads
+        # config.toml from its data dir instead.
+        lines = ["[link]"] + [f"{key} = {json.dumps(value)}" for key, value in opts.relay_link]
+        (root / "relay" / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     children = Children()
     try:
         relay = await start_relay(children, root, log_level=opts.log_level)
@@ -168,12 +186,58 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
         Row("storm: all re-authenticated", f"{storm_seconds:.1f} s"
             + (f" ({left} missing)" if left else ""), "<= 30 s"),
         Row("storm: failed attempts (retried)", str(sum(int(s["retries"]) for s in storm))),
+        Row("storm: … of them refused busy (503)", str(sum(int(s["busy"]) for s in storm))),
         Row("storm: relay CPU", f"{storm_cpu:.1f} s"),
         Row("relay RSS after storm", f"{rss2 / 1024:.0f} MiB"),
     ]
     print_table("connection scale (bench 3)",
                 {"agents": count, "swarm processes": processes, "fd limit": nofile,
                  "permessage-deflate": "offered" if opts.compression else "off (experiment)",
-                 "relay log level": opts.log_level}, rows)
+                 "relay log level": opts.log_level,
+                 "relay link": " ".join(f"{k}={v}" for k, v in opts.relay_link) or "defaults"},
+                rows)
     return {"rss_per_conn_kb": per_conn / 1000, "idle_cpu_pct": 100 * idle_cpu / opts.idle,
             "storm_s": storm_seconds}
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Options()
+    parser.add_argument("--agents", type=int, default=defaults.agents)
+    parser.add_argument("--processes", type=int, default=defaults.processes)
+    parser.add_argument("--idle", type=float, default=defaults.idle)
+    parser.add_argument("--limit", type=float, default=defaults.limit)
+    parser.add_argument("--log-level", default=defaults.log_level)
+    parser.add_argument("--link", type=_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="a relay [link] setting (repeatable)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="record a py-spy profile of the relay during the storm into DIR")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = parser.parse_args()
+    opts = Options(agents=args.agents, processes=args.processes, idle=args.idle,
+                   limit=args.limit, log_level=args.log_level, profile=args.profile,
+                   relay_link=tuple(args.link))
+    root = Path(tempfile.mkdtemp(prefix="xon-bench-scale-"))
+    try:
+        asyncio.run(run(opts, root))
+    except BenchFailed as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"bench: data kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,18 +5,21 @@ connection configured like the real agent's (``relay_agent/link.py``: same subpr
 ping interval and timeout, permessage-deflate offered as websockets does by default), without
 an inbox or a local API: enough to hold an authenticated, idle link. ``--no-compression`` is an
 experiment showing what a link costs without permessage-deflate. After a drop an agent
-reconnects the way the real one does: full-jitter back-off (``relay_agent.link.backoff_delay``)
-starting at ``AgentConfig.backoff_initial``.
+reconnects the way the real one does, through the same helpers
+(``relay_agent.link.reconnect_delay`` and ``busy_retry_after``): full-jitter back-off starting
+at ``AgentConfig.backoff_initial``, or, after an upgrade refused as busy, the relay's
+``Retry-After`` plus jitter without growing the back-off.
 
 The parent drives it over stdin/stdout, one JSON object per line::
 
     → (started)             ← {"event": "ready", "connected": N, "failed": F, "seconds": S}
-    → storm                 ← {"event": "reauthed", "seconds": S, "retries": R, "left": L}
+    → storm                 ← {"event": "reauthed", "seconds": S, "retries": R, "busy": B,
+                               "left": L}
     → quit                  (exits)
 
 ``storm`` aborts every connection at once (TCP reset, as when a NAT or a network drops), then
 reports how long until every agent was welcomed again (``left``: still not welcomed when the
-time limit passed).
+time limit passed; ``retries``: failed attempts, ``busy`` of them refused 503 busy).
 
     python -m bench.swarm --url WS_URL --relay-id ID --keys FILE [--limit S]
 """
@@ -35,7 +38,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 from websockets.typing import Subprotocol
 
-from relay_agent.link import backoff_delay
+from relay_agent.link import busy_retry_after, reconnect_delay
 from shared.config import AgentConfig, LinkConfig
 from shared.crypto import Ed25519PrivateKey
 from shared.link import SUBPROTOCOL, AgentSession, Welcomed
@@ -57,9 +60,11 @@ class _Agent:
         self.welcomed = asyncio.Event()
         self.welcomed_at = 0.0
         self.retries = 0
+        self.busy = 0
+        """Of the retries, upgrades the relay refused as busy (503 with Retry-After)."""
 
     async def run(self) -> None:
-        """Connect, hold the link; after a drop, back off (with jitter) and connect again.
+        """Connect, hold the link; after a drop, wait as the real agent does and connect again.
 
         As in ``AgentLink.run``: a link that was welcomed restarts the back-off at attempt 0.
         """
@@ -67,6 +72,7 @@ class _Agent:
         first = True
         while True:
             welcomed = False
+            retry_after: float | None = None
             try:
                 if first:
                     async with self.swarm.gate:
@@ -76,17 +82,18 @@ class _Agent:
                 welcomed = True
                 first = False
                 await self._hold()
-            except (OSError, TimeoutError, WebSocketException):
-                pass
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                retry_after = busy_retry_after(exc)
+                if retry_after is not None:
+                    self.busy += 1
             if self.stopping():
                 return
             if welcomed:
                 attempt = 0
             else:
                 self.retries += 1
-            delay = backoff_delay(attempt, initial=_AGENT.backoff_initial,
-                                  cap=_AGENT.backoff_max, rand=random.random)
-            attempt += 1
+            delay, attempt = reconnect_delay(attempt, retry_after, initial=_AGENT.backoff_initial,
+                                             cap=_AGENT.backoff_max, rand=random.random)
             await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
@@ -176,6 +183,7 @@ async def _main(url: str, relay_id: str, keys: Path, limit: float, compression: 
     while (line := (await reader.readline()).decode().strip()) not in ("quit", ""):
         if line == "storm":
             retries = sum(agent.retries for agent in agents)
+            busy = sum(agent.busy for agent in agents)
             dropped = time.time()
             for agent in agents:
                 agent.welcomed.clear()
@@ -183,7 +191,8 @@ async def _main(url: str, relay_id: str, keys: Path, limit: float, compression: 
             left = await _all_welcomed(agents, limit)
             last = max((agent.welcomed_at for agent in agents), default=dropped)
             _say(event="reauthed", seconds=round(last - dropped, 3), left=left,
-                 retries=sum(agent.retries for agent in agents) - retries)
+                 retries=sum(agent.retries for agent in agents) - retries,
+                 busy=sum(agent.busy for agent in agents) - busy)
     swarm.stopping = True
     for agent in agents:
         if agent.ws is not None:

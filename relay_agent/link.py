@@ -5,8 +5,10 @@ messages between it and a ``websockets`` connection, commits delivered events to
 acks them afterwards (DESIGN principle 1), stores status items in the inbox's status table,
 hands each open connection to :class:`~relay_agent.commands.Commands` (which sends CTOX commands
 on it and gets their results back), and reconnects forever with exponential back-off and
-full jitter (DESIGN §Link protocol, Liveness). The only way out is a refusal by the relay (close
-4401/4403, or HTTP 401/403 on the upgrade), which :meth:`AgentLink.run` raises.
+full jitter (DESIGN §Link protocol, Liveness); an upgrade refused as busy (503 or 429 with
+``Retry-After``) is retried after ``Retry-After`` plus jitter without growing the back-off
+(:func:`reconnect_delay`). The only way out is a refusal by the relay (close 4401/4403, or
+HTTP 401/403 on the upgrade), which :meth:`AgentLink.run` raises.
 
 Two faults of issue 6 are handled here rather than by ending the link:
 
@@ -46,6 +48,7 @@ from shared.crypto import Ed25519PrivateKey
 from shared.errors import AuthError, ConfigError, Revoked, StoreError, Unauthorized
 from shared.link import (
     FATAL_CLOSE_CODES,
+    FEATURES,
     SUBPROTOCOL,
     AgentSession,
     AuthFailed,
@@ -71,6 +74,8 @@ __all__ = [
     "LinkStatus",
     "StallWatch",
     "backoff_delay",
+    "busy_retry_after",
+    "reconnect_delay",
     "websocket_url",
     "CLIENT",
     "CRASH_ENV",
@@ -82,6 +87,8 @@ log = logging.getLogger(__name__)
 CLIENT = "xon-relay-agent/0.1.0"
 _MAX_ATTEMPT = 32
 """Caps the exponent so ``2 ** attempt`` stays a small float; the delay is capped long before."""
+_BUSY_STATUSES = (429, 503)
+"""Upgrade refusals whose ``Retry-After`` the agent honours (the relay sheds load with 503)."""
 CRASH_ENV = "XON_TESTS_CRASH_AT"
 """Test hook (module docstring): ``before_commit[:N]`` or ``before_ack[:N]``."""
 CRASH_EXIT_CODE = 70
@@ -123,6 +130,39 @@ def backoff_delay(attempt: int, *, initial: float, cap: float, rand: Callable[[]
     """
     ceiling: float = min(cap, initial * 2.0 ** min(attempt, _MAX_ATTEMPT))
     return rand() * ceiling
+
+
+def busy_retry_after(exc: BaseException) -> float | None:
+    """The ``Retry-After`` of an upgrade the relay refused as busy (503 or 429), in seconds.
+
+    ``None`` for any other failure, and for a refusal without the header or whose value is not
+    whole seconds (an HTTP-date, junk): those get the ordinary back-off.
+    """
+    if not isinstance(exc, InvalidStatus) or exc.response.status_code not in _BUSY_STATUSES:
+        return None
+    value = exc.response.headers.get("Retry-After", "").strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return float(value)
+
+
+def reconnect_delay(
+    attempt: int, retry_after: float | None, *, initial: float, cap: float,
+    rand: Callable[[], float],
+) -> tuple[float, int]:
+    """The wait before the next connection attempt, and the back-off attempt after it.
+
+    A busy refusal (``retry_after``, from :func:`busy_retry_after`) means "come back shortly"
+    (docs/protocol.md, Reconnecting): ``Retry-After`` plus full jitter over ``[0, Retry-After]``,
+    and the attempt stays, so the back-off does not grow while the relay sheds a storm. The
+    wait stays within ``cap`` by taking a ``Retry-After`` above ``cap / 2`` as ``cap / 2``:
+    clipping the jittered wait instead would send every agent told "30 s" back at the same
+    moment. Anything else waits :func:`backoff_delay` and counts one more attempt.
+    """
+    if retry_after is not None:
+        base = min(retry_after, cap / 2)
+        return base + rand() * base, attempt
+    return backoff_delay(attempt, initial=initial, cap=cap, rand=rand), attempt + 1
 
 
 class StallWatch:
@@ -273,15 +313,15 @@ class AgentLink:
         attempt = 0
         while True:
             self.status.state = LinkState.CONNECTING
-            if await self._connect_once():
+            welcomed, retry_after = await self._connect_once()
+            if welcomed:
                 attempt = 0  # a link that got as far as welcome starts the back-off afresh
             self.status.state = LinkState.DISCONNECTED
             self.status.connected_since = None
-            delay = backoff_delay(
-                attempt, initial=self.config.backoff_initial, cap=self.config.backoff_max,
-                rand=self._rand,
+            delay, attempt = reconnect_delay(
+                attempt, retry_after, initial=self.config.backoff_initial,
+                cap=self.config.backoff_max, rand=self._rand,
             )
-            attempt += 1
             log.info(
                 "link.reconnecting",
                 extra={"delay": round(delay, 3), "attempt": attempt,
@@ -289,8 +329,9 @@ class AgentLink:
             )
             await asyncio.sleep(delay)
 
-    async def _connect_once(self) -> bool:
-        """One connection's life; True if the relay welcomed us. Raises on a fatal refusal."""
+    async def _connect_once(self) -> tuple[bool, float | None]:
+        """One connection's life: whether the relay welcomed us, and the ``Retry-After`` of a
+        busy refusal (:func:`busy_retry_after`). Raises on a fatal refusal."""
         link = self.config.link
         try:
             async with connect(
@@ -306,16 +347,20 @@ class AgentLink:
                 compression=None,  # small JSON frames: deflate costs more memory than it saves
                 **net.websocket_kwargs(self.config),  # proxy and TLS trust (corporate networks)
             ) as ws:
-                return await self._pump(ws)
+                return await self._pump(ws), None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
                 raise Unauthorized(f"relay refused the agent: HTTP {status}") from exc
-            self.status.last_error = f"WebSocket upgrade refused: HTTP {status}"
+            retry_after = busy_retry_after(exc)
+            self.status.last_error = f"WebSocket upgrade refused: HTTP {status}" + (
+                "" if retry_after is None else f" (busy, Retry-After {retry_after:g} s)"
+            )
+            return False, retry_after
         except (OSError, TimeoutError, WebSocketException, ConfigError) as exc:
             # ConfigError: e.g. a ca_file removed after start; retry rather than die.
             self.status.last_error = net.link_error(exc, self.config)[:300]
-        return False
+        return False, None
 
     async def _pump(self, ws: ClientConnection) -> bool:
         loop = asyncio.get_running_loop()
@@ -330,6 +375,8 @@ class AgentLink:
             client=CLIENT,
             # docs/protocol.md, Routing: the relay sends only the events this asks for.
             subscription=self.config.subscription.to_wire(),
+            # Batched events: what arrives together is committed together and acked once.
+            features=FEATURES,
         )
         conn = _Connection(
             ws, session, stall=StallWatch(link.stall_timeout), retry=self.config.backoff_initial

@@ -12,19 +12,26 @@ back-off and resumes by itself, and a failed cursor write is skipped (the agent'
 authoritative; the next ack writes it). Only a handshake that cannot read the store is refused
 with 4011, which the agent retries with back-off.
 
-Load shedding (docs/performance.md, reconnect storm; ``None`` turns it off): at most
+Load shedding by queueing delay (docs/performance.md, reconnect storm): at most
 ``link.max_handshakes`` links per relay process may be between the upgrade and the end of their
-handshake (authenticated and registered, or failed). Beyond that the upgrade is answered 503
-``busy`` with ``Retry-After`` before any WebSocket work, and the agent retries after its
-jittered back-off (DESIGN §Link protocol, Liveness) instead of queueing behind the store.
+handshake (authenticated and registered, or failed). An upgrade beyond that waits, first come
+first served, for a slot to free; one that gets none within ``link.handshake_queue_timeout``
+is answered 503 ``busy`` before any WebSocket work, with a ``Retry-After`` estimated from the
+queue and the relay's handshake rate (:class:`HandshakeGate`), and the agent comes back after
+it (docs/protocol.md, Reconnecting). Admitting a whole storm at once would make every
+handshake slower than the agents' open timeout, so none would finish; a relay that keeps up
+refuses nobody. A waiter whose client left is skipped without a WebSocket upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 import weakref
+from dataclasses import dataclass
 from typing import assert_never
 
 from aiohttp import WSMsgType, web
@@ -76,44 +83,197 @@ _SCAN_PER_WAKE = 4096
 """Events one wake-up of the sender scans at most before it yields to the event loop, so that a
 long run of events not for a routed agent never holds the loop (docs/protocol.md, Routing)."""
 _MAX_REASON = 123  # RFC 6455 §5.5: a close frame's payload is 125 bytes, 2 of them the code
-_BUSY_RETRY_AFTER = 1
-"""Seconds a refused upgrade is told to wait; the agent's own jittered back-off spreads it."""
+_RETRY_AFTER_MIN = 1
+_RETRY_AFTER_MAX = 30
+"""Bounds of a busy upgrade's ``Retry-After``, in whole seconds."""
+_RATE_HALF_LIFE = 60.0
+"""Seconds in which the best handshake rate a relay showed counts half as much: it adapts to a
+relay that got slower (more idle links), yet outlives a storm's teardown (HandshakeRate)."""
 _HANDSHAKE_STATES = (LinkState.CONNECTING, LinkState.AUTHENTICATING)
 
-_handshakes: weakref.WeakKeyDictionary[AgentHub, int] = weakref.WeakKeyDictionary()
-"""Handshakes in progress per hub, i.e. per relay process (tests run several in one)."""
+
+class HandshakeGate:
+    """Admission of one hub's link handshakes (module docstring, load shedding).
+
+    At most ``limit`` slots are out at once (``None``: no limit). A request beyond it waits in
+    a FIFO for up to ``queue_timeout`` seconds (``0``: not at all). A released slot passes
+    straight to the oldest waiter whose client is still connected, so a newcomer never
+    overtakes the queue; waiters whose client left are skipped. The queue needs no bound of
+    its own: each waiter is an open connection that leaves within ``queue_timeout``.
+    """
+
+    def __init__(self, limit: int | None, queue_timeout: float) -> None:
+        self.limit = limit
+        self.queue_timeout = queue_timeout
+        self.running = 0
+        """Slots out: handshakes between their upgrade and their end."""
+        self.waiting = 0
+        """Requests waiting for a slot (the queue may also hold ones that stopped waiting)."""
+        self._queue: collections.deque[_Waiter] = collections.deque()
+        self.rate = HandshakeRate()
+
+    async def enter(self, request: web.Request) -> HandshakeSlot | None:
+        """A slot for ``request``, or ``None``: none freed within ``queue_timeout``, or the
+        client went away while it waited."""
+        if self.limit is None or self.running < self.limit:
+            # While slots are free nobody waits: a released slot goes to a waiter first.
+            self.running += 1
+            return HandshakeSlot(self)
+        if self.queue_timeout <= 0:
+            return None
+        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        self.waiting += 1
+        try:
+            await asyncio.wait((waiter.granted,), timeout=self.queue_timeout)
+        except BaseException:
+            # Cancelled (server shutdown) perhaps just after a slot was handed over.
+            if waiter.granted.done():
+                slot = waiter.granted.result()
+                if slot is not None:
+                    slot.release()
+            else:
+                self._stop_waiting(waiter)
+            raise
+        if not waiter.granted.done():
+            self._stop_waiting(waiter)
+            return None
+        return waiter.granted.result()
+
+    def _stop_waiting(self, waiter: _Waiter) -> None:
+        # Left in the queue (removing from the middle is O(n)); leave() skips it.
+        waiter.granted.cancel()
+        self.waiting -= 1
+
+    def leave(self) -> None:
+        """A handshake ended: hand its slot to the next waiter still connected, if any."""
+        self.rate.finished(time.monotonic())
+        while self._queue:
+            waiter = self._queue.popleft()
+            if waiter.granted.done():
+                continue  # timed out or cancelled
+            self.waiting -= 1
+            if _client_gone(waiter.request):
+                waiter.granted.set_result(None)
+                continue
+            waiter.granted.set_result(HandshakeSlot(self))
+            return
+        self.running -= 1
+
+    def retry_after(self) -> int:
+        """The ``Retry-After`` of a refusal now (:func:`retry_after_estimate`)."""
+        rate = self.rate.per_second(time.monotonic())
+        return retry_after_estimate(self.waiting, rate or None, slots=self.limit or 1)
+
+
+class HandshakeRate:
+    """Handshakes a relay finishes per second when it is busy: the best whole second seen,
+    counting half as much every ``_RATE_HALF_LIFE`` seconds since.
+
+    Not the recent average: right after a reconnect storm the relay spends seconds closing the
+    dropped links (their store writes go first), finishing almost no handshake, and an
+    estimate from those seconds would send the refused agents away for far longer than the
+    relay then needs to serve them. Seconds (``time.monotonic``) are passed in.
+    """
+
+    def __init__(self) -> None:
+        self._second = 0
+        """The whole second being counted."""
+        self._count = 0
+        """Handshakes finished in it so far."""
+        self._best = 0.0
+        self._best_at = 0.0
+
+    def finished(self, now: float) -> None:
+        second = math.floor(now)
+        if second != self._second:
+            ended = float(self._second + 1)
+            if self._count >= self._decayed(self._best, self._best_at, ended):
+                self._best, self._best_at = float(self._count), ended
+            self._second, self._count = second, 0
+        self._count += 1
+
+    def per_second(self, now: float) -> float:
+        """The estimate at ``now``; 0.0 before a whole second with a finish has passed."""
+        best = self._decayed(self._best, self._best_at, now)
+        if math.floor(now) != self._second:  # the second being counted is over: it counts
+            best = max(best, self._decayed(self._count, self._second + 1.0, now))
+        return best
+
+    @staticmethod
+    def _decayed(rate: float, at: float, now: float) -> float:
+        factor: float = 0.5 ** (max(0.0, now - at) / _RATE_HALF_LIFE)
+        return rate * factor
+
+
+def retry_after_estimate(waiting: int, rate: float | None, *, slots: int) -> int:
+    """Whole seconds until a request that queued behind ``waiting`` others would get a slot,
+    at ``rate`` handshakes finished per second, within [1, 30].
+
+    With no rate yet (``None``), as if each of the ``slots`` finished one handshake per
+    second. An estimate errs short rather than long: too short costs one more cheap refusal,
+    too long leaves the relay idle while agents wait.
+    """
+    per_second = rate if rate is not None and rate > 0 else float(slots)
+    seconds = math.ceil((waiting + 1) / per_second)
+    return min(_RETRY_AFTER_MAX, max(_RETRY_AFTER_MIN, seconds))
+
+
+@dataclass(slots=True)
+class _Waiter:
+    request: web.Request
+    granted: asyncio.Future[HandshakeSlot | None]
+    """A slot, ``None`` when skipped (client gone), cancelled when the waiter gave up."""
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport  # None once the connection is lost
+    return transport is None or transport.is_closing()
+
+
+_gates: weakref.WeakKeyDictionary[AgentHub, HandshakeGate] = weakref.WeakKeyDictionary()
+"""One gate per hub, i.e. per relay process (tests run several in one)."""
+
+
+def handshake_gate(hub: AgentHub) -> HandshakeGate:
+    """The hub's gate, made from its ``link`` settings on first use."""
+    gate = _gates.get(hub)
+    if gate is None:
+        gate = _gates[hub] = HandshakeGate(
+            hub.link.max_handshakes, hub.link.handshake_queue_timeout
+        )
+    return gate
 
 
 class HandshakeSlot:
-    """One of the ``link.max_handshakes`` handshakes a hub runs at once; released once."""
+    """One of the handshakes a hub runs at once (``link.max_handshakes``); released exactly
+    once, which passes it on to the next waiter (:meth:`HandshakeGate.leave`)."""
 
-    def __init__(self, hub: AgentHub) -> None:
-        self._hub: AgentHub | None = hub
-        _handshakes[hub] = _handshakes.get(hub, 0) + 1
-
-    @classmethod
-    def take(cls, hub: AgentHub) -> HandshakeSlot | None:
-        """A slot, or ``None`` when ``link.max_handshakes`` handshakes are in progress."""
-        limit = hub.link.max_handshakes
-        if limit is not None and _handshakes.get(hub, 0) >= limit:
-            return None
-        return cls(hub)
+    def __init__(self, gate: HandshakeGate) -> None:
+        self._gate: HandshakeGate | None = gate
 
     def release(self) -> None:
-        hub, self._hub = self._hub, None
-        if hub is not None:
-            _handshakes[hub] -= 1
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.leave()
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Serve one agent WebSocket until it closes; 503 ``busy`` when too many handshakes run."""
+    """Serve one agent WebSocket until it closes; 503 ``busy`` with ``Retry-After`` when no
+    handshake slot frees in time (module docstring, load shedding)."""
     hub = request.app[hub_key]
     config = request.app[config_key]
-    slot = HandshakeSlot.take(hub)
+    gate = handshake_gate(hub)
+    slot = await gate.enter(request)
     if slot is None:
-        log.debug("agent.upgrade_busy", extra={"peer": request.remote})
+        retry_after = gate.retry_after()
+        if _client_gone(request):
+            log.debug("agent.upgrade_abandoned", extra={"peer": request.remote})
+        else:
+            log.debug("agent.upgrade_busy",
+                      extra={"peer": request.remote, "retry_after": retry_after})
         response = error_response(503, "busy", "too many agent handshakes in progress; retry")
-        response.headers["Retry-After"] = str(_BUSY_RETRY_AFTER)
+        response.headers["Retry-After"] = str(retry_after)
         return response
     try:
         return await _serve(request, hub, config.link, slot)
@@ -127,7 +287,7 @@ async def _serve(
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         timeout=hub.close_timeout,
-        heartbeat=link_config.ping_interval,
+        heartbeat=hub.keepalive,
         max_msg_size=link_config.max_message_size,
         # Frames are small JSON: per-message deflate saves little and costs ~100 KB of zlib
         # state per connection (bench/scale: 130 KB -> 25 KB RSS per idle agent).
@@ -466,9 +626,7 @@ class AgentLink:
         if self._may_send:
             self._sender = asyncio.create_task(self._send_events())
             self._wake.set()
-            interval = self.hub.link.heartbeat_interval
-            if interval is not None:
-                self._heartbeat = asyncio.create_task(self._heartbeats(interval))
+            self.hub.start_heartbeats(self)
 
     async def _save_cursor(self, seq: int, *, reset: bool = False) -> None:
         """Store the agent's cursor; skipped while the store is down (the next ack writes it,
@@ -633,32 +791,26 @@ class AgentLink:
 
     # -- heartbeats -----------------------------------------------------------------------------
 
-    async def _heartbeats(self, interval: float) -> None:
-        """Every ``interval``, tell the agent the newest seq it should have by now
-        (docs/protocol.md, Heartbeat): the log's head of one beat ago if the sender has not
-        scanned that far since, else the last seq offered. A sender that is merely busy gets a
-        whole interval, so only a stuck one makes the agent reconnect."""
-        assert self.account_id is not None
-        previous: int | None = None
+    def heartbeat(self, head: int) -> None:
+        """Tell the agent the newest seq it should have by now (docs/protocol.md, Heartbeat);
+        the hub's ticker decides when (:class:`~relay_server.hub.HeartbeatRule`)."""
+        if not self._may_send:
+            return
+        self.session.send_heartbeat(head)
+        # Written by a task of its own: the ticker serves every link and must not wait for a
+        # peer that stopped reading, nor rely on this link's sender, which may be the stuck
+        # part. One write at a time; a frame queued meanwhile goes out with the next flush.
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
         try:
-            while self._may_send:
-                await asyncio.sleep(interval)
-                try:
-                    head = await self.hub.store.head_seq(self.account_id)
-                except StoreError:
-                    continue  # the sender reports the outage; this beat is skipped
-                if previous is not None and previous > self.scanned_through:
-                    due = previous
-                else:
-                    due = self.session.last_offered
-                previous = head
-                if self._may_send:
-                    self.session.send_heartbeat(due)
-                    await self._flush()
+            await self._flush()
         except Exception:
             self.log.exception("agent.heartbeat_failed")
 
     async def _stop_heartbeat(self) -> None:
+        self.hub.stop_heartbeats(self)
         task, self._heartbeat = self._heartbeat, None
         if task is not None:
             task.cancel()

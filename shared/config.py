@@ -98,18 +98,25 @@ class LinkConfig:
     """Agent: seconds it waits, once a heartbeat says events are waiting and it has acked all
     it received, for an event to arrive before it closes the link (4013 ``stalled``) and
     reconnects; ``None``: never."""
-    max_handshakes: int | None = None
-    """Relay: link handshakes (upgrade to authenticated) one process runs at once; beyond it
-    the upgrade is answered 503 ``busy`` with ``Retry-After`` and the agent backs off with
-    jitter; ``None`` (default): no limit. Off by default because agents do not yet honour
-    Retry-After (each refusal doubles their back-off): it shortens a 10,000-agent storm but
-    lengthens 2,000–5,000-agent ones (docs/performance.md, round 3)."""
+    max_handshakes: int | None = 64
+    """Relay: link handshakes (upgrade to authenticated, or failed) one process runs at once.
+    An upgrade beyond it waits for a slot, first come first served, for up to
+    ``handshake_queue_timeout``; ``None``: no limit, every upgrade starts at once. Running all
+    of a reconnect storm's handshakes together makes each slower than the agents' open
+    timeout, so none finishes (docs/performance.md, reconnect storm)."""
+    handshake_queue_timeout: float = 2.0
+    """Relay: seconds an upgrade waits for a handshake slot before it is answered 503 ``busy``
+    with a ``Retry-After`` estimated from the queue and the relay's handshake rate (1–30 s);
+    ``0``: no waiting, refuse at once when every slot is taken. Keep it well under the agents'
+    open timeout (their ``link.auth_timeout``, 10 s) so a refused agent hears so in time."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ConfigError("link.window must be at least 1")
         if self.max_handshakes is not None and self.max_handshakes < 1:
             raise ConfigError("link.max_handshakes must be at least 1 (or none)")
+        if not 0 <= self.handshake_queue_timeout < math.inf:
+            raise ConfigError("link.handshake_queue_timeout must be 0 or more seconds")
         if self.auth_timeout <= 0:
             raise ConfigError("link.auth_timeout must be positive")
         if self.max_message_size < 1024:
