@@ -121,6 +121,7 @@ async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncItera
         cluster = config.cluster
         store = await open_store(
             config.store_url,
+            exclusive=True,  # one relay process per SQLite file (docs/scaling.md)
             wait_replicas=cluster.redis_wait_replicas,
             wait_aof=cluster.redis_wait_aof,
             wait_timeout=cluster.redis_wait_timeout,

@@ -14,14 +14,21 @@ _SQLITE = "sqlite:///"
 
 
 async def open_store(
-    url: str, *, wait_replicas: int = 0, wait_aof: bool = False, wait_timeout: float = 1.0
+    url: str,
+    *,
+    exclusive: bool = False,
+    wait_replicas: int = 0,
+    wait_aof: bool = False,
+    wait_timeout: float = 1.0,
 ) -> Store:
     """Open the store named by ``url`` (DESIGN §Command line ``--store``).
 
     ``sqlite:///path/relay.db`` (the parent directory must exist) or
     ``redis://[:password@]host:port/db[?prefix=P]`` (see docs/redis.md). The ``wait_*``
     settings (``ServerConfig.cluster``) apply to Redis only: each append pipeline is followed
-    by ``WAIT wait_replicas`` and/or ``WAITAOF 1 wait_replicas``.
+    by ``WAIT wait_replicas`` and/or ``WAITAOF 1 wait_replicas``. ``exclusive`` applies to
+    SQLite only: the relay server's own file, which no other process may open meanwhile
+    (:meth:`SqliteStore.open <relay_server.store.sqlite.SqliteStore.open>`).
 
     Raises:
         StoreError: unknown scheme, unavailable backend, or the store cannot be opened.
@@ -33,7 +40,7 @@ async def open_store(
         if not path:
             raise StoreError("sqlite store URL needs a path: sqlite:///path/relay.db")
         # sqlite:///relative and sqlite:////absolute both name a file path after the prefix.
-        return await SqliteStore.open(Path(path))
+        return await SqliteStore.open(Path(path), exclusive=exclusive)
     if url.startswith(("redis://", "rediss://")):
         try:
             from .redis import RedisStore

@@ -22,7 +22,12 @@ of this instance see the recorded values at once. A crash can lose the last ones
 that is too low only means re-delivery, which the agent drops by event id (DESIGN principle 1,
 at least once), and makes retention keep a little more.
 
-Reads run on a second thread with its own connection (WAL lets it read while the writer
+A link's read of what was just appended is served from memory: the writer hands each committed
+event to an :class:`~relay_server.store.tail.EventTail` before its caller hears of the commit,
+and ``read_events`` asks the tail first (it answers only when sure to hold every event asked
+for; see its docstring for why that holds and the net under it).
+
+Other reads run on a second thread with its own connection (WAL lets it read while the writer
 commits), so a lookup never queues behind an fsync. Ingress key lookups are also cached in
 memory for ``_ACCOUNT_TTL`` seconds: this instance's own key changes drop the cache at once,
 another process's (an admin CLI on the same file) are seen within the TTL.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -40,7 +46,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, format_time
@@ -58,6 +64,7 @@ from .base import (
     result_from_json,
     result_to_json,
 )
+from .tail import MAX_EVENTS, EventTail
 
 __all__ = ["SqliteStore"]
 
@@ -165,6 +172,8 @@ class _Write(Generic[T]):
     done: asyncio.Future[T]
     savepoint: bool
     """False for a write of one statement (an event append): a failed statement undoes itself."""
+    on_commit: Callable[[Any], None] | None = None
+    """Called with the result once committed, before the caller hears (keeps the tail whole)."""
     result: Any = None
     error: Exception | None = None
 
@@ -208,7 +217,9 @@ class SqliteStore:
     Open it with :meth:`open`; ``commit_count`` counts the writer's commits (tests, metrics).
     """
 
-    def __init__(self, *, batch_size: int = 256, queue_size: int = 4096) -> None:
+    def __init__(
+        self, *, batch_size: int = 256, queue_size: int = 4096, tail_events: int = MAX_EVENTS
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
         self._conn: sqlite3.Connection | None = None
@@ -224,6 +235,10 @@ class SqliteStore:
         self._accounts: dict[str, tuple[float, AccountRecord]] = {}
         """Ingress key hash → (monotonic expiry, account): positive lookups only."""
         self._account_generation = 0
+        self._tail_events = tail_events
+        self._tail: EventTail | None = None
+        """Only in a store opened ``exclusive`` (see :meth:`open`)."""
+        self._lock: IO[bytes] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -232,18 +247,30 @@ class SqliteStore:
         each one fsync."""
 
     @classmethod
-    async def open(cls, path: Path, **kwargs: Any) -> SqliteStore:
+    async def open(cls, path: Path, *, exclusive: bool = False, **kwargs: Any) -> SqliteStore:
         """Open (creating if needed) the database at ``path``.
 
+        ``exclusive`` (the relay server): no other store may have the file open meanwhile, which
+        lets links read what was just appended from memory (:class:`EventTail`). Otherwise the
+        file may be shared with other non-exclusive stores (tests, tools), every read queries
+        it, and only an exclusive open is refused. Where the OS has no ``flock`` (Windows)
+        nothing is locked and no store keeps a tail.
+
         Raises:
-            StoreError: the file cannot be opened or initialised.
+            StoreError: the file cannot be opened or initialised, or is in use by a store that
+                excludes this one.
         """
         store = cls(**kwargs)
+        store._lock = _lock(path, exclusive=exclusive)
         try:
             await store._run(lambda: store._connect(path))
             # After the writer made the schema: the reader only ever reads.
             await store._read(lambda: store._connect_reader(path))
+            if exclusive and store._lock is not None:
+                floor = await store._run(store._last_assigned_seq)
+                store._tail = EventTail(floor, max_events=store._tail_events)
         except StoreError:
+            store._unlock()
             await store._run_unchecked(store._close_conn)
             store._executor.shutdown(wait=True)
             store._reader.shutdown(wait=True)
@@ -285,6 +312,12 @@ class SqliteStore:
             raise
         self._conn = conn
 
+    def _last_assigned_seq(self) -> int:
+        """The highest event seq ever assigned: every later append is above it (AUTOINCREMENT
+        never reuses one), so a new tail starts complete from there."""
+        row = self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return 0 if row is None else int(row[0])
+
     def _connect_reader(self, path: Path) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
         try:
@@ -306,7 +339,13 @@ class SqliteStore:
             raise StoreError("store is not open")
         return self._read_conn
 
-    async def _tx(self, fn: Callable[[sqlite3.Connection], T], *, savepoint: bool = True) -> T:
+    async def _tx(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        savepoint: bool = True,
+        on_commit: Callable[[T], None] | None = None,
+    ) -> T:
         """Run ``fn`` in the writer's next transaction (module docstring); return its result,
         or raise its exception, once that transaction committed.
 
@@ -316,7 +355,7 @@ class SqliteStore:
         self._check_writable()
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # A bounded queue: when the disk falls behind, writers wait here.
-        await self._queue.put(_Write(fn, done, savepoint))
+        await self._queue.put(_Write(fn, done, savepoint, on_commit))
         return await done
 
     def _check_writable(self) -> None:
@@ -352,6 +391,8 @@ class SqliteStore:
         self.commit_count += 1
         self._forget_written(cursors, touches)
         for write in writes:
+            if write.error is None and write.on_commit is not None:
+                write.on_commit(write.result)
             write.settle()
 
     def _commit_batch(
@@ -406,6 +447,12 @@ class SqliteStore:
         self._closed = True
         self._executor.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
 
     def _close_conn(self) -> None:
         if self._conn is not None:
@@ -505,11 +552,13 @@ class SqliteStore:
             self._accounts[key_hash] = (time.monotonic() + _ACCOUNT_TTL, account)
         return account
 
-    async def _account_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _account_tx(
+        self, fn: Callable[[sqlite3.Connection], T], on_commit: Callable[[T], None] | None = None
+    ) -> T:
         """``_tx`` for a write that changes accounts: every cached lookup is dropped after it,
         also when the caller is cancelled (the write may commit all the same)."""
         try:
-            return await self._tx(fn)
+            return await self._tx(fn, on_commit=on_commit)
         finally:
             self._forget_accounts()
 
@@ -650,9 +699,20 @@ class SqliteStore:
         self._flush_queued = True
 
     async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
-        return await self._tx(lambda conn: _append(conn, event, xon_id), savepoint=False)
+        return await self._tx(
+            lambda conn: _append(conn, event, xon_id), savepoint=False, on_commit=self._took
+        )
+
+    def _took(self, result: AppendResult) -> None:
+        if self._tail is not None and not result.duplicate:
+            self._tail.add(result.stored)
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
+        held = None if self._tail is None else self._tail.read(account_id, after=after, limit=limit)
+        if held is not None:
+            await asyncio.sleep(0)  # like every store call, give the loop a turn
+            return held
+
         def select() -> list[StoredEvent]:
             rows = self._rdb().execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND seq > ?"
@@ -672,7 +732,10 @@ class SqliteStore:
             )
             return int(row[0] or 0)
 
-        return await self._read(select)
+        head = await self._read(select)
+        if self._tail is not None:
+            self._tail.check_head(account_id, head)
+        return head
 
     async def get_cursor(self, agent_id: str) -> int:
         recorded = self._cursors.get(agent_id)
@@ -680,9 +743,11 @@ class SqliteStore:
             return recorded
 
         def select() -> int:
-            row = self._rdb().execute(
-                "SELECT cursor FROM agents WHERE id = ?", (agent_id,)
-            ).fetchone()
+            row = (
+                self._rdb()
+                .execute("SELECT cursor FROM agents WHERE id = ?", (agent_id,))
+                .fetchone()
+            )
             return 0 if row is None else int(row[0])
 
         return await self._read(select)
@@ -767,14 +832,14 @@ class SqliteStore:
         return await self._read(select)
 
     async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
-        def trim(conn: sqlite3.Connection) -> int:
+        def trim(conn: sqlite3.Connection) -> tuple[int, int]:
             rows = conn.execute(
                 "SELECT seq FROM events WHERE account_id = ? AND seq <= ? AND seq <"
                 " (SELECT MAX(seq) FROM events WHERE account_id = ?) ORDER BY seq LIMIT ?",
                 (account_id, through, account_id, limit),
             ).fetchall()
             if not rows:
-                return 0
+                return 0, 0
             last = int(rows[-1][0])
             conn.execute("DELETE FROM events WHERE account_id = ? AND seq <= ?", (account_id, last))
             conn.execute(
@@ -783,9 +848,14 @@ class SqliteStore:
                 " MAX(trimmed_through, excluded.trimmed_through)",
                 (account_id, last),
             )
-            return len(rows)
+            return len(rows), last
 
-        return await self._tx(trim)
+        def trimmed(result: tuple[int, int]) -> None:
+            if self._tail is not None and result[0]:
+                self._tail.forget(account_id, through=result[1])
+
+        count, _ = await self._tx(trim, on_commit=trimmed)
+        return count
 
     async def trimmed_through(self, account_id: str) -> int:
         def select() -> int:
@@ -903,7 +973,6 @@ class SqliteStore:
 
         return await self._read(select)
 
-
     # -- operations (docs/operations.md) -------------------------------------------------------
 
     async def rename_account(self, account_id: str, name: str) -> AccountRecord | None:
@@ -973,7 +1042,11 @@ class SqliteStore:
             conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
             return conn.execute("DELETE FROM accounts WHERE id = ?", args).rowcount > 0
 
-        return await self._account_tx(delete)
+        def deleted(_: bool) -> None:
+            if self._tail is not None:
+                self._tail.forget(account_id)
+
+        return await self._account_tx(delete, deleted)
 
     async def rename_agent(self, agent_id: str, name: str) -> AgentRecord | None:
         def update(conn: sqlite3.Connection) -> AgentRecord | None:
@@ -1100,6 +1173,26 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: str | None) -> Ap
     seq = cur.lastrowid
     assert seq is not None
     return AppendResult(stored=StoredEvent(seq=seq, event=event), duplicate=False)
+
+
+def _lock(path: Path, *, exclusive: bool) -> IO[bytes] | None:
+    """Hold ``<path>.lock``: exclusively, or shared with other non-exclusive stores. The lock
+    goes with the descriptor, so a killed relay never leaves it held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: see SqliteStore.open
+        return None
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        handle = open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b")  # noqa: SIM115
+    except OSError as exc:
+        raise StoreError(f"sqlite: cannot open {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise StoreError(f"sqlite: {path} is in use by another relay process") from exc
+    return handle
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:

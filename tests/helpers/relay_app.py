@@ -97,7 +97,7 @@ async def running_relay(
     tmp_path: Path, *, link: LinkConfig | None = None, close_timeout: float = 10.0
 ) -> AsyncIterator[Relay]:
     """Serve ``/v1/agent`` until the block ends; the hub shuts down first, as in the real app."""
-    store = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    store = await open_store(f"sqlite:///{tmp_path / 'relay.db'}", exclusive=True)
     try:
         config = ServerConfig(data_dir=tmp_path, link=link or LinkConfig())
         relay_id = await store.relay_id()
