@@ -386,7 +386,12 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
     if not token:
         raise _Fail(f"{config.data_dir / TOKEN_FILE} is empty", EXIT_CONFIG)
     try:
-        aio.run(_serve(config, token, key, attach_stop))
+        # asyncio's loop unless XON_RELAY_EVENT_LOOP says otherwise: uvloop would cost the
+        # idle agent ~2 MB RSS for CPU it does not spend (shared/aio.py).
+        aio.run(_serve(config, token, key, attach_stop), auto=aio.ASYNCIO)
+    except ConfigError as exc:
+        # A bad XON_RELAY_EVENT_LOOP: aio.run refuses it before anything starts.
+        raise _Fail(str(exc), EXIT_CONFIG) from exc
     except Revoked as exc:
         log.error("agent.revoked", extra={"agent_id": config.agent_id, "reason": str(exc)})
         return EXIT_REFUSED

@@ -17,7 +17,6 @@ import secrets
 import string
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -41,35 +40,62 @@ __all__ = [
 
 _AUTH_DOMAIN = b"xon-relay.v1 agent-auth"
 
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+"""DER of an Ed25519 PKCS#8 (v1) private key up to its 32-byte seed, which ends it (RFC 8410)."""
+
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+
 
 def generate_private_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
 def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    """Unencrypted PKCS#8 PEM: the form :func:`private_key_from_pem` reads without
+    cryptography's serialization package."""
+    der = _PKCS8_ED25519 + key.private_bytes_raw()
+    # 48 bytes of DER are 64 base64 characters: the one line a PEM body may hold.
+    return b"%s\n%s\n%s\n" % (_PEM_BEGIN, base64.b64encode(der), _PEM_END)
 
 
 def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     """Load a PEM private key.
 
+    The PKCS#8 form the agent writes is read here; any other PEM goes to cryptography's full
+    loader, imported only then: with the key types and ciphers it brings, it would add
+    ~1.5 MB to the running agent (issue 7, agent footprint).
+
     Raises:
         ValueError: not an Ed25519 private key.
     """
+    seed = _pkcs8_seed(data)
+    if seed is not None:
+        return Ed25519PrivateKey.from_private_bytes(seed)
+    from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError("not an Ed25519 private key")
     return key
 
 
+def _pkcs8_seed(data: bytes) -> bytes | None:
+    """The seed of an unencrypted Ed25519 PKCS#8 v1 PEM; None for anything else."""
+    lines = data.strip().splitlines()
+    if len(lines) < 3 or lines[0].strip() != _PEM_BEGIN or lines[-1].strip() != _PEM_END:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except binascii.Error:
+        return None
+    if len(der) != len(_PKCS8_ED25519) + 32 or not der.startswith(_PKCS8_ED25519):
+        return None
+    return der[len(_PKCS8_ED25519) :]
+
+
 def public_key_b64(key: Ed25519PrivateKey) -> str:
     """The raw 32-byte public key, base64url without padding."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return _b64e(raw)
+    return _b64e(key.public_key().public_bytes_raw())
 
 
 def auth_message(relay_id: str, agent_id: str, nonce: str) -> bytes:
@@ -84,9 +110,7 @@ def sign_auth(key: Ed25519PrivateKey, relay_id: str, agent_id: str, nonce: str) 
     return _b64e(key.sign(auth_message(relay_id, agent_id, nonce)))
 
 
-def verify_auth(
-    public_key: str, signature: str, relay_id: str, agent_id: str, nonce: str
-) -> bool:
+def verify_auth(public_key: str, signature: str, relay_id: str, agent_id: str, nonce: str) -> bool:
     """True only for a valid signature by ``public_key``; never raises on bad input."""
     try:
         pub = Ed25519PublicKey.from_public_bytes(_b64d(public_key))

@@ -35,6 +35,22 @@ def test_auto_and_uvloop_choices_run_uvloop_when_installed(value: str) -> None:
     assert aio.run(_running_loop(), env=env) == "uvloop"
 
 
+@needs_uvloop
+@pytest.mark.parametrize("value", ["", "auto", "asyncio"])
+def test_a_process_whose_auto_is_asyncio_runs_asyncio(value: str) -> None:
+    """The agent's default (auto=ASYNCIO): asyncio's loop, uvloop installed or not."""
+    env = {aio.LOOP_ENV: value} if value else {}
+    assert aio.loop_factory(env, auto=aio.ASYNCIO) is None
+    assert aio.run(_running_loop(), env=env, auto=aio.ASYNCIO) == "asyncio"
+
+
+@needs_uvloop
+def test_uvloop_asked_for_overrides_a_process_default_of_asyncio() -> None:
+    """XON_RELAY_EVENT_LOOP=uvloop runs the agent on uvloop too."""
+    env = {aio.LOOP_ENV: "uvloop"}
+    assert aio.run(_running_loop(), env=env, auto=aio.ASYNCIO) == "uvloop"
+
+
 def test_auto_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without uvloop, the default runs on asyncio's loop; asking for uvloop is refused."""
     monkeypatch.setitem(sys.modules, "uvloop", None)  # makes ``import uvloop`` fail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 from pathlib import Path
@@ -88,6 +89,25 @@ def test_private_key_pem_round_trip(key: crypto.Ed25519PrivateKey) -> None:
     assert crypto.public_key_b64(loaded) == crypto.public_key_b64(key)
 
 
+def test_private_key_pem_is_what_cryptography_writes(key: crypto.Ed25519PrivateKey) -> None:
+    """The PEM written without cryptography's serialization package is byte for byte the
+    unencrypted PKCS#8 it writes (agent.key files keep their format)."""
+    assert crypto.private_key_to_pem(key) == key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def test_private_key_from_pem_reads_other_ed25519_forms(key: crypto.Ed25519PrivateKey) -> None:
+    """CRLF line ends and text before the block load the same key: what the quick path does
+    not read goes to cryptography's full loader."""
+    pem = crypto.private_key_to_pem(key)
+    for variant in (pem.replace(b"\n", b"\r\n"), b"agent key\n" + pem):
+        loaded = crypto.private_key_from_pem(variant)
+        assert loaded.private_bytes_raw() == key.private_bytes_raw()
+
+
 def test_private_key_from_pem_refuses_other_keys() -> None:
     """A PEM file holding an EC key, or garbage, raises ValueError."""
     ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
@@ -99,6 +119,11 @@ def test_private_key_from_pem_refuses_other_keys() -> None:
         crypto.private_key_from_pem(ec_pem)
     with pytest.raises(ValueError):
         crypto.private_key_from_pem(b"-----BEGIN PRIVATE KEY-----\nnope\n")
+    # The PKCS#8 prefix of an Ed25519 key with one seed byte missing.
+    short = crypto.private_key_to_pem(crypto.generate_private_key()).splitlines()
+    der = base64.b64decode(short[1])[:-1]
+    with pytest.raises(ValueError):
+        crypto.private_key_from_pem(b"\n".join([short[0], base64.b64encode(der), short[2]]))
 
 
 def test_constant_time_equal() -> None:
