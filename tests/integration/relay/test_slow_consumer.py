@@ -107,8 +107,8 @@ async def test_agent_that_stops_reading_is_bounded_by_the_window_and_cut(tmp_pat
             if ws is not None:
                 ws.transport.abort()
     print(f"\nslow consumer: window {WINDOW}, sent to the stuck agent {to_stuck} of {EVENTS}, "
-          f"cut {cut - paused:.3f} s after it stopped reading (ping {PING:g} s, pong wait "
-          f"{PING / 2:g} s); the other agent got {len(local)}/{EVENTS} "
+          f"cut {cut - paused:.3f} s after it stopped reading (keepalive {2 * PING:g} s, pong "
+          f"wait {PING:g} s); the other agent got {len(local)}/{EVENTS} "
           f"{done - appended:.3f} s after the burst began, stuck link "
           f"{'still open' if stuck_online_at_done else 'already cut'} by then")
     assert local == ids
