@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from shared.config import AgentConfig, parse_hostport
-from shared.crypto import Ed25519PrivateKey
+from shared.crypto import SigningKey
 from shared.files import write_private_file
 
 from .commands import Commands
@@ -46,7 +46,7 @@ async def _retention(inbox: Inbox, interval: float) -> None:
 
 
 async def run_agent(
-    config: AgentConfig, *, token: str, private_key: Ed25519PrivateKey, stop: asyncio.Event
+    config: AgentConfig, *, token: str, private_key: SigningKey, stop: asyncio.Event
 ) -> None:
     """Run until ``stop`` is set.
 

@@ -379,7 +379,7 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
                                              "detail": "plain http to the relay is allowed"})
     config = _resolve_network(config)
     try:
-        key = crypto.private_key_from_pem(_read_secret(config.data_dir / KEY_FILE))
+        key = crypto.signing_key_from_pem(_read_secret(config.data_dir / KEY_FILE))
     except ValueError as exc:
         raise _Fail(f"{config.data_dir / KEY_FILE}: {exc}", EXIT_CONFIG) from exc
     token = _read_secret(config.data_dir / TOKEN_FILE).decode().strip()
@@ -418,7 +418,7 @@ def _resolve_network(config: AgentConfig) -> AgentConfig:
     return dataclasses.replace(config, proxy=choice.url or net.DIRECT)
 
 
-async def _serve(config: AgentConfig, token: str, key: crypto.Ed25519PrivateKey,
+async def _serve(config: AgentConfig, token: str, key: crypto.SigningKey,
                  attach_stop: Callable[[StopFunction], None] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.typing import Subprotocol
 
 from shared.config import AgentConfig
-from shared.crypto import Ed25519PrivateKey
+from shared.crypto import SigningKey
 from shared.errors import AuthError, ConfigError, Revoked, StoreError, Unauthorized
 from shared.link import (
     FATAL_CLOSE_CODES,
@@ -282,7 +282,7 @@ class AgentLink:
         self,
         config: AgentConfig,
         *,
-        private_key: Ed25519PrivateKey,
+        private_key: SigningKey,
         inbox: Inbox,
         commands: Commands | None = None,
         rand: Callable[[], float] = random.random,

@@ -5,28 +5,38 @@ pair and registers the public key. On every connection the relay sends a fresh n
 own identity; the agent signs :func:`auth_message` over (relay id, agent id, nonce). Binding the
 relay id stops a signature made for one relay being replayed to another; the fresh nonce stops a
 captured handshake being replayed to the same relay. No reusable secret crosses the wire.
+
+The running agent only signs, so it does not load ``cryptography`` (~6.5 MB of RSS, most of its
+idle footprint after aiohttp; issue 7, bench 5): :func:`signing_key_from_pem` signs with the
+OpenSSL library Python's own ``ssl`` module is linked with (already in the process), through
+``ctypes``. Where that library cannot be reached (Windows, a statically linked Python) or fails
+its known-answer check, it falls back to ``cryptography``, which everything else here uses,
+imported when first needed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
 import string
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+if TYPE_CHECKING:
+    import ctypes
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "Ed25519PrivateKey",
+    "SigningKey",
     "generate_private_key",
     "private_key_to_pem",
     "private_key_from_pem",
+    "signing_key_from_pem",
     "public_key_b64",
     "auth_message",
     "sign_auth",
@@ -46,7 +56,24 @@ _PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
 _PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 
 
+class SigningKey(Protocol):
+    """What the agent needs of its key: a cryptography ``Ed25519PrivateKey`` is one."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def __getattr__(name: str) -> Any:
+    # ``crypto.Ed25519PrivateKey`` without importing cryptography with this module.
+    if name == "Ed25519PrivateKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def generate_private_key() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
@@ -68,6 +95,8 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     Raises:
         ValueError: not an Ed25519 private key.
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     seed = _pkcs8_seed(data)
     if seed is not None:
         return Ed25519PrivateKey.from_private_bytes(seed)
@@ -77,6 +106,20 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError("not an Ed25519 private key")
     return key
+
+
+def signing_key_from_pem(data: bytes) -> SigningKey:
+    """The key the running agent signs with: OpenSSL through ``ctypes`` (module docstring)
+    when it can, else :func:`private_key_from_pem`.
+
+    Raises:
+        ValueError: not an Ed25519 private key.
+    """
+    seed = _pkcs8_seed(data)
+    library = _libcrypto() if seed is not None else None
+    if seed is not None and library is not None:
+        return _OpenSSLKey(library, seed)
+    return private_key_from_pem(data)
 
 
 def _pkcs8_seed(data: bytes) -> bytes | None:
@@ -106,12 +149,15 @@ def auth_message(relay_id: str, agent_id: str, nonce: str) -> bytes:
     return b"\x00".join([_AUTH_DOMAIN, *(p.encode() for p in parts)])
 
 
-def sign_auth(key: Ed25519PrivateKey, relay_id: str, agent_id: str, nonce: str) -> str:
+def sign_auth(key: SigningKey, relay_id: str, agent_id: str, nonce: str) -> str:
     return _b64e(key.sign(auth_message(relay_id, agent_id, nonce)))
 
 
 def verify_auth(public_key: str, signature: str, relay_id: str, agent_id: str, nonce: str) -> bool:
     """True only for a valid signature by ``public_key``; never raises on bad input."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         pub = Ed25519PublicKey.from_public_bytes(_b64d(public_key))
         pub.verify(_b64d(signature), auth_message(relay_id, agent_id, nonce))
@@ -121,6 +167,8 @@ def verify_auth(public_key: str, signature: str, relay_id: str, agent_id: str, n
 
 
 def valid_public_key(public_key: str) -> bool:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(_b64d(public_key))
     except (ValueError, binascii.Error):
@@ -159,3 +207,93 @@ def _b64e(raw: bytes) -> str:
 
 def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# -- Ed25519 signing through the ssl module's OpenSSL ------------------------------------------
+
+_EVP_PKEY_ED25519 = 1087
+"""``NID_ED25519``: fixed since OpenSSL 1.1.1, the first version with raw Ed25519 keys."""
+
+_KNOWN_ANSWER = (
+    bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"),
+    bytes.fromhex(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    ),
+)
+"""RFC 8032 §7.1, test 1: a seed and its signature of the empty message."""
+
+
+class _OpenSSLKey:
+    """An Ed25519 private key held by OpenSSL (``EVP_PKEY``), freed with this object."""
+
+    __slots__ = ("_lib", "_pkey")
+
+    def __init__(self, lib: ctypes.CDLL, seed: bytes) -> None:
+        self._lib = lib
+        self._pkey = lib.EVP_PKEY_new_raw_private_key(_EVP_PKEY_ED25519, None, seed, len(seed))
+        if not self._pkey:
+            lib.ERR_clear_error()
+            raise ValueError("OpenSSL refused the Ed25519 key")
+
+    def sign(self, data: bytes) -> bytes:
+        import ctypes
+
+        lib = self._lib
+        ctx = lib.EVP_MD_CTX_new()
+        if not ctx:
+            raise MemoryError("EVP_MD_CTX_new")
+        try:
+            signature = ctypes.create_string_buffer(64)
+            size = ctypes.c_size_t(len(signature))
+            if (
+                lib.EVP_DigestSignInit(ctx, None, None, None, self._pkey) != 1
+                or lib.EVP_DigestSign(ctx, signature, ctypes.byref(size), data, len(data)) != 1
+                or size.value != len(signature)
+            ):
+                # Left on OpenSSL's per-thread queue, the error would be blamed on the next
+                # ssl call of this thread.
+                lib.ERR_clear_error()
+                raise ValueError("OpenSSL could not sign with the Ed25519 key")
+            return signature.raw
+        finally:
+            lib.EVP_MD_CTX_free(ctx)
+
+    def __del__(self) -> None:
+        if getattr(self, "_pkey", None):
+            self._lib.EVP_PKEY_free(self._pkey)
+
+
+@functools.cache
+def _libcrypto() -> ctypes.CDLL | None:
+    """The libcrypto the ssl module uses, its functions typed and checked; None if there is
+    none to reach this way or it does not sign RFC 8032's test vector right."""
+    import _ssl
+    import ctypes
+
+    try:
+        # Symbols are looked up in _ssl and the libraries it links (dlsym on its handle):
+        # the libcrypto already loaded, never another copy found by name.
+        lib = ctypes.CDLL(_ssl.__file__)
+        p, size = ctypes.c_void_p, ctypes.c_size_t
+        for name, restype, argtypes in (
+            ("EVP_PKEY_new_raw_private_key", p, [ctypes.c_int, p, ctypes.c_char_p, size]),
+            ("EVP_PKEY_free", None, [p]),
+            ("EVP_MD_CTX_new", p, []),
+            ("EVP_MD_CTX_free", None, [p]),
+            ("EVP_DigestSignInit", ctypes.c_int, [p, p, p, p, p]),
+            (
+                "EVP_DigestSign",
+                ctypes.c_int,
+                [p, ctypes.c_char_p, ctypes.POINTER(size), ctypes.c_char_p, size],
+            ),
+            ("ERR_clear_error", None, []),
+        ):
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+        seed, expected = _KNOWN_ANSWER
+        if _OpenSSLKey(lib, seed).sign(b"") != expected:
+            return None
+    except (OSError, AttributeError, ValueError, MemoryError):
+        return None
+    return lib

@@ -809,7 +809,7 @@ class AgentSession(LinkSession):
         *,
         agent_id: str,
         relay_id: str,
-        private_key: crypto.Ed25519PrivateKey,
+        private_key: crypto.SigningKey,
         resume_after: int,
         auth_timeout: float,
         now: float,

@@ -7,6 +7,7 @@ A fresh interpreter imports what ``run`` imports at start and reports its ``sys.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import subprocess
 import sys
@@ -22,6 +23,8 @@ LAZY = {
     "cryptography.hazmat.primitives.serialization": "PEM forms other than the agent's own "
     "(shared.crypto.private_key_from_pem)",
     "uvloop": "the agent's event loop is asyncio's unless XON_RELAY_EVENT_LOOP says uvloop",
+    "cryptography": "the agent signs with the ssl module's libcrypto (shared.crypto); "
+    "cryptography is for enroll, doctor, other PEM forms and the relay",
 }
 
 OPTIONAL = {"uvloop"}
@@ -31,14 +34,22 @@ RUN_PATH = ("relay_agent.cli", "relay_agent.app")
 """What the console script imports before ``run`` starts: the CLI, and through it the agent."""
 
 
+KEY_PEM = b"\n".join(
+    [
+        b"-----BEGIN PRIVATE KEY-----",
+        base64.b64encode(bytes.fromhex("302e020100300506032b657004220420") + bytes(range(32))),
+        b"-----END PRIVATE KEY-----\n",
+    ]
+)
+"""An agent.key as ``enroll`` writes it (PKCS#8), made without importing cryptography."""
+
 RUN_START = (
     "from shared import aio, crypto; "
-    "crypto.private_key_from_pem(crypto.private_key_to_pem("
-    "crypto.generate_private_key())); "
+    f"crypto.sign_auth(crypto.signing_key_from_pem({KEY_PEM!r}), 'relay', 'agent', 'nonce'); "
     "assert aio.loop_factory({}, auto=aio.ASYNCIO) is None"
 )
-"""What ``run`` does before its loop starts that could import more: load the key, pick the
-event loop."""
+"""What ``run`` does that could import more: load the key and sign with it, pick the event
+loop."""
 
 
 def loaded_modules(*modules: str, then: str = "") -> set[str]:
@@ -58,8 +69,8 @@ def loaded_modules(*modules: str, then: str = "") -> set[str]:
 
 
 def test_run_path_does_not_import_lazy_modules() -> None:
-    """Importing the CLI and the agent, loading the key and choosing the event loop load
-    none of the modules other commands need."""
+    """Importing the CLI and the agent, loading the key, signing and choosing the event loop
+    load none of the modules other commands need."""
     loaded = loaded_modules(*RUN_PATH, then=RUN_START)
     # Not vacuous: the run path's own modules are there.
     assert {"relay_agent.link", "relay_agent.local_api", "shared.events"} <= loaded

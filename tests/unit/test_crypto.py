@@ -108,6 +108,34 @@ def test_private_key_from_pem_reads_other_ed25519_forms(key: crypto.Ed25519Priva
         assert loaded.private_bytes_raw() == key.private_bytes_raw()
 
 
+def test_signing_key_signs_as_cryptography_does(key: crypto.Ed25519PrivateKey) -> None:
+    """The agent's key (OpenSSL through ctypes here) makes the same deterministic Ed25519
+    signatures as cryptography's key, and the relay's check accepts them."""
+    signer = crypto.signing_key_from_pem(crypto.private_key_to_pem(key))
+    assert not isinstance(signer, crypto.Ed25519PrivateKey)  # not vacuous: the ctypes path
+    for size in (0, 1, 64, 1000):
+        message = os.urandom(size)
+        assert signer.sign(message) == key.sign(message)
+    sig = crypto.sign_auth(signer, RELAY, AGENT, NONCE)
+    assert crypto.verify_auth(crypto.public_key_b64(key), sig, RELAY, AGENT, NONCE)
+
+
+def test_signing_key_falls_back_to_cryptography(
+    key: crypto.Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a usable libcrypto, or for a PEM the quick path does not read, the agent gets
+    cryptography's key: the same signatures."""
+    pem = crypto.private_key_to_pem(key)
+    other_form = b"agent key\n" + pem
+    assert isinstance(crypto.signing_key_from_pem(other_form), crypto.Ed25519PrivateKey)
+    monkeypatch.setattr(crypto, "_libcrypto", lambda: None)
+    signer = crypto.signing_key_from_pem(pem)
+    assert isinstance(signer, crypto.Ed25519PrivateKey)
+    assert signer.sign(b"x") == key.sign(b"x")
+    with pytest.raises(ValueError):
+        crypto.signing_key_from_pem(b"-----BEGIN PRIVATE KEY-----\nnope\n")
+
+
 def test_private_key_from_pem_refuses_other_keys() -> None:
     """A PEM file holding an EC key, or garbage, raises ValueError."""
     ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
