@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import shutil
 import sys
@@ -78,12 +79,18 @@ async def _enroll(db: Path, count: int) -> tuple[str, list[tuple[str, str]]]:
 
             async def one(n: int, account_id: str = account.id) -> tuple[str, str]:
                 code = crypto.new_token()
-                await store.create_agent(account_id=account_id, name=f"pc-{n}",
-                                         code_hash=crypto.hash_secret(code),
-                                         code_expires_at=now + 3600)
+                await store.create_agent(
+                    account_id=account_id,
+                    name=f"pc-{n}",
+                    code_hash=crypto.hash_secret(code),
+                    code_expires_at=now + 3600,
+                )
                 key = crypto.generate_private_key()
-                agent = await store.enroll_agent(code_hash=crypto.hash_secret(code),
-                                                 public_key=crypto.public_key_b64(key), now=now)
+                agent = await store.enroll_agent(
+                    code_hash=crypto.hash_secret(code),
+                    public_key=crypto.public_key_b64(key),
+                    now=now,
+                )
                 return agent.id, key.private_bytes_raw().hex()
 
             agents += await asyncio.gather(
@@ -92,6 +99,17 @@ async def _enroll(db: Path, count: int) -> tuple[str, list[tuple[str, str]]]:
         return relay_id, agents
     finally:
         await store.close()
+
+
+def _listen_drops() -> int:
+    """Connections every listening socket on this machine dropped because its accept queue
+    was full (``TcpExt: ListenDrops``): the client resends its SYN 1, 3, 7 s later."""
+    with open("/proc/net/netstat", encoding="ascii") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True))["ListenDrops"])
+    return 0
 
 
 async def _read(proc: asyncio.subprocess.Process, event: str, limit: float) -> dict[str, Any]:
@@ -104,8 +122,9 @@ async def _read(proc: asyncio.subprocess.Process, event: str, limit: float) -> d
     raise BenchFailed(f"a swarm process ended before reporting {event!r}")
 
 
-async def _gather(procs: list[asyncio.subprocess.Process], event: str,
-                  limit: float) -> list[dict[str, Any]]:
+async def _gather(
+    procs: list[asyncio.subprocess.Process], event: str, limit: float
+) -> list[dict[str, Any]]:
     return list(await asyncio.gather(*(_read(p, event, limit + 30) for p in procs)))
 
 
@@ -133,13 +152,26 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
             keys = root / f"swarm-{i}.json"
             keys.write_text(json.dumps(part))
             keys.chmod(0o600)
-            swarms.append(await children.start(
-                f"swarm-{i}",
-                python_module("bench.swarm", "--url", url, "--relay-id", relay_id,
-                              "--keys", str(keys), "--limit", f"{opts.limit:g}",
-                              *([] if opts.compression else ["--no-compression"])),
-                root / f"swarm-{i}.log", env=child_env(), pipes=True,
-            ))
+            swarms.append(
+                await children.start(
+                    f"swarm-{i}",
+                    python_module(
+                        "bench.swarm",
+                        "--url",
+                        url,
+                        "--relay-id",
+                        relay_id,
+                        "--keys",
+                        str(keys),
+                        "--limit",
+                        f"{opts.limit:g}",
+                        *([] if opts.compression else ["--no-compression"]),
+                    ),
+                    root / f"swarm-{i}.log",
+                    env=child_env(),
+                    pipes=True,
+                )
+            )
         ready = await _gather(swarms, "ready", opts.limit)
         connected = sum(int(r["connected"]) for r in ready)
         if connected < count:
@@ -156,12 +188,14 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
         profiler = Profiler(opts.profile, children)
         await profiler.attach("relay-storm", relay.pid)
         cpu0 = cpu_seconds(relay.pid)
+        drops0 = _listen_drops()
         for proc in swarms:
             assert proc.stdin is not None
             proc.stdin.write(b"storm\n")
             await proc.stdin.drain()
         storm = await _gather(swarms, "reauthed", opts.limit)
         storm_cpu = cpu_seconds(relay.pid) - cpu0
+        storm_drops = _listen_drops() - drops0
         await profiler.finish()
         await asyncio.sleep(2.0)
         rss2 = rss_kib(relay.pid)
@@ -172,32 +206,53 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
     finally:
         await children.stop_all()
     left = sum(int(s["left"]) for s in storm)
+    failures: collections.Counter[str] = collections.Counter()
+    for report in storm:
+        failures.update(report["failures"])
     storm_seconds = max(float(s["seconds"]) for s in storm)
     per_conn = (rss1 - rss0) * 1024 / count
     rows = [
         Row("enroll via store (setup)", f"{enroll_seconds:.1f} s"),
         Row("all connected (64 handshakes/process)", f"{connect_seconds:.1f} s"),
-        Row("relay RSS before / after connect",
-            f"{rss0 / 1024:.0f} / {rss1 / 1024:.0f} MiB"),
+        Row("relay RSS before / after connect", f"{rss0 / 1024:.0f} / {rss1 / 1024:.0f} MiB"),
         Row("relay RSS per connection", f"{per_conn / 1000:.1f} KB", "<= 40 KB"),
-        Row(f"relay CPU idle ({opts.idle:g} s, keepalive on)",
-            f"{100 * idle_cpu / opts.idle:.1f} %"),
+        Row(
+            f"relay CPU idle ({opts.idle:g} s, keepalive on)", f"{100 * idle_cpu / opts.idle:.1f} %"
+        ),
         Row("relay wake-ups idle", f"{idle_ctx / opts.idle:,.0f} /s"),
-        Row("storm: all re-authenticated", f"{storm_seconds:.1f} s"
-            + (f" ({left} missing)" if left else ""), "<= 30 s"),
+        Row(
+            "storm: all re-authenticated",
+            f"{storm_seconds:.1f} s" + (f" ({left} missing)" if left else ""),
+            "<= 30 s",
+        ),
         Row("storm: failed attempts (retried)", str(sum(int(s["retries"]) for s in storm))),
         Row("storm: … of them refused busy (503)", str(sum(int(s["busy"]) for s in storm))),
+        *(Row(f"storm: … {kind}", str(n)) for kind, n in sorted(failures.items())),
+        Row("storm: SYNs dropped, accept queue full (machine)", str(storm_drops)),
         Row("storm: relay CPU", f"{storm_cpu:.1f} s"),
+        Row(
+            "storm: agents' CPU (all swarm processes)",
+            f"{sum(float(s['cpu']) for s in storm):.1f} s",
+        ),
         Row("relay RSS after storm", f"{rss2 / 1024:.0f} MiB"),
     ]
-    print_table("connection scale (bench 3)",
-                {"agents": count, "swarm processes": processes, "fd limit": nofile,
-                 "permessage-deflate": "offered" if opts.compression else "off (experiment)",
-                 "relay log level": opts.log_level,
-                 "relay link": " ".join(f"{k}={v}" for k, v in opts.relay_link) or "defaults"},
-                rows)
-    return {"rss_per_conn_kb": per_conn / 1000, "idle_cpu_pct": 100 * idle_cpu / opts.idle,
-            "storm_s": storm_seconds}
+    print_table(
+        "connection scale (bench 3)",
+        {
+            "agents": count,
+            "swarm processes": processes,
+            "fd limit": nofile,
+            "permessage-deflate": "offered" if opts.compression else "off (experiment)",
+            "relay log level": opts.log_level,
+            "relay link": " ".join(f"{k}={v}" for k, v in opts.relay_link) or "defaults",
+        },
+        rows,
+    )
+    return {
+        "rss_per_conn_kb": per_conn / 1000,
+        "idle_cpu_pct": 100 * idle_cpu / opts.idle,
+        "storm_s": storm_seconds,
+    }
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -208,23 +263,42 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     defaults = Options()
     parser.add_argument("--agents", type=int, default=defaults.agents)
     parser.add_argument("--processes", type=int, default=defaults.processes)
     parser.add_argument("--idle", type=float, default=defaults.idle)
     parser.add_argument("--limit", type=float, default=defaults.limit)
     parser.add_argument("--log-level", default=defaults.log_level)
-    parser.add_argument("--link", type=_setting, action="append", default=[],
-                        metavar="KEY=VALUE", help="a relay [link] setting (repeatable)")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record a py-spy profile of the relay during the storm into DIR")
+    parser.add_argument(
+        "--link",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a relay [link] setting (repeatable)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record a py-spy profile of the relay during the storm into DIR",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
-    opts = Options(agents=args.agents, processes=args.processes, idle=args.idle,
-                   limit=args.limit, log_level=args.log_level, profile=args.profile,
-                   relay_link=tuple(args.link))
+    opts = Options(
+        agents=args.agents,
+        processes=args.processes,
+        idle=args.idle,
+        limit=args.limit,
+        log_level=args.log_level,
+        profile=args.profile,
+        relay_link=tuple(args.link),
+    )
     root = Path(tempfile.mkdtemp(prefix="xon-bench-scale-"))
     try:
         asyncio.run(run(opts, root))

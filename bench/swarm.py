@@ -14,12 +14,15 @@ The parent drives it over stdin/stdout, one JSON object per line::
 
     → (started)             ← {"event": "ready", "connected": N, "failed": F, "seconds": S}
     → storm                 ← {"event": "reauthed", "seconds": S, "retries": R, "busy": B,
-                               "left": L}
+                               "failures": {KIND: N}, "cpu": C, "left": L}
     → quit                  (exits)
 
 ``storm`` aborts every connection at once (TCP reset, as when a NAT or a network drops), then
 reports how long until every agent was welcomed again (``left``: still not welcomed when the
-time limit passed; ``retries``: failed attempts, ``busy`` of them refused 503 busy).
+time limit passed; ``retries``: failed attempts, ``busy`` of them refused 503 busy,
+``failures``: every failed attempt by kind, e.g. ``connect: TimeoutError``: the phase it failed
+in, TCP and WebSocket upgrade or the link handshake, and the exception; ``cpu``: this process's
+CPU seconds meanwhile, as the agents share the relay's cores).
 
     python -m bench.swarm --url WS_URL --relay-id ID --keys FILE [--limit S]
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import sys
@@ -35,13 +39,15 @@ import time
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
 from relay_agent.link import busy_retry_after, reconnect_delay
 from shared.config import AgentConfig, LinkConfig
 from shared.crypto import Ed25519PrivateKey
 from shared.link import SUBPROTOCOL, AgentSession, Welcomed
+
+from .common import own_cpu_seconds
 
 __all__ = ["main"]
 
@@ -62,6 +68,8 @@ class _Agent:
         self.retries = 0
         self.busy = 0
         """Of the retries, upgrades the relay refused as busy (503 with Retry-After)."""
+        self.phase = "connect"
+        """Where the current attempt is: ``connect`` (TCP, upgrade) or ``auth``."""
 
     async def run(self) -> None:
         """Connect, hold the link; after a drop, wait as the real agent does and connect again.
@@ -86,28 +94,48 @@ class _Agent:
                 retry_after = busy_retry_after(exc)
                 if retry_after is not None:
                     self.busy += 1
+                if not welcomed:
+                    self.swarm.failures[_kind(self.phase, exc)] += 1
             if self.stopping():
                 return
             if welcomed:
                 attempt = 0
             else:
                 self.retries += 1
-            delay, attempt = reconnect_delay(attempt, retry_after, initial=_AGENT.backoff_initial,
-                                             cap=_AGENT.backoff_max, rand=random.random)
+            delay, attempt = reconnect_delay(
+                attempt,
+                retry_after,
+                initial=_AGENT.backoff_initial,
+                cap=_AGENT.backoff_max,
+                rand=random.random,
+            )
             await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         self.welcomed.clear()
-        ws = await connect(self.swarm.url, subprotocols=[Subprotocol(SUBPROTOCOL)],
-                           ping_interval=_LINK.ping_interval, ping_timeout=_LINK.ping_timeout,
-                           max_size=_LINK.max_message_size, open_timeout=_LINK.auth_timeout,
-                           compression="deflate" if self.swarm.compression else None)
+        self.phase = "connect"
+        ws = await connect(
+            self.swarm.url,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            ping_interval=_LINK.ping_interval,
+            ping_timeout=_LINK.ping_timeout,
+            max_size=_LINK.max_message_size,
+            open_timeout=_LINK.auth_timeout,
+            compression="deflate" if self.swarm.compression else None,
+        )
         self.ws = ws
-        session = AgentSession(agent_id=self.agent_id, relay_id=self.swarm.relay_id,
-                               private_key=self.key, resume_after=0,
-                               auth_timeout=_LINK.auth_timeout, now=loop.time(), client="bench")
+        session = AgentSession(
+            agent_id=self.agent_id,
+            relay_id=self.swarm.relay_id,
+            private_key=self.key,
+            resume_after=0,
+            auth_timeout=_LINK.auth_timeout,
+            now=loop.time(),
+            client="bench",
+        )
         self.session = session
+        self.phase = "auth"
         for text in session.data_to_send():
             await ws.send(text)
         async with asyncio.timeout(_LINK.auth_timeout):
@@ -148,6 +176,16 @@ class _Swarm:
         self.compression = compression
         self.stopping = False
         self.gate = asyncio.Semaphore(_HANDSHAKES)
+        self.failures: collections.Counter[str] = collections.Counter()
+        """Failed attempts by :func:`_kind`."""
+
+
+def _kind(phase: str, exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus):
+        return f"{phase}: HTTP {exc.response.status_code}"
+    if isinstance(exc, ConnectionClosed):
+        return f"{phase}: closed {exc.rcvd.code if exc.rcvd is not None else 'abnormally'}"
+    return f"{phase}: {type(exc).__name__}"
 
 
 def _say(**fields: object) -> None:
@@ -175,8 +213,12 @@ async def _main(url: str, relay_id: str, keys: Path, limit: float, compression: 
     started = time.time()
     tasks = [asyncio.create_task(agent.run()) for agent in agents]
     left = await _all_welcomed(agents, limit)
-    _say(event="ready", connected=len(agents) - left, failed=left,
-         seconds=round(time.time() - started, 3))
+    _say(
+        event="ready",
+        connected=len(agents) - left,
+        failed=left,
+        seconds=round(time.time() - started, 3),
+    )
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -184,15 +226,23 @@ async def _main(url: str, relay_id: str, keys: Path, limit: float, compression: 
         if line == "storm":
             retries = sum(agent.retries for agent in agents)
             busy = sum(agent.busy for agent in agents)
+            failures = collections.Counter(swarm.failures)
+            cpu = own_cpu_seconds()
             dropped = time.time()
             for agent in agents:
                 agent.welcomed.clear()
                 agent.drop()
             left = await _all_welcomed(agents, limit)
             last = max((agent.welcomed_at for agent in agents), default=dropped)
-            _say(event="reauthed", seconds=round(last - dropped, 3), left=left,
-                 retries=sum(agent.retries for agent in agents) - retries,
-                 busy=sum(agent.busy for agent in agents) - busy)
+            _say(
+                event="reauthed",
+                seconds=round(last - dropped, 3),
+                left=left,
+                retries=sum(agent.retries for agent in agents) - retries,
+                busy=sum(agent.busy for agent in agents) - busy,
+                failures=dict(swarm.failures - failures),
+                cpu=round(own_cpu_seconds() - cpu, 3),
+            )
     swarm.stopping = True
     for agent in agents:
         if agent.ws is not None:
@@ -208,8 +258,11 @@ def main() -> None:
     parser.add_argument("--relay-id", required=True)
     parser.add_argument("--keys", type=Path, required=True)
     parser.add_argument("--limit", type=float, default=120.0)
-    parser.add_argument("--no-compression", action="store_true",
-                        help="experiment: do not offer permessage-deflate (the agent does)")
+    parser.add_argument(
+        "--no-compression",
+        action="store_true",
+        help="experiment: do not offer permessage-deflate (the agent does)",
+    )
     args = parser.parse_args()
     asyncio.run(_main(args.url, args.relay_id, args.keys, args.limit, not args.no_compression))
 
