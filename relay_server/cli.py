@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -220,8 +221,10 @@ async def _serve(config: ServerConfig) -> int:
         await public.setup()
         await admin.setup()
         try:
-            await web.SockSite(public, public_sock).start()
-            await web.SockSite(admin, admin_sock).start()
+            # SockSite listens again with its own backlog (aiohttp's default is 128), which
+            # would undo _bind()'s: pass the same one.
+            await web.SockSite(public, public_sock, backlog=socket.SOMAXCONN).start()
+            await web.SockSite(admin, admin_sock, backlog=socket.SOMAXCONN).start()
             admin_url = _url(config.admin_listen)
             write_private_file(
                 admin_file,
@@ -259,11 +262,21 @@ async def _serve(config: ServerConfig) -> int:
     return 0
 
 
+_GC_THRESHOLDS = (50_000, 20, 10)
+"""The cyclic collector's thresholds in the relay (Python's defaults: 700, 10, 10). With the
+defaults, 10,000 links' objects are scanned whole every second or two in a reconnect storm,
+each pass holding the event loop up to 1.5 s, mostly to find nothing: short-lived request and
+handshake objects reach the oldest generation after 7,000 allocations and soon make up the
+quarter of it that triggers a full pass. A larger youngest generation lets them die young
+(docs/performance.md, reconnect storm). Cyclic garbage waits a little longer for its pass."""
+
+
 def _cmd_run(config: ServerConfig) -> int:
     try:
         logs.setup(config.log_level, config.log_format)
     except ValueError as exc:
         raise ConfigError(f"log_level: unknown level {config.log_level!r}") from exc
+    gc.set_threshold(*_GC_THRESHOLDS)
     return aio.run(_serve(config))
 
 
