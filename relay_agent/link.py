@@ -89,6 +89,9 @@ _MAX_ATTEMPT = 32
 """Caps the exponent so ``2 ** attempt`` stays a small float; the delay is capped long before."""
 _BUSY_STATUSES = (429, 503)
 """Upgrade refusals whose ``Retry-After`` the agent honours (the relay sheds load with 503)."""
+_BUSY_JITTER = 1.0
+"""Seconds of jitter at least after a busy refusal: Retry-After is whole seconds
+(:func:`reconnect_delay`)."""
 CRASH_ENV = "XON_TESTS_CRASH_AT"
 """Test hook (module docstring): ``before_commit[:N]`` or ``before_ack[:N]``."""
 CRASH_EXIT_CODE = 70
@@ -153,15 +156,18 @@ def reconnect_delay(
     """The wait before the next connection attempt, and the back-off attempt after it.
 
     A busy refusal (``retry_after``, from :func:`busy_retry_after`) means "come back shortly"
-    (docs/protocol.md, Reconnecting): ``Retry-After`` plus full jitter over ``[0, Retry-After]``,
-    and the attempt stays, so the back-off does not grow while the relay sheds a storm. The
-    wait stays within ``cap`` by taking a ``Retry-After`` above ``cap / 2`` as ``cap / 2``:
-    clipping the jittered wait instead would send every agent told "30 s" back at the same
-    moment. Anything else waits :func:`backoff_delay` and counts one more attempt.
+    (docs/protocol.md, Reconnecting): ``Retry-After`` plus jitter over ``[0, J]`` with
+    ``J = min(Retry-After, max(1 s, Retry-After / 10))``, and the attempt stays, so the
+    back-off does not grow while the relay sheds a storm. The relay already spreads the
+    agents it refuses over the seconds it needs (each gets its own ``Retry-After``), so the
+    jitter only spreads them within their second; jitter as wide as ``Retry-After`` would
+    bring those told "12 s" back over 12 more seconds while the relay idles. The wait stays
+    within ``cap`` by taking a ``Retry-After`` above ``cap / 2`` as ``cap / 2``.
+    Anything else waits :func:`backoff_delay` and counts one more attempt.
     """
     if retry_after is not None:
         base = min(retry_after, cap / 2)
-        return base + rand() * base, attempt
+        return base + rand() * min(base, max(_BUSY_JITTER, base / 10)), attempt
     return backoff_delay(attempt, initial=initial, cap=cap, rand=rand), attempt + 1
 
 

@@ -15,10 +15,12 @@ with 4011, which the agent retries with back-off.
 Load shedding by queueing delay (docs/performance.md, reconnect storm): at most
 ``link.max_handshakes`` links per relay process may be between the upgrade and the end of their
 handshake (authenticated and registered, or failed). An upgrade beyond that waits, first come
-first served, for a slot to free; one that gets none within ``link.handshake_queue_timeout``
-is answered 503 ``busy`` before any WebSocket work, with a ``Retry-After`` estimated from the
-queue and the relay's handshake rate (:class:`HandshakeGate`), and the agent comes back after
-it (docs/protocol.md, Reconnecting). Admitting a whole storm at once would make every
+first served, for a slot to free; one that would get none within
+``link.handshake_queue_timeout`` is answered 503 ``busy`` before any WebSocket work (at once
+when the queue is already longer than the relay serves in that time), with a ``Retry-After``
+that books it a place after the queue and after the agents refused before it, at the
+relay's handshake rate (:class:`HandshakeGate`, :class:`RetrySchedule`), and the agent comes
+back then (docs/protocol.md, Reconnecting). Admitting a whole storm at once would make every
 handshake slower than the agents' open timeout, so none would finish; a relay that keeps up
 refuses nobody. A waiter whose client left is skipped without a WebSocket upgrade.
 """
@@ -96,10 +98,12 @@ class HandshakeGate:
     """Admission of one hub's link handshakes (module docstring, load shedding).
 
     At most ``limit`` slots are out at once (``None``: no limit). A request beyond it waits in
-    a FIFO for up to ``queue_timeout`` seconds (``0``: not at all). A released slot passes
-    straight to the oldest waiter whose client is still connected, so a newcomer never
-    overtakes the queue; waiters whose client left are skipped. The queue needs no bound of
-    its own: each waiter is an open connection that leaves within ``queue_timeout``.
+    a FIFO for up to ``queue_timeout`` seconds (``0``: not at all), unless the queue ahead of
+    it is already more than the relay finishes in that time: then it is refused at once
+    rather than held for nothing. A released slot passes straight to the oldest waiter whose
+    client is still connected, so a newcomer never overtakes the queue; waiters whose client
+    left are skipped. The queue needs no bound of its own: each waiter is an open connection
+    that leaves within ``queue_timeout``.
     """
 
     def __init__(self, limit: int | None, queue_timeout: float) -> None:
@@ -111,6 +115,7 @@ class HandshakeGate:
         """Requests waiting for a slot (the queue may also hold ones that stopped waiting)."""
         self._queue: collections.deque[_Waiter] = collections.deque()
         self.rate = HandshakeRate()
+        self._schedule = RetrySchedule()
 
     async def enter(self, request: web.Request) -> HandshakeSlot | None:
         """A slot for ``request``, or ``None``: none freed within ``queue_timeout``, or the
@@ -121,6 +126,9 @@ class HandshakeGate:
             return HandshakeSlot(self)
         if self.queue_timeout <= 0:
             return None
+        rate = self.rate.per_second(time.monotonic())
+        if rate and self.waiting >= rate * self.queue_timeout:
+            return None  # a storm: it would wait the whole timeout and be refused anyway
         waiter = _Waiter(request, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self.waiting += 1
@@ -161,9 +169,10 @@ class HandshakeGate:
         self.running -= 1
 
     def retry_after(self) -> int:
-        """The ``Retry-After`` of a refusal now (:func:`retry_after_estimate`)."""
-        rate = self.rate.per_second(time.monotonic())
-        return retry_after_estimate(self.waiting, rate or None, slots=self.limit or 1)
+        """The ``Retry-After`` of a refusal now, booked in the :class:`RetrySchedule`."""
+        now = time.monotonic()
+        rate = self.rate.per_second(now)
+        return self._schedule.book(now, self.waiting, rate or None, slots=self.limit or 1)
 
 
 class HandshakeRate:
@@ -206,17 +215,39 @@ class HandshakeRate:
         return rate * factor
 
 
-def retry_after_estimate(waiting: int, rate: float | None, *, slots: int) -> int:
-    """Whole seconds until a request that queued behind ``waiting`` others would get a slot,
-    at ``rate`` handshakes finished per second, within [1, 30].
+class RetrySchedule:
+    """The ``Retry-After`` of each busy refusal: a place after the upgrades waiting now and
+    after the agents refused earlier, one place per handshake the relay finishes.
 
-    With no rate yet (``None``), as if each of the ``slots`` finished one handshake per
-    second. An estimate errs short rather than long: too short costs one more cheap refusal,
-    too long leaves the relay idle while agents wait.
+    Telling every agent refused in the same second the same wait would bring them all back
+    in the same second, to be refused again; booking spreads a storm's refusals over the
+    seconds the relay needs to serve them, so the agents come back about as fast as it
+    handshakes. Places are booked up to ``_RETRY_AFTER_MAX`` ahead; beyond it refusals share
+    the last second. Seconds (``time.monotonic``) are passed in.
     """
-    per_second = rate if rate is not None and rate > 0 else float(slots)
-    seconds = math.ceil((waiting + 1) / per_second)
-    return min(_RETRY_AFTER_MAX, max(_RETRY_AFTER_MIN, seconds))
+
+    def __init__(self) -> None:
+        self._until = 0.0
+        """When the last place booked comes due."""
+
+    def book(self, now: float, waiting: int, rate: float | None, *, slots: int) -> int:
+        """Book a place for one refusal; its ``Retry-After`` in whole seconds, in [1, 30].
+
+        Args:
+            waiting: upgrades in the queue now, which go first.
+            rate: handshakes finished per second (:class:`HandshakeRate`); ``None``: not
+                known yet, counted as one per slot per second.
+            slots: ``link.max_handshakes``.
+
+        An estimate errs short rather than long (it rounds the place's time up to a whole
+        second, and the agent adds less than a second of jitter to a short wait): too short
+        costs one more cheap refusal, too long leaves the relay idle while agents wait.
+        """
+        per_second = rate if rate is not None and rate > 0 else float(slots)
+        start = max(self._until, now + waiting / per_second)
+        self._until = min(start + 1 / per_second, now + _RETRY_AFTER_MAX)
+        seconds = math.ceil(self._until - now)
+        return min(_RETRY_AFTER_MAX, max(_RETRY_AFTER_MIN, seconds))
 
 
 @dataclass(slots=True)
@@ -266,13 +297,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     gate = handshake_gate(hub)
     slot = await gate.enter(request)
     if slot is None:
-        retry_after = gate.retry_after()
-        if _client_gone(request):
-            log.debug("agent.upgrade_abandoned", extra={"peer": request.remote})
-        else:
-            log.debug("agent.upgrade_busy",
-                      extra={"peer": request.remote, "retry_after": retry_after})
         response = error_response(503, "busy", "too many agent handshakes in progress; retry")
+        if _client_gone(request):
+            # Nobody reads the answer: it books no place in the retry schedule.
+            log.debug("agent.upgrade_abandoned", extra={"peer": request.remote})
+            return response
+        retry_after = gate.retry_after()
+        log.debug("agent.upgrade_busy", extra={"peer": request.remote, "retry_after": retry_after})
         response.headers["Retry-After"] = str(retry_after)
         return response
     try:
@@ -297,9 +328,11 @@ async def _serve(
         await ws.prepare(request)
     except ConnectionResetError:
         # The agent gave up before the upgrade finished (common in a reconnect storm):
-        # a normal disconnect, not a server error.
+        # a normal disconnect, not a server error. Not the unprepared ``ws``: aiohttp would
+        # log its write_eof() failing with a traceback. 499 (as nginx logs a client that
+        # closed first) goes nowhere but the access log.
         log.debug("agent.upgrade_aborted", extra={"peer": request.remote})
-        return ws
+        return web.Response(status=499)
     link = AgentLink(hub, ws, request.transport, peer=request.remote or "", slot=slot)
     await link.run()
     return ws
@@ -586,9 +619,7 @@ class AgentLink:
                 assert_never(event)
         return False
 
-    async def _start(
-        self, agent_id: str, account_id: str, resume: int, replay: int | None
-    ) -> None:
+    async def _start(self, agent_id: str, account_id: str, resume: int, replay: int | None) -> None:
         """The handshake is done: take the agent over, send the status snapshot, then events
         (from the operator's replay point when there is one)."""
         self._scan = resume if replay is None else replay
@@ -685,8 +716,9 @@ class AgentLink:
             if replay is not None and replay >= resume:
                 # The agent never had the events after its resume point: ordinary delivery
                 # sends them, no replay needed.
-                self.log.info("agent.replay_moot", extra={"replay_after": replay,
-                                                          "resume_after": resume})
+                self.log.info(
+                    "agent.replay_moot", extra={"replay_after": replay, "resume_after": resume}
+                )
                 replay = self._replay = None
             self.session.agent_found(
                 agent.public_key, agent.account_id, trimmed_through=hole, replay_after=replay

@@ -1,7 +1,8 @@
 """Load shedding on ``/v1/agent`` by queueing delay: at most ``link.max_handshakes`` handshakes
 at once per relay process; an upgrade beyond it waits in a FIFO for up to
-``link.handshake_queue_timeout`` and is then answered 503 ``busy`` with a ``Retry-After``
-estimated from the queue (docs/protocol.md, Reconnecting). A held handshake is a raw
+``link.handshake_queue_timeout`` (or not at all when the queue is longer than the relay serves
+in that time) and is then answered 503 ``busy`` with a ``Retry-After`` booked after the queue
+and the earlier refusals (docs/protocol.md, Reconnecting). A held handshake is a raw
 connection that never sends ``hello``: it keeps its slot until it closes."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 from relay_agent.inbox import Inbox
 from relay_agent.link import AgentLink as RealAgentLink
 from relay_agent.link import LinkState
-from relay_server.agent_ws import HandshakeRate, handshake_gate, retry_after_estimate
+from relay_server.agent_ws import HandshakeRate, RetrySchedule, handshake_gate
 from shared.config import SERVER_ENV_PREFIX, AgentConfig, LinkConfig, ServerConfig, load
 from shared.errors import ConfigError
 from tests.helpers.relay_app import Agent, Relay, eventually, raw_connect, running_relay
@@ -117,15 +119,58 @@ async def test_a_wait_past_the_queue_timeout_gets_503_busy_with_retry_after(
         await ws.close()
 
 
+async def test_an_upgrade_behind_a_queue_longer_than_the_timeout_is_refused_at_once(
+    patient: Relay,
+) -> None:
+    """At about one handshake a second and a 5 s queue timeout, five waiters are all the queue
+    can serve in time: a sixth upgrade is refused without queueing, booked after them."""
+    gate = handshake_gate(patient.hub)
+    gate.rate.finished(time.monotonic() - 1.5)  # one handshake finished in a past second
+    holders = await holding(patient)
+    queued = [asyncio.create_task(raw_connect(patient)) for _ in range(5)]
+    await waiting(patient, 5)
+    response = (await refused(patient)).response
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) in (6, 7)  # (5 + 1) / ~0.99 per second
+    # A waiter that timed out would still be in the queue (it is skipped lazily).
+    assert (gate.waiting, len(gate._queue)) == (5, 5)
+    for ws in holders:
+        await ws.close()
+    for task in queued:  # each holds its slot until closed: served in arrival order
+        await (await task).close()
+
+
 def test_retry_after_is_the_queue_over_the_handshake_rate_within_1_to_30_s() -> None:
-    """Waiters ahead (plus this one) / handshakes per second, rounded up, clamped to [1, 30];
-    without a recent rate, one handshake per slot per second."""
-    assert retry_after_estimate(0, 200.0, slots=64) == 1
-    assert retry_after_estimate(999, 200.0, slots=64) == 5
-    assert retry_after_estimate(1000, 200.0, slots=64) == 6
-    assert retry_after_estimate(100_000, 200.0, slots=64) == 30
-    assert retry_after_estimate(127, None, slots=64) == 2
-    assert retry_after_estimate(127, 0.0, slots=64) == 2
+    """A first refusal: waiters ahead (plus this one) / handshakes per second, rounded up,
+    clamped to [1, 30]; without a known rate, one handshake per slot per second."""
+    for waiting, rate, expected in [
+        (0, 200.0, 1),
+        (999, 200.0, 5),
+        (1000, 200.0, 6),
+        (100_000, 200.0, 30),
+        (127, None, 2),
+        (127, 0.0, 2),
+    ]:
+        assert RetrySchedule().book(50.0, waiting, rate, slots=64) == expected, (waiting, rate)
+
+
+def test_refusals_in_a_row_are_booked_one_handshake_apart() -> None:
+    """Each refusal takes the place after the previous one: at 128 handshakes/s the first
+    128 refused now come back within 1 s, the next 128 within 2 s, and so on; places up to
+    30 s ahead, later ones share the 30th second. Time frees places again."""
+    schedule = RetrySchedule()
+    waits = [schedule.book(16.0, 0, 128.0, slots=64) for _ in range(4000)]
+    assert waits[:128] == [1] * 128
+    assert waits[128:256] == [2] * 128
+    assert waits[3711] == 29
+    assert waits[3712:] == [30] * 288
+    assert waits == sorted(waits)
+    # 20 s later the places booked are those up to 30 s after the first refusals.
+    assert schedule.book(36.0, 0, 128.0, slots=64) == 11
+    # Upgrades waiting in the queue go first: a refusal is booked after them.
+    queued = RetrySchedule()
+    assert queued.book(0.0, 0, 10.0, slots=64) == 1
+    assert queued.book(0.0, 50, 10.0, slots=64) == 6
 
 
 def test_the_handshake_rate_is_the_best_second_halving_every_minute() -> None:
@@ -199,8 +244,11 @@ async def test_real_agent_told_busy_comes_back_after_retry_after_and_gets_in(
     inbox = await Inbox.open(tmp_path / "inbox.db")
     config = AgentConfig(
         relay_url=impatient.url.replace("ws://", "http://").removesuffix("/v1/agent"),
-        agent_id=record.id, relay_id=impatient.relay_id, data_dir=tmp_path,
-        backoff_initial=10 * MS, backoff_max=BACKOFF_MAX,
+        agent_id=record.id,
+        relay_id=impatient.relay_id,
+        data_dir=tmp_path,
+        backoff_initial=10 * MS,
+        backoff_max=BACKOFF_MAX,
     )
     link = RealAgentLink(config, private_key=key, inbox=inbox)
     task = asyncio.create_task(link.run())
@@ -305,6 +353,11 @@ def test_shedding_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match="handshake_queue_timeout"):
         LinkConfig(handshake_queue_timeout=-1.0)
     with pytest.raises(ConfigError, match="handshake_queue_timeout"):
-        load(ServerConfig, path=None, env={"XON_RELAY_LINK_HANDSHAKE_QUEUE_TIMEOUT": "none"},
-             flags={}, env_prefix=SERVER_ENV_PREFIX)
+        load(
+            ServerConfig,
+            path=None,
+            env={"XON_RELAY_LINK_HANDSHAKE_QUEUE_TIMEOUT": "none"},
+            flags={},
+            env_prefix=SERVER_ENV_PREFIX,
+        )
     assert LinkConfig(handshake_queue_timeout=0).handshake_queue_timeout == 0
