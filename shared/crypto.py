@@ -7,18 +7,16 @@ relay id stops a signature made for one relay being replayed to another; the fre
 captured handshake being replayed to the same relay. No reusable secret crosses the wire.
 
 The running agent only signs, so it does not load ``cryptography`` (~6.5 MB of RSS, most of its
-idle footprint after aiohttp; issue 7, bench 5): :func:`signing_key_from_pem` signs with the
-OpenSSL library Python's own ``ssl`` module is linked with (already in the process), through
-``ctypes``. Where that library cannot be reached (Windows, a statically linked Python) or fails
-its known-answer check, it falls back to ``cryptography``, which everything else here uses,
-imported when first needed.
+idle footprint after aiohttp; issue 7, bench 5): :func:`signing_key_from_pem` signs with PyNaCl
+(libsodium, ~1.2 MB). Ed25519 signatures are deterministic, so they are the same bytes either
+way. Everything else here (enrollment, the relay's checks, other PEM forms) uses
+``cryptography``, imported when first needed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import secrets
@@ -26,8 +24,6 @@ import string
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import ctypes
-
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
@@ -109,17 +105,30 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
 
 
 def signing_key_from_pem(data: bytes) -> SigningKey:
-    """The key the running agent signs with: OpenSSL through ``ctypes`` (module docstring)
-    when it can, else :func:`private_key_from_pem`.
+    """The key the running agent signs with: PyNaCl's for the agent's own key file (module
+    docstring), :func:`private_key_from_pem` for other PEM forms.
 
     Raises:
         ValueError: not an Ed25519 private key.
     """
     seed = _pkcs8_seed(data)
-    library = _libcrypto() if seed is not None else None
-    if seed is not None and library is not None:
-        return _OpenSSLKey(library, seed)
-    return private_key_from_pem(data)
+    if seed is None:
+        return private_key_from_pem(data)
+    return _NaclKey(seed)
+
+
+class _NaclKey:
+    """An Ed25519 key held by PyNaCl, signing as cryptography's key does (detached)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, seed: bytes) -> None:
+        from nacl.signing import SigningKey as NaclSigningKey
+
+        self._key = NaclSigningKey(seed)
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data).signature
 
 
 def _pkcs8_seed(data: bytes) -> bytes | None:
@@ -207,93 +216,3 @@ def _b64e(raw: bytes) -> str:
 
 def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-# -- Ed25519 signing through the ssl module's OpenSSL ------------------------------------------
-
-_EVP_PKEY_ED25519 = 1087
-"""``NID_ED25519``: fixed since OpenSSL 1.1.1, the first version with raw Ed25519 keys."""
-
-_KNOWN_ANSWER = (
-    bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"),
-    bytes.fromhex(
-        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
-        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
-    ),
-)
-"""RFC 8032 §7.1, test 1: a seed and its signature of the empty message."""
-
-
-class _OpenSSLKey:
-    """An Ed25519 private key held by OpenSSL (``EVP_PKEY``), freed with this object."""
-
-    __slots__ = ("_lib", "_pkey")
-
-    def __init__(self, lib: ctypes.CDLL, seed: bytes) -> None:
-        self._lib = lib
-        self._pkey = lib.EVP_PKEY_new_raw_private_key(_EVP_PKEY_ED25519, None, seed, len(seed))
-        if not self._pkey:
-            lib.ERR_clear_error()
-            raise ValueError("OpenSSL refused the Ed25519 key")
-
-    def sign(self, data: bytes) -> bytes:
-        import ctypes
-
-        lib = self._lib
-        ctx = lib.EVP_MD_CTX_new()
-        if not ctx:
-            raise MemoryError("EVP_MD_CTX_new")
-        try:
-            signature = ctypes.create_string_buffer(64)
-            size = ctypes.c_size_t(len(signature))
-            if (
-                lib.EVP_DigestSignInit(ctx, None, None, None, self._pkey) != 1
-                or lib.EVP_DigestSign(ctx, signature, ctypes.byref(size), data, len(data)) != 1
-                or size.value != len(signature)
-            ):
-                # Left on OpenSSL's per-thread queue, the error would be blamed on the next
-                # ssl call of this thread.
-                lib.ERR_clear_error()
-                raise ValueError("OpenSSL could not sign with the Ed25519 key")
-            return signature.raw
-        finally:
-            lib.EVP_MD_CTX_free(ctx)
-
-    def __del__(self) -> None:
-        if getattr(self, "_pkey", None):
-            self._lib.EVP_PKEY_free(self._pkey)
-
-
-@functools.cache
-def _libcrypto() -> ctypes.CDLL | None:
-    """The libcrypto the ssl module uses, its functions typed and checked; None if there is
-    none to reach this way or it does not sign RFC 8032's test vector right."""
-    import _ssl
-    import ctypes
-
-    try:
-        # Symbols are looked up in _ssl and the libraries it links (dlsym on its handle):
-        # the libcrypto already loaded, never another copy found by name.
-        lib = ctypes.CDLL(_ssl.__file__)
-        p, size = ctypes.c_void_p, ctypes.c_size_t
-        for name, restype, argtypes in (
-            ("EVP_PKEY_new_raw_private_key", p, [ctypes.c_int, p, ctypes.c_char_p, size]),
-            ("EVP_PKEY_free", None, [p]),
-            ("EVP_MD_CTX_new", p, []),
-            ("EVP_MD_CTX_free", None, [p]),
-            ("EVP_DigestSignInit", ctypes.c_int, [p, p, p, p, p]),
-            (
-                "EVP_DigestSign",
-                ctypes.c_int,
-                [p, ctypes.c_char_p, ctypes.POINTER(size), ctypes.c_char_p, size],
-            ),
-            ("ERR_clear_error", None, []),
-        ):
-            function = getattr(lib, name)
-            function.restype, function.argtypes = restype, argtypes
-        seed, expected = _KNOWN_ANSWER
-        if _OpenSSLKey(lib, seed).sign(b"") != expected:
-            return None
-    except (OSError, AttributeError, ValueError, MemoryError):
-        return None
-    return lib

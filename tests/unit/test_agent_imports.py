@@ -23,8 +23,8 @@ LAZY = {
     "cryptography.hazmat.primitives.serialization": "PEM forms other than the agent's own "
     "(shared.crypto.private_key_from_pem)",
     "uvloop": "the agent's event loop is asyncio's unless XON_RELAY_EVENT_LOOP says uvloop",
-    "cryptography": "the agent signs with the ssl module's libcrypto (shared.crypto); "
-    "cryptography is for enroll, doctor, other PEM forms and the relay",
+    "cryptography": "the agent signs with PyNaCl (shared.crypto); cryptography is for "
+    "enroll, doctor, other PEM forms and the relay",
 }
 
 OPTIONAL = {"uvloop"}

@@ -109,10 +109,10 @@ def test_private_key_from_pem_reads_other_ed25519_forms(key: crypto.Ed25519Priva
 
 
 def test_signing_key_signs_as_cryptography_does(key: crypto.Ed25519PrivateKey) -> None:
-    """The agent's key (OpenSSL through ctypes here) makes the same deterministic Ed25519
-    signatures as cryptography's key, and the relay's check accepts them."""
+    """The agent's key (PyNaCl) makes the same deterministic Ed25519 signatures as
+    cryptography's key, and the relay's check accepts them."""
     signer = crypto.signing_key_from_pem(crypto.private_key_to_pem(key))
-    assert not isinstance(signer, crypto.Ed25519PrivateKey)  # not vacuous: the ctypes path
+    assert not isinstance(signer, crypto.Ed25519PrivateKey)  # not vacuous: PyNaCl's key
     for size in (0, 1, 64, 1000):
         message = os.urandom(size)
         assert signer.sign(message) == key.sign(message)
@@ -120,16 +120,13 @@ def test_signing_key_signs_as_cryptography_does(key: crypto.Ed25519PrivateKey) -
     assert crypto.verify_auth(crypto.public_key_b64(key), sig, RELAY, AGENT, NONCE)
 
 
-def test_signing_key_falls_back_to_cryptography(
-    key: crypto.Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+def test_signing_key_reads_other_pem_forms_with_cryptography(
+    key: crypto.Ed25519PrivateKey,
 ) -> None:
-    """Without a usable libcrypto, or for a PEM the quick path does not read, the agent gets
-    cryptography's key: the same signatures."""
-    pem = crypto.private_key_to_pem(key)
-    other_form = b"agent key\n" + pem
-    assert isinstance(crypto.signing_key_from_pem(other_form), crypto.Ed25519PrivateKey)
-    monkeypatch.setattr(crypto, "_libcrypto", lambda: None)
-    signer = crypto.signing_key_from_pem(pem)
+    """A PEM the quick reader does not take still gives a key that signs the same; garbage
+    raises ValueError."""
+    other_form = b"agent key\n" + crypto.private_key_to_pem(key)
+    signer = crypto.signing_key_from_pem(other_form)
     assert isinstance(signer, crypto.Ed25519PrivateKey)
     assert signer.sign(b"x") == key.sign(b"x")
     with pytest.raises(ValueError):
