@@ -1112,12 +1112,25 @@ class SqliteStore:
         await self._tx(record)
 
     async def take_replay(self, agent_id: str) -> int | None:
+        # Every handshake asks and almost none has a replay: a read first spares it a write
+        # (a savepoint and a wait for the writer's commit). A replay recorded after this read
+        # is left for the next link, as it would be if recorded just after the take.
+        def pending() -> bool:
+            row = (
+                self._rdb()
+                .execute("SELECT 1 FROM replays WHERE agent_id = ?", (agent_id,))
+                .fetchone()
+            )
+            return row is not None
+
         def take(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
                 "DELETE FROM replays WHERE agent_id = ? RETURNING after_seq", (agent_id,)
             ).fetchone()
             return None if row is None else int(row[0])
 
+        if not await self._read(pending):
+            return None
         return await self._tx(take)
 
 
