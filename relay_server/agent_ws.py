@@ -155,7 +155,7 @@ class HandshakeGate:
 
     def leave(self) -> None:
         """A handshake ended: hand its slot to the next waiter still connected, if any."""
-        self.rate.finished(time.monotonic())
+        self.rate.finished(time.monotonic(), busy=self.waiting > 0)
         while self._queue:
             waiter = self._queue.popleft()
             if waiter.granted.done():
@@ -176,13 +176,17 @@ class HandshakeGate:
 
 
 class HandshakeRate:
-    """Handshakes a relay finishes per second when it is busy: the best whole second seen,
-    counting half as much every ``_RATE_HALF_LIFE`` seconds since.
+    """Handshakes a relay finishes per second when it is busy: the recent busy seconds'
+    average (each second counting as much as all before it), but at least half of the best
+    whole second seen, which counts half as much every ``_RATE_HALF_LIFE`` seconds since.
 
-    Not the recent average: right after a reconnect storm the relay spends seconds closing the
-    dropped links (their store writes go first), finishing almost no handshake, and an
-    estimate from those seconds would send the refused agents away for far longer than the
-    relay then needs to serve them. Seconds (``time.monotonic``) are passed in.
+    A *busy* second is one in which a handshake finished while others waited for a slot: a
+    quiet relay's few handshakes a second say nothing of what it can do. The best second
+    alone overstates a storm's pace (the relay also closes the dropped links and answers the
+    refused upgrades meanwhile), so agents booked at that pace come back too soon and are
+    refused again; the average alone understates it in a storm's first seconds, when the
+    relay mostly closes links, and would send the refused agents away for far longer than
+    the relay then needs. Seconds (``time.monotonic``) are passed in.
     """
 
     def __init__(self) -> None:
@@ -190,24 +194,39 @@ class HandshakeRate:
         """The whole second being counted."""
         self._count = 0
         """Handshakes finished in it so far."""
+        self._busy = False
+        """Whether one of them finished while others waited."""
+        self._recent = 0.0
+        """The average of the busy seconds before it (0.0: none yet)."""
         self._best = 0.0
         self._best_at = 0.0
 
-    def finished(self, now: float) -> None:
+    def finished(self, now: float, *, busy: bool = True) -> None:
+        """A handshake finished at ``now``; ``busy``: others were waiting for a slot."""
         second = math.floor(now)
         if second != self._second:
             ended = float(self._second + 1)
             if self._count >= self._decayed(self._best, self._best_at, ended):
                 self._best, self._best_at = float(self._count), ended
-            self._second, self._count = second, 0
+            self._recent = self._with_counted()
+            self._second, self._count, self._busy = second, 0, False
         self._count += 1
+        self._busy = self._busy or busy
 
     def per_second(self, now: float) -> float:
         """The estimate at ``now``; 0.0 before a whole second with a finish has passed."""
         best = self._decayed(self._best, self._best_at, now)
+        recent = self._recent
         if math.floor(now) != self._second:  # the second being counted is over: it counts
             best = max(best, self._decayed(self._count, self._second + 1.0, now))
-        return best
+            recent = self._with_counted()
+        return max(recent, best / 2)
+
+    def _with_counted(self) -> float:
+        """The busy seconds' average once the second being counted is over."""
+        if not self._busy:
+            return self._recent
+        return self._count if not self._recent else (self._recent + self._count) / 2
 
     @staticmethod
     def _decayed(rate: float, at: float, now: float) -> float:

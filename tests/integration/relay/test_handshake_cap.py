@@ -173,24 +173,27 @@ def test_refusals_in_a_row_are_booked_one_handshake_apart() -> None:
     assert queued.book(0.0, 50, 10.0, slots=64) == 6
 
 
-def test_the_handshake_rate_is_the_best_second_halving_every_minute() -> None:
-    """Finishes are counted per whole second; the best second counts, decaying with a 60 s
-    half-life, so seconds without finishes (a storm's teardown) do not lower it at once."""
+def test_the_handshake_rate_is_the_busy_seconds_average_but_not_under_half_the_best() -> None:
+    """Finishes are counted per whole second; a busy second (others were waiting) counts as
+    much as all busy seconds before it. The estimate never drops under half of the best
+    second, which halves every minute; quiet seconds leave the average alone."""
     rate = HandshakeRate()
     assert rate.per_second(100.0) == 0.0
-    for n in range(50):
-        rate.finished(100.0 + n / 50)  # 50 in second 100
+    for n in range(400):
+        rate.finished(100.0 + n / 400)  # 400 in second 100
     assert rate.per_second(100.5) == 0.0  # that second is not over yet
-    assert rate.per_second(101.0) == 50.0
+    assert rate.per_second(101.0) == 400.0
+    for n in range(200):
+        rate.finished(101.0 + n / 200)  # a slower second: the average follows
+    assert rate.per_second(102.0) == 300.0
     for n in range(10):
-        rate.finished(101.0 + n / 10)  # a slower second does not lower the best
-    rate.finished(105.0)
-    assert rate.per_second(101.0) == 50.0
-    assert rate.per_second(161.0) == pytest.approx(25.0)  # a minute later, half
-    for n in range(40):
-        rate.finished(161.0 + n / 40)
-    rate.finished(162.5)
-    assert rate.per_second(162.0) == pytest.approx(40.0)  # the fresher second wins
+        rate.finished(102.0 + n / 10)  # closing links, hardly a handshake: half the best
+    assert rate.per_second(103.0) == pytest.approx(200.0 * 0.5 ** (2 / 60))
+    for n in range(3):
+        rate.finished(103.0 + n / 3, busy=False)  # nobody waited: says nothing
+    rate.finished(104.0, busy=False)
+    assert rate.per_second(161.5) == 155.0  # (300 + 10) / 2; half the best is 100 by now
+    assert rate.per_second(221.0) == 155.0
 
 
 async def test_a_waiter_whose_client_left_is_skipped_without_an_upgrade(
