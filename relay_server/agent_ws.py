@@ -99,11 +99,11 @@ class HandshakeGate:
 
     At most ``limit`` slots are out at once (``None``: no limit). A request beyond it waits in
     a FIFO for up to ``queue_timeout`` seconds (``0``: not at all), unless the queue ahead of
-    it is already more than the relay finishes in that time: then it is refused at once
-    rather than held for nothing. A released slot passes straight to the oldest waiter whose
-    client is still connected, so a newcomer never overtakes the queue; waiters whose client
-    left are skipped. The queue needs no bound of its own: each waiter is an open connection
-    that leaves within ``queue_timeout``.
+    it is already more than the relay could finish in that time even at its best pace: then
+    it is refused at once rather than held for nothing. A released slot passes straight to
+    the oldest waiter whose client is still connected, so a newcomer never overtakes the
+    queue; waiters whose client left are skipped. The queue needs no bound of its own: each
+    waiter is an open connection that leaves within ``queue_timeout``.
     """
 
     def __init__(self, limit: int | None, queue_timeout: float) -> None:
@@ -127,8 +127,11 @@ class HandshakeGate:
         if self.queue_timeout <= 0:
             return None
         rate = self.rate.per_second(time.monotonic())
-        if rate and self.waiting >= rate * self.queue_timeout:
-            return None  # a storm: it would wait the whole timeout and be refused anyway
+        if rate and self.waiting >= 2 * rate * self.queue_timeout:
+            # A storm: even at the best pace seen (at most twice the estimate) it would wait
+            # the whole timeout and be refused anyway. The estimate alone refused too early:
+            # a relay serving a queue it has only just been handed is often faster.
+            return None
         waiter = _Waiter(request, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self.waiting += 1

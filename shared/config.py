@@ -107,10 +107,10 @@ class LinkConfig:
     handshake_queue_timeout: float = 2.0
     """Relay: seconds an upgrade waits for a handshake slot before it is answered 503 ``busy``
     with a ``Retry-After`` booked after the queue and earlier refusals at the relay's handshake
-    rate (1–30 s); one behind more waiters than the relay serves in this time is refused at
-    once. ``0``: no waiting, refuse at once when every slot is taken. Keep it well under the
-    agents' open timeout (their ``link.auth_timeout``, 10 s) so a refused agent hears so in
-    time."""
+    rate (1–30 s); one behind more waiters than the relay could serve in this time at its best
+    pace is refused at once. ``0``: no waiting, refuse at once when every slot is taken. Keep
+    it well under the agents' open timeout (their ``link.auth_timeout``, 10 s) so a refused
+    agent hears so in time."""
 
     def __post_init__(self) -> None:
         if self.window < 1:

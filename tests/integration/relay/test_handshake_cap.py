@@ -122,18 +122,21 @@ async def test_a_wait_past_the_queue_timeout_gets_503_busy_with_retry_after(
 async def test_an_upgrade_behind_a_queue_longer_than_the_timeout_is_refused_at_once(
     patient: Relay,
 ) -> None:
-    """At about one handshake a second and a 5 s queue timeout, five waiters are all the queue
-    can serve in time: a sixth upgrade is refused without queueing, booked after them."""
+    """At one handshake a second (so at best two) and a 5 s queue timeout, ten waiters are
+    all the queue could serve in time: an eleventh upgrade is refused without queueing,
+    booked after them."""
     gate = handshake_gate(patient.hub)
     gate.rate.finished(time.monotonic() - 1.5)  # one handshake finished in a past second
     holders = await holding(patient)
-    queued = [asyncio.create_task(raw_connect(patient)) for _ in range(5)]
-    await waiting(patient, 5)
+    queued = []
+    for n in range(10):
+        queued.append(asyncio.create_task(raw_connect(patient)))
+        await waiting(patient, n + 1)  # in this order
     response = (await refused(patient)).response
     assert response.status_code == 503
-    assert int(response.headers["Retry-After"]) in (6, 7)  # (5 + 1) / ~0.99 per second
+    assert int(response.headers["Retry-After"]) == 11  # (10 + 1) at 1 per second
     # A waiter that timed out would still be in the queue (it is skipped lazily).
-    assert (gate.waiting, len(gate._queue)) == (5, 5)
+    assert (gate.waiting, len(gate._queue)) == (10, 10)
     for ws in holders:
         await ws.close()
     for task in queued:  # each holds its slot until closed: served in arrival order
