@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,8 +49,9 @@ def make_event(n: int, *, event_id: str | None = None) -> dict[str, Any]:
         type="sms.received",
         received_at=format_time(1_700_000_000 + n),
         params={"n": str(n)},
-        request=RawRequest(method="GET", path="/sms.received", query=f"n={n}",
-                           content_type="", body=b""),
+        request=RawRequest(
+            method="GET", path="/sms.received", query=f"n={n}", content_type="", body=b""
+        ),
     ).to_json()
 
 
@@ -84,7 +86,9 @@ class RelayUnderTest:
         """A pending agent of the test account: (agent id, one-time code)."""
         code = crypto.new_token()
         agent = await self.services.store.create_agent(
-            account_id=self.account_id, name="pc", code_hash=crypto.hash_secret(code),
+            account_id=self.account_id,
+            name="pc",
+            code_hash=crypto.hash_secret(code),
             code_expires_at=time.time() + 3600,
         )
         return agent.id, code
@@ -94,7 +98,8 @@ class RelayUnderTest:
         _, code = await self.new_code()
         key = crypto.generate_private_key()
         agent = await self.services.store.enroll_agent(
-            code_hash=crypto.hash_secret(code), public_key=crypto.public_key_b64(key),
+            code_hash=crypto.hash_secret(code),
+            public_key=crypto.public_key_b64(key),
             now=time.time(),
         )
         return agent.id, key
@@ -103,8 +108,9 @@ class RelayUnderTest:
         """Commit ``count`` events to the account's log and wake the links; their seqs."""
         seqs = []
         for _ in range(count):
-            event = XonEvent.from_json({**make_event(0, event_id=f"ev-{crypto.new_token(6)}"),
-                                        "account": self.account_id})
+            event = XonEvent.from_json(
+                {**make_event(0, event_id=f"ev-{crypto.new_token(6)}"), "account": self.account_id}
+            )
             result = await self.services.store.append_event(event, xon_id=None)
             seqs.append(result.stored.seq)
         self.services.hub.notify(self.account_id)
@@ -119,12 +125,18 @@ async def serve_relay(data_dir: Path, *, port: int = 0) -> AsyncIterator[RelayUn
     """The relay's real public app on 127.0.0.1:``port``; its store lives in ``data_dir``, so a
     second call with the same directory and port is the same relay restarted."""
     data_dir.mkdir(exist_ok=True)
-    config = ServerConfig(listen=f"127.0.0.1:{port}", data_dir=data_dir,
-                          link=LinkConfig(auth_timeout=5000 * MS))
+    config = ServerConfig(
+        listen=f"127.0.0.1:{port}", data_dir=data_dir, link=LinkConfig(auth_timeout=5000 * MS)
+    )
     async with open_services(config, admin_token="admin-test-token") as services:
         accounts = await services.store.list_accounts()
-        account = accounts[0] if accounts else await services.store.create_account(
-            name="acme", ingress_key_hash=crypto.hash_secret(crypto.new_token()))
+        account = (
+            accounts[0]
+            if accounts
+            else await services.store.create_account(
+                name="acme", ingress_key_hash=crypto.hash_secret(crypto.new_token())
+            )
+        )
         runner = web.AppRunner(create_public_app(services), shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -144,3 +156,29 @@ def agent_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
+
+
+@asynccontextmanager
+async def agent_process(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None, stderr: int | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``run ARGS`` as a subprocess, yielded once it wrote agent.json; when the block ends it
+    must still run and exit 0 on SIGTERM. ``stderr=asyncio.subprocess.PIPE`` keeps its log
+    for the caller to read after the block (keep such a run short: nobody drains the pipe)."""
+    proc = await asyncio.create_subprocess_exec(
+        *agent_command("run", *args),
+        cwd=REPO,
+        env=agent_env() if env is None else env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if stderr is None else stderr,
+    )
+    try:
+        await eventually((data_dir / "agent.json").exists, what="agent.json", limit=20_000 * MS)
+        yield proc
+        assert proc.returncode is None, "the agent restarted or died"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20_000 * MS) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

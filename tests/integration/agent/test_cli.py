@@ -18,7 +18,7 @@ from shared.errors import ConfigError
 from shared.link import CloseCode
 from tests.helpers.timing import MS
 
-from .support import REPO, RelayUnderTest, agent_command, agent_env, eventually
+from .support import REPO, RelayUnderTest, agent_command, agent_env, agent_process, eventually
 
 
 @dataclass
@@ -248,18 +248,10 @@ async def test_run_checks_the_relay_url_and_warns_when_insecure(tmp_path: Path) 
 
     # Insecure: accepted (checked without network in test_relay_url_rules) and warned about.
     config.write_text(base.replace("192.0.2.1", "127.0.0.1") + "insecure = true\n")
-    proc = await asyncio.create_subprocess_exec(
-        *agent_command("run", "--config", str(config)), cwd=REPO, env=agent_env(),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        await eventually((data_dir / "agent.json").exists, what="agent.json", limit=20_000 * MS)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20_000 * MS) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with agent_process(
+        "--config", str(config), data_dir=data_dir, stderr=asyncio.subprocess.PIPE
+    ) as proc:
+        pass
     assert proc.stderr is not None
     assert "agent.insecure" in (await proc.stderr.read()).decode()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from shared import crypto
 from tests.helpers.timing import MS
 
-from .support import REPO, agent_command, agent_env, eventually
+from .support import REPO, agent_command, agent_env, agent_process
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -52,23 +51,14 @@ async def test_agent_runs_on_asyncio_unless_told_uvloop(
     """Unset or ``auto``: asyncio's loop; ``uvloop``: uvloop (the DEBUG start-up line)."""
     config = write_agent(tmp_path / "agent")
     env = agent_env(**({"XON_RELAY_EVENT_LOOP": value} if value else {}))
-    proc = await asyncio.create_subprocess_exec(
-        *agent_command("run", "--config", str(config)),
-        cwd=REPO,
+    async with agent_process(
+        "--config",
+        str(config),
+        data_dir=tmp_path / "agent",
         env=env,
-        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        await eventually(
-            (tmp_path / "agent" / "agent.json").exists, what="agent.json", limit=20_000 * MS
-        )
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20_000 * MS) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    ) as proc:
+        pass
     assert proc.stderr is not None
     err = (await proc.stderr.read()).decode()
     lines = [line for line in err.splitlines() if "event_loop.selected" in line]

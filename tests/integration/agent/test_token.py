@@ -3,38 +3,23 @@ security and UX)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 
-from tests.helpers.timing import MS
-
-from .support import REPO, RelayUnderTest, agent_command, agent_env, eventually
+from .support import RelayUnderTest, agent_process
 from .test_cli import agent, enrolled
 
 
 @asynccontextmanager
 async def running_agent(data_dir: Path) -> AsyncIterator[tuple[int, str]]:
     """``run`` as a subprocess until the block ends: (pid, local URL)."""
-    process = await asyncio.create_subprocess_exec(
-        *agent_command("run", "--data-dir", str(data_dir)), cwd=REPO, env=agent_env(),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        state_file = data_dir / "agent.json"
-        await eventually(state_file.exists, what="agent.json", limit=20_000 * MS)
-        yield process.pid, json.loads(state_file.read_text())["local_url"]
-        assert process.returncode is None, "the agent restarted or died"
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 20_000 * MS) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    async with agent_process("--data-dir", str(data_dir), data_dir=data_dir) as process:
+        state = json.loads((data_dir / "agent.json").read_text())
+        yield process.pid, state["local_url"]
 
 
 async def health(url: str, token: str) -> int:
