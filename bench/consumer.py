@@ -32,6 +32,7 @@ async def _consume(url: str, token: str, count: int, timeout: float,
     seen: list[tuple[int, float, float]] = []
     ids: list[str] = []
     first = last = 0.0
+    cpu_ready = 0.0
     cursor: str | None = None
     deadline = time.monotonic() + timeout
     headers = {"Authorization": f"Bearer {token}"}
@@ -56,9 +57,11 @@ async def _consume(url: str, token: str, count: int, timeout: float,
                 first = first or now
                 last = now
             if cursor is None:
+                cpu_ready = time.process_time()
                 ready.write_text("{}")
             cursor = page["cursor"] or cursor or ""
-    return {"count": len(ids), "first": first, "last": last, "seen": seen, "ids": ids}
+    return {"count": len(ids), "first": first, "last": last, "seen": seen, "ids": ids,
+            "cpu": time.process_time() - cpu_ready}
 
 
 def main() -> None:

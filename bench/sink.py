@@ -36,7 +36,8 @@ def _app(record: _Record) -> web.Application:
         now = time.time()
         if request.path == "/_bench/stats":
             return web.json_response({"count": record.count, "first": record.first,
-                                      "last": record.last, "seen": record.seen})
+                                      "last": record.last, "seen": record.seen,
+                                      "cpu": time.process_time()})
         record.count += 1
         record.first = record.first or now
         record.last = now

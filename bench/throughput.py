@@ -58,9 +58,10 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
     children = Children()
     try:
         gen0 = own_cpu_seconds()
-        direct = await _direct(children, root, opts)
+        direct, sink_cpu = await _direct(children, root, opts)
         figures["direct"] = direct
         rows += [Row("direct to sink (ceiling)", f"{direct:,.0f} ev/s"),
+                 Row("  sink CPU", _per_event(sink_cpu, opts.count)),
                  Row("  load generator CPU", f"{own_cpu_seconds() - gen0:.1f} s")]
 
         relay = await start_relay(children, root, log_level=opts.log_level)
@@ -86,10 +87,9 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
             Row("ingress accepted (POST phase)", rate(sent.ok, sent.seconds)),
             Row("relay → agent → consumer", f"{e2e:,.0f} ev/s"),
             Row("  ratio to direct", f"{e2e / direct:.2f}x", ">= 0.7x"),
-            Row("  relay CPU", f"{cpu1[0] - cpu0[0]:.1f} s "
-                f"({1e6 * (cpu1[0] - cpu0[0]) / opts.count:.0f} µs/event)"),
-            Row("  agent CPU", f"{cpu1[1] - cpu0[1]:.1f} s "
-                f"({1e6 * (cpu1[1] - cpu0[1]) / opts.count:.0f} µs/event)"),
+            Row("  relay CPU", _per_event(cpu1[0] - cpu0[0], opts.count)),
+            Row("  agent CPU", _per_event(cpu1[1] - cpu0[1], opts.count)),
+            Row("  consumer CPU", _per_event(float(got["cpu"]), opts.count)),
             Row("  load generator CPU", f"{cpu1[2] - cpu0[2]:.1f} s"),
             Row("  wall time", f"{float(got['last']) - sent.started:.1f} s"),
         ]
@@ -116,12 +116,19 @@ async def run(opts: Options, root: Path) -> dict[str, float]:
     return figures
 
 
-async def _direct(children: Children, root: Path, opts: Options) -> float:
+def _per_event(seconds: float, count: int) -> str:
+    return f"{seconds:.1f} s ({1e6 * seconds / count:.0f} µs/event)"
+
+
+async def _direct(children: Children, root: Path, opts: Options) -> tuple[float, float]:
+    """The ceiling (ev/s) and the sink's CPU seconds for it."""
     url = await start_sink(children, root, "direct-sink")
+    before = await sink_stats(url)
     sent = await blast(f"{url}/xon/direct/{EVENT_TYPE}", opts.count, opts.concurrency)
     stats = await sink_stats(url)
     _check(sent.ok, int(stats["count"]), opts.count, "direct")
-    return opts.count / (float(stats["last"]) - sent.started)
+    return (opts.count / (float(stats["last"]) - sent.started),
+            float(stats["cpu"]) - float(before["cpu"]))
 
 
 async def _forward(children: Children, root: Path, opts: Options, relay: RelayProc,
