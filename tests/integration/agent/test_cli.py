@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,13 +149,10 @@ async def test_run_serves_events_and_stops_on_sigterm(
     """run links up, serves events on its local API, answers status, exits 0 on SIGTERM."""
     data_dir = tmp_path / "agent"
     enrolled_as = await enrolled(relay, data_dir)
-    proc = await asyncio.create_subprocess_exec(
-        *agent_command("run", "--data-dir", str(data_dir)), cwd=REPO, env=agent_env(),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        state_file = data_dir / "agent.json"
-        await eventually(state_file.exists, what="agent.json", limit=20_000 * MS)
+    state_file = data_dir / "agent.json"
+    async with agent_process(
+        "--data-dir", str(data_dir), data_dir=data_dir, stderr=asyncio.subprocess.PIPE
+    ) as proc:
         state = json.loads(state_file.read_text())
         assert state["pid"] == proc.pid and state["agent_id"] == enrolled_as["agent_id"]
         assert mode(state_file) == 0o600
@@ -180,12 +176,6 @@ async def test_run_serves_events_and_stops_on_sigterm(
         assert f"running (pid {proc.pid}), link connected since" in text.out
         assert f"relay: {relay.url}" in text.out and "last event: " in text.out
         assert "inbox: 3 events" in text.out
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20_000 * MS) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert not state_file.exists()
     offline = await agent("status", "--data-dir", str(data_dir))
     assert offline.code == 0

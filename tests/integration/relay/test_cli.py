@@ -41,7 +41,12 @@ def cli_json(*args: str) -> Any:
 
 
 class Server:
-    def __init__(self, data_dir: Path, log: Path, *extra: str) -> None:
+    """``run`` on ports 0 as a subprocess, its output in ``log``; ``env`` replaces the
+    environment."""
+
+    def __init__(
+        self, data_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log = log
         self.admin_file = data_dir / "admin.json"
@@ -60,6 +65,7 @@ class Server:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
 
     def wait_ready(self) -> dict[str, Any]:

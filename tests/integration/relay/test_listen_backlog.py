@@ -9,25 +9,17 @@ listening socket's backlog as its Send-Q.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.helpers.timing import MS
+from .test_cli import EXIT, Server
 
-CLI = [sys.executable, "-m", "relay_server.cli"]
-STEP = 20 * MS
-STARTUP = 15000 * MS
-EXIT = 15000 * MS
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 pytestmark = pytest.mark.skipif(
@@ -61,37 +53,15 @@ def _backlog(port: int) -> int:
 def test_public_and_admin_sockets_keep_the_system_backlog(tmp_path: Path, loop: str) -> None:
     expected = min(socket.SOMAXCONN, int(SOMAXCONN.read_text()))
     assert expected > 128  # else this test could not tell the backlogs apart
-    data_dir, log = tmp_path / "data", tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("XON_RELAY_")}
     env["XON_RELAY_EVENT_LOOP"] = loop
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                *CLI,
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data_dir),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    server = Server(tmp_path / "data", tmp_path / "server.log", env=env)
     try:
-        deadline = time.monotonic() + STARTUP
-        while not (data_dir / "admin.json").exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"server did not start: {log.read_text()}"
-            time.sleep(STEP)  # polling a file another process writes: bounded loop
-        info = json.loads((data_dir / "admin.json").read_text())
+        info = server.wait_ready()
         for url in (info["public_url"], info["admin_url"]):
             port = urlsplit(url).port
             assert port is not None, url
             assert _backlog(port) == expected, url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=EXIT)
-    assert code == 0, log.read_text()
+        code = server.stop()
+    assert code == 0, server.log.read_text()
