@@ -1199,7 +1199,8 @@ def _lock(path: Path, *, exclusive: bool) -> IO[bytes] | None:
     try:
         handle = open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b")  # noqa: SIM115
     except OSError as exc:
-        raise StoreError(f"sqlite: cannot open {lock_path}: {exc.strerror}") from exc
+        # Named after the database: a missing or read-only directory is the same for both.
+        raise StoreError(f"sqlite: cannot open {path}: {exc.strerror}") from exc
     try:
         fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError as exc:

@@ -105,8 +105,9 @@ async def test_unknown_store_urls_are_refused() -> None:
 
 async def test_unopenable_sqlite_path_is_a_store_error(tmp_path: Path) -> None:
     """A database path in a missing directory is a StoreError."""
-    with pytest.raises(StoreError):
-        await open_store(f"sqlite:///{tmp_path / 'missing' / 'relay.db'}")
+    path = tmp_path / "missing" / "relay.db"
+    with pytest.raises(StoreError, match=f"cannot open {path}"):
+        await open_store(f"sqlite:///{path}")
 
 
 async def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
