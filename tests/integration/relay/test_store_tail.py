@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,23 +157,26 @@ async def test_a_deleted_accounts_events_are_not_served(store: SqliteStore) -> N
     assert await store.read_events(account_id, after=appended.stored.seq - 1, limit=10) == []
 
 
-async def test_an_append_whose_caller_left_mid_commit_is_still_held(store: SqliteStore) -> None:
+async def test_an_append_whose_caller_left_mid_commit_is_still_held(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The caller (an ingress request whose client hung up) is cancelled after its batch began:
     the event commits all the same and a link must still get it from the tail."""
     account_id = await new_account(store)
     floor = await store.head_seq(account_id)
-    gate = threading.Event()
-    store._executor.submit(gate.wait, 10)  # holds the writer thread: the batch waits behind it
+    loop = asyncio.get_running_loop()
+    began, gate = asyncio.Event(), threading.Event()
+    commit_batch = store._commit_batch
+
+    def held_commit(*args: Any) -> None:
+        loop.call_soon_threadsafe(began.set)
+        gate.wait(10)  # bounded: the test opens the gate right after cancelling the caller
+        commit_batch(*args)
+
+    monkeypatch.setattr(store, "_commit_batch", held_commit)
     append = asyncio.create_task(store.append_event(make_event(account_id, 1), xon_id=None))
-    for _ in range(100):  # bounded: the write is queued within a loop step or two
-        await asyncio.sleep(0)
-        if not store._queue.empty():
-            break
-    for _ in range(100):  # ... and the writer takes it, then waits for the thread
-        await asyncio.sleep(0)
-        if store._queue.empty():
-            break
-    assert store._queue.empty() and not append.done()
+    await asyncio.wait_for(began.wait(), 10)
+    assert not append.done()
     append.cancel()
     gate.set()
     with pytest.raises(asyncio.CancelledError):
