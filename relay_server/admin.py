@@ -432,7 +432,7 @@ async def replay_agent(request: web.Request) -> web.Response:
     head = await store.head_seq(agent.account_id)
     await store.request_replay(agent_id, after)
     disconnected = await services.hub.disconnect(agent_id, _REPLAY_CLOSE, "replay")
-    # Until the agent's next link takes the replay, the lowered cursor keeps the soft
+    # Until the agent's next link starts the replay, the lowered cursor keeps the soft
     # retention limits off the events to resend (that link stores it again).
     if await store.get_cursor(agent_id) > after:
         await store.set_cursor(agent_id, after)

@@ -292,7 +292,7 @@ def _follow_replay(
     """``done``, ``pending`` (the agent is offline) or ``running`` (``wait`` ran out)."""
     through, start = res["through_seq"], res["after_seq"]
     if not res["disconnected"]:
-        return "pending"  # not connected (here): it takes the replay when it next connects
+        return "pending"  # not connected (here): it replays when it next connects
     deadline = time.monotonic() + wait
     shown = None
     while True:

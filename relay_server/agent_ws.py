@@ -395,7 +395,8 @@ class AgentLink:
         self._saved = -1
         """The cursor this link last stored; a lower one is never stored after it."""
         self._replay: int | None = None
-        """An operator's replay point this link took from the store (docs/operations.md)."""
+        """An operator's replay point this link read from the store and has not settled
+        (docs/operations.md, Replay)."""
         self._replay_until = 0
         """The agent's resume point: the replay is done once the cursor reaches it."""
         self._cursor_lock = asyncio.Lock()
@@ -543,7 +544,7 @@ class AgentLink:
                 if self._closer is not None:
                     await self._closer
                 await self._release_claim()
-                await self._keep_replay()
+                await self._settle_replay(self._saved)
             finally:
                 self.log.info("agent.disconnected", extra={"close_code": self.ws.close_code})
                 self._done.set()
@@ -558,24 +559,28 @@ class AgentLink:
             # The next link of this agent waits out cluster.handover_timeout instead.
             self.log.warning("agent.release_failed", extra={"error": str(exc)})
 
-    async def _keep_replay(self) -> None:
-        """The link ended: a replay it took and did not finish (the agent's cursor is still
-        below its resume point) is recorded again from where the agent got to, so that the
-        next link goes on with it. A replay requested meanwhile is kept too: the lower point
-        covers both."""
-        if self._replay is None or self.agent_id is None or self._saved >= self._replay_until:
+    async def _settle_replay(self, cursor: int) -> None:
+        """The agent's cursor reached ``cursor``: the replay this link read is done (back at
+        the agent's resume point), or the link ended and the store is told how far the agent
+        got, so that the next link goes on from there (docs/operations.md, Replay). Without
+        progress there is nothing to write: the point is still recorded."""
+        replay = self._replay
+        if replay is None or self.agent_id is None:
             return
-        after = max(self._replay, self._saved)
-        store = self.hub.store
+        rest = None if cursor >= self._replay_until else max(replay, cursor)
+        if rest == replay:
+            return
         try:
-            pending = await store.take_replay(self.agent_id)
-            if pending is not None:
-                after = min(after, pending)
-            await store.request_replay(self.agent_id, after)
+            await self.hub.store.settle_replay(self.agent_id, replay, rest)
         except StoreError as exc:
-            self.log.warning("agent.replay_not_kept", extra={"error": str(exc)})
+            # The point stays as it was: the next link sends a little again, never less.
+            self.log.warning("agent.replay_not_settled", extra={"error": str(exc)})
             return
-        self.log.info("agent.replay_pending", extra={"replay_after": after})
+        self._replay = None
+        if rest is None:
+            self.log.info("agent.replay_done", extra={"replay_after": replay})
+        else:
+            self.log.info("agent.replay_pending", extra={"replay_after": rest})
 
     async def _pump(self) -> None:
         session = self.session
@@ -691,6 +696,10 @@ class AgentLink:
         async with self._cursor_lock:
             if not reset and seq <= self._saved:
                 return
+            if self._replay is not None and seq >= self._replay_until:
+                # The agent has the whole replay again: settled before the cursor is stored,
+                # so a cursor at the resume point never shows a replay still pending.
+                await self._settle_replay(seq)
             try:
                 await self.hub.store.set_cursor(self.agent_id or "", seq)
             except StoreError as exc:
@@ -741,6 +750,7 @@ class AgentLink:
                 self.log.info(
                     "agent.replay_moot", extra={"replay_after": replay, "resume_after": resume}
                 )
+                await self._settle_replay(resume)
                 replay = self._replay = None
             self.session.agent_found(
                 agent.public_key, agent.account_id, trimmed_through=hole, replay_after=replay
@@ -748,31 +758,22 @@ class AgentLink:
 
     async def _read_agent(self, agent_id: str) -> tuple[AgentRecord | None, int, int]:
         """The agent's record, its stored cursor and its account's retention point (0 for an
-        agent that will be refused); takes its pending replay point into ``self._replay``.
+        agent that will be refused); reads its pending replay point into ``self._replay``.
 
         Two rounds of concurrent reads rather than four in a row: in a reconnect storm each
         handshake's reads queue on the store (docs/performance.md).
 
         Raises:
-            StoreError: a read failed. A replay point taken meanwhile is kept in
-                ``self._replay``, so that :meth:`_keep_replay` puts it back.
+            StoreError: a read failed.
         """
         store = self.hub.store
-        agent, cursor = await asyncio.gather(store.get_agent(agent_id), store.get_cursor(agent_id))
+        agent, cursor, replay = await asyncio.gather(
+            store.get_agent(agent_id), store.get_cursor(agent_id), store.pending_replay(agent_id)
+        )
         if agent is None or agent.public_key is None or agent.revoked:
             return agent, cursor, 0  # refused: the retention point is not needed
-        # The replay point is taken now, as the welcome must carry it; put back by
-        # _keep_replay() if this link ends before the agent has it all.
-        trimmed, replay = await asyncio.gather(
-            store.trimmed_through(agent.account_id),
-            store.take_replay(agent_id),
-            return_exceptions=True,
-        )
-        if isinstance(replay, BaseException):
-            raise replay
+        trimmed = await store.trimmed_through(agent.account_id)
         self._replay = replay
-        if isinstance(trimmed, BaseException):
-            raise trimmed
         return agent, cursor, trimmed
 
     async def _send_snapshot(self, account_id: str) -> None:

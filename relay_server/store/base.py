@@ -398,6 +398,17 @@ class Store(Protocol):
         """Record that the agent's next link must send its account's log again after
         ``after_seq``; replaces a pending request. Nothing happens for an unknown agent."""
 
-    async def take_replay(self, agent_id: str) -> int | None:
-        """The agent's pending replay point, removed in the same step so that one link takes
-        it (``None``: no replay pending)."""
+    async def pending_replay(self, agent_id: str) -> int | None:
+        """The agent's pending replay point (``None``: no replay pending). Reading leaves it
+        recorded: it stays until a link settles it (:meth:`settle_replay`), so a link that
+        ends early, a newer link that overtakes it, or a relay restart loses no replay."""
+
+    async def settle_replay(self, agent_id: str, taken: int, rest: int | None) -> None:
+        """A link that read the point ``taken`` is done with it (``rest`` is ``None``: the
+        agent has every event again, or the replay was moot) or got the agent as far as
+        ``rest``.
+
+        Compared with what is recorded now: the point still ``taken`` is removed, or moved up
+        to ``rest``; a point recorded meanwhile (a newer request, or another link's progress)
+        is kept when done, and lowered to ``rest`` otherwise, the lower point covering both;
+        no point (another link finished it) stays none."""

@@ -278,6 +278,19 @@ end
 return 0
 """
 
+# KEYS: agent hash. ARGV: the replay point a link read, the point it got the agent to ('':
+# done). Compare and set in one step (Store.settle_replay).
+_SETTLE_REPLAY = """
+local now = redis.call('HGET', KEYS[1], 'replay_after')
+if not now then return 0 end
+if ARGV[2] == '' then
+  if now == ARGV[1] then redis.call('HDEL', KEYS[1], 'replay_after') end
+elseif now == ARGV[1] or tonumber(ARGV[2]) < tonumber(now) then
+  redis.call('HSET', KEYS[1], 'replay_after', ARGV[2])
+end
+return 0
+"""
+
 # KEYS: events stream, xon-id hash, xon ids by seq, trimmed-through counter. ARGV: through,
 # limit. Seqs of one account are contiguous (the append script), so the oldest ``limit``
 # entries end at first + limit - 1. The newest entry always stays: it holds the head.
@@ -379,6 +392,7 @@ class RedisStore:
         self._put_status = client.register_script(_PUT_STATUS)
         self._claim_link = client.register_script(_CLAIM_LINK)
         self._release_link = client.register_script(_RELEASE_LINK)
+        self._settle_replay = client.register_script(_SETTLE_REPLAY)
         self._trim = client.register_script(_TRIM)
         self._rename_account = client.register_script(_RENAME_ACCOUNT)
         self._rotate_ingress = client.register_script(_ROTATE_INGRESS)
@@ -1216,18 +1230,23 @@ class RedisStore:
         await self._set_agent_field(agent_id, "replay_after", str(after_seq))
 
     @_finish_uncancelled
-    async def take_replay(self, agent_id: str) -> int | None:
+    async def pending_replay(self, agent_id: str) -> int | None:
         with self._calls():
             account_id = await self._account_of(agent_id)
             if account_id is None:
                 return None
-            key = self._agent_key(account_id, agent_id)
-            # MULTI on one key: read and delete in one step, so only one link takes it.
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hget(key, "replay_after")
-                pipe.hdel(key, "replay_after")
-                value, _ = await pipe.execute()
+            value = await self._r.hget(self._agent_key(account_id, agent_id), "replay_after")
         return None if value is None else int(value)
+
+    @_finish_uncancelled
+    async def settle_replay(self, agent_id: str, taken: int, rest: int | None) -> None:
+        with self._calls():
+            account_id = await self._account_of(agent_id)
+            if account_id is not None:
+                await self._settle_replay(
+                    keys=[self._agent_key(account_id, agent_id)],
+                    args=[str(taken), "" if rest is None else str(rest)],
+                )
 
 
 # -- URL and (de)serialisation -------------------------------------------------------------------

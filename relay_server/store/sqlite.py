@@ -1111,27 +1111,32 @@ class SqliteStore:
 
         await self._tx(record)
 
-    async def take_replay(self, agent_id: str) -> int | None:
-        # Every handshake asks and almost none has a replay: a read first spares it a write
-        # (a savepoint and a wait for the writer's commit). A replay recorded after this read
-        # is left for the next link, as it would be if recorded just after the take.
-        def pending() -> bool:
+    async def pending_replay(self, agent_id: str) -> int | None:
+        # Every handshake asks and almost none has a replay: a read, never a write.
+        def pending() -> int | None:
             row = (
                 self._rdb()
-                .execute("SELECT 1 FROM replays WHERE agent_id = ?", (agent_id,))
+                .execute("SELECT after_seq FROM replays WHERE agent_id = ?", (agent_id,))
                 .fetchone()
             )
-            return row is not None
-
-        def take(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute(
-                "DELETE FROM replays WHERE agent_id = ? RETURNING after_seq", (agent_id,)
-            ).fetchone()
             return None if row is None else int(row[0])
 
-        if not await self._read(pending):
-            return None
-        return await self._tx(take)
+        return await self._read(pending)
+
+    async def settle_replay(self, agent_id: str, taken: int, rest: int | None) -> None:
+        def settle(conn: sqlite3.Connection) -> None:
+            if rest is None:
+                conn.execute(
+                    "DELETE FROM replays WHERE agent_id = ? AND after_seq = ?", (agent_id, taken)
+                )
+            else:
+                conn.execute(
+                    "UPDATE replays SET after_seq = CASE WHEN after_seq = ? THEN ?"
+                    " ELSE MIN(after_seq, ?) END WHERE agent_id = ?",
+                    (taken, rest, rest, agent_id),
+                )
+
+        await self._tx(settle)
 
 
 def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> CommandRecord | None:

@@ -172,7 +172,7 @@ async def test_replay_while_offline_refills_the_inbox_at_the_next_connect(
             await asyncio.sleep(STEP)
         assert await store.get_cursor(agent.tenant.agent_id) == head
         assert agent.inbox is not None and agent.inbox.last_seq() == head
-        assert await store.take_replay(agent.tenant.agent_id) is None
+        assert await store.pending_replay(agent.tenant.agent_id) is None
 
 
 async def test_cli_replay_of_an_online_agent_reconnects_it_and_reports_done(
@@ -240,6 +240,55 @@ async def test_a_replay_cut_short_goes_on_at_the_next_link(
         assert len(cut) == 1 and sorted(ids_of(agent.rows())) == sorted(ids)
 
 
+async def test_a_replay_cut_short_goes_on_when_the_next_link_reads_the_point_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut link is slow to end (or ends on another instance): the next link reads the
+    replay point before the cut link has settled it. The point was never taken away, so the
+    next link still replays, and every event comes back, once. (CI once lost this race when
+    the first link took the point out of the store at its handshake.)"""
+    original_handle = RelayLink._handle
+    original_read = RelayLink._read_agent
+    original_settle = RelayLink._settle_replay
+    cut: list[RelayLink] = []
+    read_after_cut = asyncio.Event()
+
+    async def handle(self: RelayLink, event: LinkEvent) -> bool:
+        over = await original_handle(self, event)
+        if isinstance(event, Acked) and self._replay is not None and not cut:
+            cut.append(self)
+            await self.close(1000, "test: cut the replay short")
+        return over
+
+    async def read_agent(self: RelayLink, agent_id: str) -> tuple[Any, int, int]:
+        found = await original_read(self, agent_id)
+        if cut and self is not cut[0]:
+            read_after_cut.set()
+        return found
+
+    async def settle(self: RelayLink, cursor: int) -> None:
+        if cut and self is cut[0]:
+            async with asyncio.timeout(WAIT):
+                await read_after_cut.wait()
+        await original_settle(self, cursor)
+
+    monkeypatch.setattr(RelayLink, "_handle", handle)
+    monkeypatch.setattr(RelayLink, "_read_agent", read_agent)
+    monkeypatch.setattr(RelayLink, "_settle_replay", settle)
+    async with relay_and_agent(tmp_path, window=1) as agent:
+        await agent.start()
+        ids = [i for i, _ in await post(agent, 10)]
+        await until(lambda: len(agent.rows()) == 10, what="the first delivery")
+        await agent.stop()
+        agent.lose(ids)
+        status, _ = await replay(agent, {"after_seq": 0})
+        assert status == 200
+        await agent.start()
+        await until(lambda: len(agent.rows()) == 10, what="the rest of the replay")
+        assert read_after_cut.is_set()
+        assert len(cut) == 1 and sorted(ids_of(agent.rows())) == sorted(ids)
+
+
 async def test_cli_replay_of_an_offline_agent_says_it_waits_for_the_connect(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -264,7 +313,7 @@ async def test_cli_replay_of_an_offline_agent_says_it_waits_for_the_connect(
         out, err = capsys.readouterr()
         assert "is offline: the replay starts when it next connects" in out
         assert "2 event(s) after seq 0" in err
-        assert await agent.instance.store.take_replay(agent.tenant.agent_id) == 0
+        assert await agent.instance.store.pending_replay(agent.tenant.agent_id) == 0
 
 
 @pytest.mark.parametrize(
