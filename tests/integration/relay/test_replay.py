@@ -175,6 +175,25 @@ async def test_replay_while_offline_refills_the_inbox_at_the_next_connect(
         assert await store.pending_replay(agent.tenant.agent_id) is None
 
 
+async def test_a_replay_point_at_the_resume_point_is_moot_and_dropped(tmp_path: Path) -> None:
+    """A point at or above what the agent already has replays nothing: ordinary delivery
+    sends the newer events, and the point is gone from the store, not read again at every
+    connect."""
+    async with relay_and_agent(tmp_path) as agent:
+        await agent.start()
+        ids = [i for i, _ in await post(agent, 3)]
+        await until(lambda: len(agent.rows()) == 3, what="the first delivery")
+        await agent.stop()
+        head = await agent.instance.store.head_seq(agent.tenant.account_id)
+        status, _ = await replay(agent, {"after_seq": head})
+        assert status == 200
+        ids += [i for i, _ in await post(agent, 2)]
+        await agent.start()
+        await until(lambda: len(agent.rows()) == 5, what="the newer events")
+        assert ids_of(agent.rows()) == ids
+        assert await agent.instance.store.pending_replay(agent.tenant.agent_id) is None
+
+
 async def test_cli_replay_of_an_online_agent_reconnects_it_and_reports_done(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
