@@ -26,7 +26,7 @@ async def test_a_replay_point_stays_until_settled_done(store: Store) -> None:
     [
         (2, 2, 5, 5),  # the link got the agent from 2 to 5: the next link goes on at 5
         (2, 8, 5, 5),  # a newer request from 8 meanwhile: the lower point covers both
-        (2, 1, 5, 1),  # a newer request from 1 (or another link at 1): kept
+        (2, 1, 5, 1),  # a newer request from 1 meanwhile: it covers both, kept
         (2, 8, None, 8),  # done, but a newer request meanwhile: that one stays
         (2, None, 5, None),  # another link finished it meanwhile: nothing comes back
     ],
