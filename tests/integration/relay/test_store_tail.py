@@ -19,8 +19,12 @@ import pytest
 from relay_server.store.base import StoredEvent
 from relay_server.store.sqlite import SqliteStore
 from shared.errors import StoreError
+from tests.helpers.timing import MS
 
 from .test_store import make_event, new_account
+
+WAIT = 10_000 * MS
+"""Bound on a wait for the writer thread (the test opens its gate at once)."""
 
 
 @pytest.fixture
@@ -170,12 +174,12 @@ async def test_an_append_whose_caller_left_mid_commit_is_still_held(
 
     def held_commit(*args: Any) -> None:
         loop.call_soon_threadsafe(began.set)
-        gate.wait(10)  # bounded: the test opens the gate right after cancelling the caller
+        gate.wait(WAIT)  # bounded: the test opens the gate right after cancelling the caller
         commit_batch(*args)
 
     monkeypatch.setattr(store, "_commit_batch", held_commit)
     append = asyncio.create_task(store.append_event(make_event(account_id, 1), xon_id=None))
-    await asyncio.wait_for(began.wait(), 10)
+    await asyncio.wait_for(began.wait(), WAIT)
     assert not append.done()
     append.cancel()
     gate.set()
