@@ -230,42 +230,17 @@ async def test_cli_replay_of_an_online_agent_reconnects_it_and_reports_done(
         assert sorted(ids_of(agent.rows())) == sorted(ids)
 
 
+@pytest.mark.parametrize("next_link_reads_first", [False, True], ids=["in_turn", "overtaken"])
 async def test_a_replay_cut_short_goes_on_at_the_next_link(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, next_link_reads_first: bool
 ) -> None:
-    """The link carrying a replay drops after the first ack: the relay records the rest of
-    the replay again and the next link finishes it (every event back, once)."""
-    original = RelayLink._handle
-    cut: list[RelayLink] = []
+    """The link carrying a replay drops after the first ack: the next link finishes the
+    replay, every event back, once.
 
-    async def handle(self: RelayLink, event: LinkEvent) -> bool:
-        over = await original(self, event)
-        if isinstance(event, Acked) and self._replay is not None and not cut:
-            cut.append(self)
-            await self.close(1000, "test: cut the replay short")
-        return over
-
-    monkeypatch.setattr(RelayLink, "_handle", handle)
-    async with relay_and_agent(tmp_path, window=1) as agent:
-        await agent.start()
-        ids = [i for i, _ in await post(agent, 10)]
-        await until(lambda: len(agent.rows()) == 10, what="the first delivery")
-        await agent.stop()
-        agent.lose(ids)
-        status, _ = await replay(agent, {"after_seq": 0})
-        assert status == 200
-        await agent.start()
-        await until(lambda: len(agent.rows()) == 10, what="the rest of the replay")
-        assert len(cut) == 1 and sorted(ids_of(agent.rows())) == sorted(ids)
-
-
-async def test_a_replay_cut_short_goes_on_when_the_next_link_reads_the_point_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cut link is slow to end (or ends on another instance): the next link reads the
-    replay point before the cut link has settled it. The point was never taken away, so the
-    next link still replays, and every event comes back, once. (CI once lost this race when
-    the first link took the point out of the store at its handshake.)"""
+    ``overtaken``: the cut link is slow to end (or ends on another instance), so the next link
+    reads the replay point before the cut link has settled it. The point was never taken away,
+    so the next link still replays. (CI once lost this race when the first link took the point
+    out of the store at its handshake.)"""
     original_handle = RelayLink._handle
     original_read = RelayLink._read_agent
     original_settle = RelayLink._settle_replay
@@ -292,8 +267,9 @@ async def test_a_replay_cut_short_goes_on_when_the_next_link_reads_the_point_fir
         await original_settle(self, cursor)
 
     monkeypatch.setattr(RelayLink, "_handle", handle)
-    monkeypatch.setattr(RelayLink, "_read_agent", read_agent)
-    monkeypatch.setattr(RelayLink, "_settle_replay", settle)
+    if next_link_reads_first:
+        monkeypatch.setattr(RelayLink, "_read_agent", read_agent)
+        monkeypatch.setattr(RelayLink, "_settle_replay", settle)
     async with relay_and_agent(tmp_path, window=1) as agent:
         await agent.start()
         ids = [i for i, _ in await post(agent, 10)]
@@ -304,7 +280,7 @@ async def test_a_replay_cut_short_goes_on_when_the_next_link_reads_the_point_fir
         assert status == 200
         await agent.start()
         await until(lambda: len(agent.rows()) == 10, what="the rest of the replay")
-        assert read_after_cut.is_set()
+        assert read_after_cut.is_set() is next_link_reads_first
         assert len(cut) == 1 and sorted(ids_of(agent.rows())) == sorted(ids)
 
 
