@@ -45,6 +45,12 @@ async def read_json_object(request: web.Request) -> dict[str, object]:
         raise ApiError(400, "bad_request", "body must be a JSON object") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "bad_request", "body must be a JSON object")
+    try:
+        # json.loads accepts "\ud800" escapes; a lone surrogate would only fail later, as a
+        # 500, wherever the text is encoded (hashing a code, storing a name).
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "bad_request", "body has text that is not valid Unicode") from exc
     return data
 
 

@@ -105,3 +105,13 @@ async def test_revoked_agent_code_is_invalid(
         "/v1/enroll", json={"code": created["code"], "public_key": public_key()}
     )
     assert await error_code(resp) == (400, "invalid_code")
+
+
+async def test_lone_surrogates_in_enroll_requests_are_400(public: Client) -> None:
+    """Text that is not valid Unicode ("\\ud800" escapes) is a 400, not a 500 from hashing it."""
+    for code in ('"\\ud800"', '"x\\udfff"'):
+        body = f'{{"code": {code}, "public_key": "{public_key()}"}}'.encode()
+        resp = await public.post("/v1/enroll", data=body)
+        assert await error_code(resp) == (400, "bad_request")
+    resp = await public.post("/v1/enroll", data=b'{"\\ud800": 1}')
+    assert await error_code(resp) == (400, "bad_request")
