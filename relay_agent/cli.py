@@ -22,11 +22,11 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shared import aio, crypto, logs
+from shared import aio, crypto, logs, oslock
 from shared.config import (
     AGENT_ENV_PREFIX,
     AgentConfig,
@@ -44,6 +44,7 @@ from .enroll import (
     CONFIG_FILE,
     INBOX_FILE,
     KEY_FILE,
+    LOCK_FILE,
     STATE_FILE,
     TOKEN_FILE,
     check_relay_url,
@@ -51,7 +52,7 @@ from .enroll import (
     write_enrollment,
 )
 from .inbox import offline_stats
-from .system import pid_alive
+from .system import AddressInUse, pid_alive
 
 __all__ = ["main", "run_hosted", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_REFUSED"]
 
@@ -237,6 +238,11 @@ def _enroll(args: argparse.Namespace) -> int:
     if _holds_enrollment(data_dir) and not args.force:
         raise _Fail(f"{data_dir} already holds an enrollment (use --force to replace it)",
                     EXIT_FAILURE)
+    if (data_dir / LOCK_FILE).exists():
+        # Replacing the key and config under a running agent would leave it running as an
+        # agent that no longer exists: stop it first.
+        with _one_agent(data_dir):
+            pass
     choice, context = _enroll_network(args, previous)
     key = crypto.generate_private_key()
     try:
@@ -370,6 +376,11 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
     _check_listen(config.listen, allow_non_loopback=config.allow_non_loopback)
     if not config.agent_id or not config.relay_url or not config.relay_id:
         raise _Fail("relay_url, agent_id and relay_id must be set: enroll first", EXIT_CONFIG)
+    with _one_agent(config.data_dir):
+        return _start(config, attach_stop)
+
+
+def _start(config: AgentConfig, attach_stop: Callable[[StopFunction], None] | None) -> int:
     try:
         check_relay_url(config.relay_url, insecure=config.insecure)
     except ConfigError as exc:
@@ -398,11 +409,42 @@ def _run_config(config: AgentConfig, *, attach_stop: Callable[[StopFunction], No
     except Unauthorized as exc:
         log.error("agent.unauthorized", extra={"agent_id": config.agent_id, "reason": str(exc)})
         return EXIT_REFUSED
+    except AddressInUse as exc:
+        raise _Fail(exc.strerror or str(exc), EXIT_FAILURE) from exc
     except (RelayError, OSError) as exc:
         log.error("agent.failed", extra={"error": str(exc)})
         return EXIT_FAILURE
     log.info("agent.stopped", extra={"agent_id": config.agent_id})
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _one_agent(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's lock while the agent runs (docs/deployment.md, One agent per data
+    dir): a second agent would share inbox.db, knock the first off the link and deliver every
+    event twice."""
+    try:
+        handle = oslock.hold(data_dir / LOCK_FILE)
+    except oslock.LockHeld as exc:
+        raise _Fail(_running_agent(data_dir, exc.pid), EXIT_FAILURE) from exc
+    except OSError as exc:
+        raise _Fail(f"cannot lock {data_dir / LOCK_FILE}: {exc.strerror}", EXIT_FAILURE) from exc
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _running_agent(data_dir: Path, pid: int | None) -> str:
+    """One line naming the agent that holds ``data_dir``: its pid and local API URL."""
+    url = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        if pid is None or state.get("pid") == pid:
+            pid, url = state.get("pid"), state.get("local_url")
+    holder = f"pid {pid}" if pid else "pid unknown"
+    where = f", local API {url}" if url else ", still starting"
+    return f"another agent is already running on {data_dir} ({holder}{where})"
 
 
 def _resolve_network(config: AgentConfig) -> AgentConfig:

@@ -34,6 +34,7 @@ __all__ = [
     "TOKEN_FILE",
     "CONFIG_FILE",
     "STATE_FILE",
+    "LOCK_FILE",
     "INBOX_FILE",
 ]
 
@@ -43,6 +44,8 @@ KEY_FILE = "agent.key"
 TOKEN_FILE = "local-token"
 CONFIG_FILE = "config.toml"
 STATE_FILE = "agent.json"
+LOCK_FILE = "agent.lock"
+"""Held by the running agent for its whole life: one agent per data dir."""
 """Written by ``run`` once listening: the local API URL and the pid (for ``status``)."""
 INBOX_FILE = "inbox.db"
 

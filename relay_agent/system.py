@@ -6,11 +6,33 @@ in one place that the local API, ``status`` and ``doctor`` share.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import sys
+import urllib.error
+import urllib.request
 
-__all__ = ["bind_local", "pid_alive"]
+__all__ = ["AddressInUse", "bind_local", "pid_alive"]
+
+_IN_USE = {errno.EADDRINUSE, 10048}  # 10048: WSAEADDRINUSE
+
+
+class AddressInUse(OSError):
+    """The local API's address is taken; the message names it, and the holder when it is an
+    agent (its local API answers like ours)."""
+
+    def __init__(self, host: str, port: int, *, agent: bool) -> None:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        holder = (
+            "another xon-relay-agent (with another data dir) listens there"
+            if agent
+            else "another program listens there"
+        )
+        super().__init__(
+            errno.EADDRINUSE, f"cannot listen on {address}: {holder}; choose another --listen"
+        )
 
 _BACKLOG = 128
 
@@ -25,7 +47,8 @@ def bind_local(host: str, port: int) -> socket.socket:
     old connections sit in TIME_WAIT, and never lets a second listener share the port.
 
     Raises:
-        OSError: the address cannot be resolved or the port is taken.
+        AddressInUse: the port is taken.
+        OSError: the address cannot be resolved or bound otherwise.
     """
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -39,10 +62,39 @@ def bind_local(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(_BACKLOG)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
+        if exc.errno in _IN_USE:
+            raise AddressInUse(host, port, agent=_agent_listens(host, port)) from exc
         raise
     return sock
+
+
+def _agent_listens(host: str, port: int) -> bool:
+    """Whether what listens on ``host:port`` answers like an agent's local API: a tokenless
+    ``/v1/health`` gets 401 with our error object and a Bearer challenge."""
+    url = f"http://[{host}]:{port}/v1/health" if ":" in host else f"http://{host}:{port}/v1/health"
+    # No proxy: this is a loopback probe, whatever http_proxy says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2):
+            return False
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read(4096))
+        except ValueError:
+            return False
+        finally:
+            exc.close()
+        return (
+            exc.code == 401
+            and exc.headers.get("WWW-Authenticate", "").startswith("Bearer")
+            and isinstance(body, dict)
+            and isinstance(body.get("error"), dict)
+            and body["error"].get("code") == "unauthorized"
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def pid_alive(pid: object) -> bool:

@@ -278,3 +278,58 @@ async def test_run_allow_non_loopback_passes_the_listen_check(tmp_path: Path) ->
     allowed = await agent("run", "--data-dir", str(data_dir), "--allow-non-loopback")
     assert allowed.code == 2 and "agent.key" in allowed.err
     assert "must be a loopback" not in allowed.err
+
+
+async def test_a_second_agent_on_a_data_dir_is_refused(
+    tmp_path: Path, relay: RelayUnderTest
+) -> None:
+    """A second run on the same data dir exits 1 at once naming the first (pid, local URL);
+    enroll --force is refused too; the first keeps serving and keeps its files."""
+    data_dir = tmp_path / "agent"
+    await enrolled(relay, data_dir)
+    async with agent_process("--data-dir", str(data_dir), data_dir=data_dir) as first:
+        state = json.loads((data_dir / "agent.json").read_text())
+        second = await agent("run", "--data-dir", str(data_dir))
+        assert second.code == 1
+        assert second.err.strip() == (
+            f"xon-relay-agent: another agent is already running on {data_dir}"
+            f" (pid {first.pid}, local API {state['local_url']})"
+        )
+        _, code = await relay.new_code()
+        again = await agent("enroll", "--relay", relay.url, f"--code={code}", "--data-dir",
+                            str(data_dir), "--force")
+        assert again.code == 1 and f"pid {first.pid}" in again.err
+        # The first agent's files are intact and it still answers with its own token.
+        assert json.loads((data_dir / "agent.json").read_text()) == state
+        token = (data_dir / "local-token").read_text().strip()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with http.get(state["local_url"] + "/v1/health") as response:
+                assert response.status == 200
+
+
+async def test_run_names_a_busy_local_address(tmp_path: Path, relay: RelayUnderTest) -> None:
+    """A local API port held by another agent (another data dir) is named in one line that
+    says an agent holds it; one held by some other program says so."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    await enrolled(relay, first_dir)
+    await enrolled(relay, second_dir)
+    async with agent_process("--data-dir", str(first_dir), data_dir=first_dir):
+        address = json.loads((first_dir / "agent.json").read_text())["local_url"][7:]
+        done = await agent("run", "--data-dir", str(second_dir), "--listen", address)
+        assert done.code == 1
+        assert done.err.strip().splitlines()[-1] == (
+            f"xon-relay-agent: cannot listen on {address}: another xon-relay-agent (with"
+            " another data dir) listens there; choose another --listen"
+        )
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        done = await agent("run", "--data-dir", str(second_dir), "--listen", f"127.0.0.1:{port}")
+        assert done.code == 1
+        assert done.err.strip().splitlines()[-1] == (
+            f"xon-relay-agent: cannot listen on 127.0.0.1:{port}: another program listens"
+            " there; choose another --listen"
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
