@@ -9,7 +9,7 @@ everything queued (up to ``batch_size``), runs it in queue order in ONE transact
 each caller only after that COMMIT returned (DESIGN principle 1: nothing is reported done
 before it is durable). Each write but an event append runs under its own ``SAVEPOINT``: one that
 raises is undone alone and its caller gets the exception, the rest of the batch commits (an
-append is one INSERT, which SQLite undoes by itself when it fails). When the transaction
+append's one INSERT is undone by SQLite itself when it fails: see ``_append``). When the transaction
 itself fails, every caller of the batch gets ``StoreError``. A caller cancelled while its write
 is still queued gives the write up; once its batch began, the write commits all the same. While
 one batch is being committed the next one gathers, so under load one fsync serves many writes:
@@ -182,7 +182,7 @@ class _Write(Generic[T]):
     apply: Callable[[sqlite3.Connection], T]
     done: asyncio.Future[T]
     savepoint: bool
-    """False for a write of one statement (an event append): a failed statement undoes itself."""
+    """False for an event append: its failed INSERT undoes itself (see ``_append``)."""
     on_commit: Callable[[Any], None] | None = None
     """Called with the result once committed, before the caller hears (keeps the tail whole)."""
     result: Any = None

@@ -124,3 +124,40 @@ async def test_every_genuine_event_arrives_and_a_true_retry_once(
             sample = relay.services.hub.metrics.registry.get_sample_value
             assert sample("xon_relay_events_xon_id_reused_total") == 2
             assert sample("xon_relay_events_duplicate_total") == 1
+
+
+async def test_an_agent_learns_nothing_of_another_tenants_volume(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Seqs are per account: after a busy tenant's 30 events, a quiet tenant's agent gets its
+    one event as seq 1 (its health shows the relay seq), and both tenants' ingress works."""
+    busy_key = "ingress-busy-key-0123456789abcdef"
+    async with relay_on(tmp_path / "relay", store_url) as relay:
+        await relay.services.store.create_account(
+            name="busy", ingress_key_hash=crypto.hash_secret(busy_key)
+        )
+        agent_id, key = await relay.add_agent()
+        async with run_agent_under_test(
+            tmp_path / "agent", relay.port, relay.services.relay_id, key, agent_id=agent_id
+        ) as agent, aiohttp.ClientSession() as http:
+            await agent.connected()
+            for n in range(30):
+                async with http.get(
+                    f"{relay.url}/xon/{busy_key}/sms?n={n}", timeout=TIMEOUT
+                ) as response:
+                    assert response.status == 200
+            async with http.get(
+                f"{relay.url}/xon/{INGRESS_KEY}/sms?n=0", timeout=TIMEOUT
+            ) as response:
+                assert response.status == 200
+
+            async def arrived() -> bool:
+                return len(await events_at(agent.http, agent.url)) == 1
+
+            await eventually(arrived, what="the quiet tenant's event at its agent")
+            async with agent.http.get(
+                f"{agent.url}/v1/health", timeout=TIMEOUT,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as response:
+                health = await response.json()
+            assert health["inbox"]["last_seq"] == 1

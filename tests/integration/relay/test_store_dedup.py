@@ -407,3 +407,26 @@ async def test_sqlite_failed_upgrade_leaves_the_file_as_it_was(tmp_path: Path) -
         assert len(await store.read_events(old.accounts["a"], after=0, limit=10)) == 3
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_upgrade_drops_the_old_dedup_keys_and_refuses_a_newer_layout(
+    redis_store_url: str,
+) -> None:
+    """After the upgrade no old-layout key is left and the layout is marked; a layout from a
+    newer release is refused at open with one clear StoreError."""
+    old = await write_old_redis(redis_store_url)
+    store = await RedisStore.open(redis_store_url)
+    prefix = store.prefix
+    await store.close()
+    raw = aioredis.Redis.from_url(redis_store_url.split("?", 1)[0], decode_responses=True)
+    try:
+        for account_id in old.accounts.values():
+            acct = f"{prefix}{{acct:{account_id}}}"
+            assert await raw.exists(f"{acct}:xon_ids", f"{acct}:xon_seqs") == 0
+        assert await raw.get(f"{prefix}{{relay}}:schema") == "2"
+        await raw.set(f"{prefix}{{relay}}:schema", "99")
+        with pytest.raises(StoreError, match="layout 99, written by a newer release"):
+            await RedisStore.open(redis_store_url)
+    finally:
+        await raw.aclose()
