@@ -9,11 +9,12 @@ everything queued (up to ``batch_size``), runs it in queue order in ONE transact
 each caller only after that COMMIT returned (DESIGN principle 1: nothing is reported done
 before it is durable). Each write but an event append runs under its own ``SAVEPOINT``: one that
 raises is undone alone and its caller gets the exception, the rest of the batch commits (an
-append's one INSERT is undone by SQLite itself when it fails: see ``_append``). When the transaction
-itself fails, every caller of the batch gets ``StoreError``. A caller cancelled while its write
-is still queued gives the write up; once its batch began, the write commits all the same. While
-one batch is being committed the next one gathers, so under load one fsync serves many writes:
-ingress events as much as a reconnect storm's link claims and releases (docs/performance.md).
+append's one INSERT is undone by SQLite itself when it fails: see ``_append``). When the
+transaction itself fails, every caller of the batch gets ``StoreError``. A caller cancelled
+while its write is still queued gives the write up; once its batch began, the write commits all
+the same. While one batch is being committed the next one gathers, so under load one fsync
+serves many writes: ingress events as much as a reconnect storm's link claims and releases
+(docs/performance.md).
 
 Agent cursors (``set_cursor``) and ``last_seen`` (``touch_agent``) are written behind: the call
 records the value in memory (latest wins) and returns; the writer stores every recorded value
@@ -1242,12 +1243,16 @@ def _prepare_schema(conn: sqlite3.Connection) -> None:
                 f" one reads schema {SCHEMA_VERSION} (restore the backup taken before upgrading)"
             )
         if version == 1:
-            _migrate_from_1(conn)
+            events = _migrate_from_1(conn)
+            log.info(
+                "store.upgraded",
+                extra={"backend": "sqlite", "from_schema": 1, "schema": 2, "events": events},
+            )
         else:
             _create_tables(conn)
+        # Only a new or just upgraded file lacks the row (schema 1 had none).
         conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
         conn.execute("COMMIT")
@@ -1273,8 +1278,8 @@ def _schema_version(conn: sqlite3.Connection) -> int:
     return 1 if row is None else int(row[0])
 
 
-def _migrate_from_1(conn: sqlite3.Connection) -> None:
-    """Schema 1 → 2, inside the caller's transaction.
+def _migrate_from_1(conn: sqlite3.Connection) -> int:
+    """Schema 1 → 2, inside the caller's transaction; returns how many events it kept.
 
     Schema 1 numbered events with one counter for all accounts and keyed dedup on the X-on id
     alone. Each event keeps its seq (already increasing per account); every account's own
@@ -1290,7 +1295,7 @@ def _migrate_from_1(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE events RENAME TO events_v1")
     _create_tables(conn)
     conn.create_function("xon_v1_digest", 6, _v1_digest, deterministic=True)
-    conn.execute(
+    copied = conn.execute(
         "INSERT INTO events (account_id, seq, id, xon_id, xon_digest, type, received_at, params,"
         " method, path, query, content_type, body)"
         " SELECT account_id, seq, id, xon_id,"
@@ -1304,6 +1309,7 @@ def _migrate_from_1(conn: sqlite3.Connection) -> None:
         " SELECT id, ? FROM accounts UNION SELECT DISTINCT account_id, ? FROM events",
         (floor, floor),
     )
+    return int(copied.rowcount)
 
 
 def _v1_digest(
