@@ -559,6 +559,8 @@ class RedisStore:
         key = self._global("schema")
         with self._calls():
             found = await self._r.get(key)
+            if found is not None and not str(found).isdigit():
+                raise StoreError(f"redis at {self.address} holds an unreadable layout {found!r}")
             version = 1 if found is None else int(found)
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -597,9 +599,16 @@ class RedisStore:
                 args: list[str] = []
                 for (xon_id, seq), rows in zip(entries, found, strict=True):
                     field = ""
-                    if rows:
-                        request = _stored(*rows[0]).event.request
-                        field = stored_xon_id(xon_id, request).key
+                    try:
+                        if rows:
+                            request = _stored(*rows[0]).event.request
+                            field = stored_xon_id(xon_id, request).key
+                    except ValueError:
+                        # No reader can decode it, so no retry could be matched against it.
+                        log.warning(
+                            "store.upgrade_dropped_dedup",
+                            extra={"account": account_id, "seq": seq},
+                        )
                     args += [xon_id, seq, field]
                 await self._upgrade_dedup_script(keys=keys, args=args)
             if int(cursor) == 0:

@@ -1270,12 +1270,20 @@ def _create_tables(conn: sqlite3.Connection) -> None:
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
-    """:data:`SCHEMA_VERSION` for a new file; 1 for one without the row (its first release)."""
+    """:data:`SCHEMA_VERSION` for a new file; 1 for one without the row (its first release).
+
+    Raises:
+        StoreError: the row holds no version number.
+    """
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "events" not in tables:
         return SCHEMA_VERSION
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return 1 if row is None else int(row[0])
+    if row is None:
+        return 1
+    if not str(row[0]).isdigit():
+        raise StoreError(f"sqlite: the database has an unreadable schema version {row[0]!r}")
+    return int(row[0])
 
 
 def _migrate_from_1(conn: sqlite3.Connection) -> int:
