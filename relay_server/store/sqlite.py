@@ -1180,7 +1180,11 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> 
     and never a counter behind the log.
     """
     reused = False
-    if xon_id is not None:
+    # An id seen for the first time (the usual case) costs one index probe.
+    if xon_id is not None and conn.execute(
+        "SELECT 1 FROM events WHERE account_id = ? AND xon_id = ? LIMIT 1",
+        (event.account, xon_id.value),
+    ).fetchone():
         row = conn.execute(
             f"SELECT {_EVENT_COLUMNS} FROM events"
             " WHERE account_id = ? AND xon_id = ? AND xon_digest = ?",
@@ -1188,13 +1192,7 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> 
         ).fetchone()
         if row is not None:
             return AppendResult(stored=_stored(row), duplicate=True)
-        reused = (
-            conn.execute(
-                "SELECT 1 FROM events WHERE account_id = ? AND xon_id = ? LIMIT 1",
-                (event.account, xon_id.value),
-            ).fetchone()
-            is not None
-        )
+        reused = True
     # Per account (docs/protocol.md, Sequence numbers): a seq tells nothing of other tenants.
     (seq,) = conn.execute(
         "INSERT INTO account_seqs (account_id, last_seq) VALUES (?, 1) ON CONFLICT (account_id)"
