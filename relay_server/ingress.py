@@ -82,7 +82,7 @@ async def ingress(request: web.Request) -> web.Response:
         content_type=request.headers.get("Content-Type", ""),
         body=body,
     )
-    parsed = parse_ingress(raw)
+    parsed = parse_ingress(raw, id_params=config.xon_id_params)
     now = time.time()
     event = XonEvent(
         id=new_event_id(now),
@@ -93,7 +93,11 @@ async def ingress(request: web.Request) -> web.Response:
         request=raw,
     )
     result = await store.append_event(event, xon_id=parsed.xon_id)
-    app[hub_key].metrics.event_appended(duplicate=result.duplicate, seconds=time.time() - now)
+    app[hub_key].metrics.event_appended(
+        duplicate=result.duplicate,
+        seconds=time.time() - now,
+        xon_id_reused=result.xon_id_reused,
+    )
     stored = result.stored
     if not result.duplicate:
         app[hub_key].notify(account.id)
@@ -113,6 +117,12 @@ async def ingress(request: web.Request) -> web.Response:
                 "duplicate": result.duplicate,
             },
         )
+        if result.xon_id_reused:
+            # docs/delivery.md, Duplicates: an id seen with another request is a new event.
+            log.debug(
+                "ingress.xon_id_reused",
+                extra={"account": account.id, "event_id": stored.event.id, "seq": stored.seq},
+            )
     return web.json_response({"id": stored.event.id, "duplicate": result.duplicate})
 
 

@@ -100,7 +100,13 @@ class RelayMetrics:
         )
         self.events_duplicate = Counter(
             "xon_relay_events_duplicate",
-            "Ingress requests recognised as a retry of a stored event by X-on's id",
+            "Ingress requests recognised as a repeat of a stored event (X-on's id and the"
+            " same request, or an envelope's event.id)",
+            registry=r,
+        )
+        self.events_xon_id_reused = Counter(
+            "xon_relay_events_xon_id_reused",
+            "Events stored as new although X-on's id was seen before with another request",
             registry=r,
         )
         self.store_commit = Histogram(
@@ -166,10 +172,14 @@ class RelayMetrics:
         elif status >= 500:
             counts[2] += 1
 
-    def event_appended(self, *, duplicate: bool, seconds: float) -> None:
+    def event_appended(
+        self, *, duplicate: bool, seconds: float, xon_id_reused: bool = False
+    ) -> None:
         """One ``append_event`` returned after ``seconds``."""
         self.store_commit.observe(seconds)
         (self.events_duplicate if duplicate else self.events_stored).inc()
+        if xon_id_reused:
+            self.events_xon_id_reused.inc()
 
     def command_finished(
         self, account_id: str, command: Command, result: CommandResult, seconds: float

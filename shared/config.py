@@ -346,6 +346,9 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
     """``text`` for a console, ``json`` for machines."""
+    xon_id_params: list[str] = field(default_factory=lambda: ["id"])
+    """Bare param names that carry X-on's id for an event (the first present counts): a
+    repeat needs that id and the same request (docs/delivery.md, Duplicates)."""
     link: LinkConfig = field(default_factory=LinkConfig)
     ctox: CtoxConfig = field(default_factory=CtoxConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
@@ -361,6 +364,8 @@ class ServerConfig:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         _check_log_level(self.log_level)
+        if not all(self.xon_id_params):
+            raise ConfigError("xon_id_params must not name an empty param")
         if self.enrollment_ttl <= 0:
             raise ConfigError("enrollment_ttl must be positive")
         if self.shutdown_grace < 0:

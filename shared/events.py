@@ -11,18 +11,20 @@ API::
 The agent adds ``cursor`` when it hands an event to a local app.
 
 :func:`parse_ingress` turns a raw ingress request into the event type, the flat ``params`` and
-X-on's own event id (used to drop X-on's retries). DESIGN §Relay server endpoints: params come
-from the query string, a form body, a JSON object or an XML/SOAP body; the event type is the path
-suffix or a type parameter.
+X-on's own id for the event with what a repeat must match (docs/delivery.md, Duplicates).
+DESIGN §Relay server endpoints: params come from the query string, a form body, a JSON object or
+an XML/SOAP body; the event type is the path suffix or a type parameter.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,8 +34,11 @@ from .errors import ApiError
 __all__ = [
     "RawRequest",
     "XonEvent",
+    "XonId",
+    "ENVELOPE_DIGEST",
     "ParsedIngress",
     "parse_ingress",
+    "envelope_id",
     "format_time",
     "parse_time",
 ]
@@ -59,6 +64,18 @@ class RawRequest:
             "content_type": self.content_type,
             "body_b64": base64.b64encode(self.body).decode("ascii"),
         }
+
+    def digest(self) -> str:
+        """SHA-256 hex of the five fields, each length-prefixed, so that no two different
+        requests share an encoding (docs/delivery.md, Duplicates)."""
+        h = hashlib.sha256()
+        for part in (self.method, self.path, self.query, self.content_type):
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "big"))
+            h.update(data)
+        h.update(len(self.body).to_bytes(8, "big"))
+        h.update(self.body)
+        return h.hexdigest()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RawRequest:
@@ -154,6 +171,26 @@ _TYPE_PARAMS = ("type", "event", "EventType")
 _XML_BOMB_MARKERS = (b"<!doctype", b"<!entity")
 
 
+ENVELOPE_DIGEST = "envelope"
+"""The :attr:`XonId.digest` of an envelope's ``event.id``: any request with that id repeats it."""
+
+
+@dataclass(frozen=True, slots=True)
+class XonId:
+    """X-on's own id for an event, and what a repeat of it must match (docs/delivery.md,
+    Duplicates)."""
+
+    value: str
+    digest: str
+    """:data:`ENVELOPE_DIGEST` for an envelope's ``event.id``, which alone decides; else the
+    request's :meth:`RawRequest.digest`: only the same request with the same id repeats it."""
+
+    @property
+    def key(self) -> str:
+        """One string for the pair (a hex digest and the marker hold no space)."""
+        return f"{self.digest} {self.value}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParsedIngress:
     """What :func:`parse_ingress` read from an ingress request."""
@@ -162,15 +199,17 @@ class ParsedIngress:
     """Event type: the path suffix, else a type parameter, else ``"unknown"``."""
     params: dict[str, str]
     """Query params, overridden by body params; nested JSON keys are dotted (``a.b``)."""
-    xon_id: str | None
-    """X-on's own event id (envelope ``event.id`` or an ``id`` param), for dedup."""
+    xon_id: XonId | None
+    """X-on's own id for the event, for dedup (docs/delivery.md, Duplicates): a JSON
+    envelope's ``event.id``, else the first of ``id_params`` present, with the request digest."""
 
 
-def parse_ingress(raw: RawRequest) -> ParsedIngress:
+def parse_ingress(raw: RawRequest, *, id_params: Sequence[str] = ("id",)) -> ParsedIngress:
     """Parse an X-on ingress request (pure).
 
     Unknown content types keep their body untouched and take params from the query only;
-    unknown params and event types pass through (DESIGN principle 2).
+    unknown params and event types pass through (DESIGN principle 2). ``id_params`` are the
+    bare param names that carry X-on's id (``ServerConfig.xon_id_params``).
 
     Raises:
         ApiError: 400 ``bad_body`` when the body cannot be decoded as its content type says.
@@ -188,8 +227,44 @@ def parse_ingress(raw: RawRequest) -> ParsedIngress:
     return ParsedIngress(
         type=_event_type(raw.path, params),
         params=params,
-        xon_id=params.get("id") or None,
+        xon_id=_xon_id(raw, mime, params, id_params),
     )
+
+
+def _xon_id(
+    raw: RawRequest, mime: str, params: dict[str, str], id_params: Sequence[str]
+) -> XonId | None:
+    # docs/delivery.md, Duplicates: X-on documents the envelope's event.id as its duplicate
+    # protection, so it alone decides; a bare id param names a call, a mailbox, a message...
+    # shared by several events, so only the same request with it is a repeat.
+    if mime in _JSON_TYPES or mime.endswith("+json"):
+        value = envelope_id(raw.body)
+        if value:
+            return XonId(value, ENVELOPE_DIGEST)
+    for name in id_params:
+        value = params.get(name)
+        if value:
+            return XonId(value, raw.digest())
+    return None
+
+
+def envelope_id(body: bytes) -> str | None:
+    """The ``event.id`` of a JSON envelope body ``{"event": {"id": …}}``, spelled as its param
+    (a number as JSON writes it), or ``None``: not an envelope, no id, or not JSON at all."""
+    if b'"event"' not in body:
+        return None  # most bodies: no second parse (an escaped key spelling is not seen,
+        # which only makes its retries new events, never a lost one)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    envelope = data.get("event") if isinstance(data, dict) else None
+    value = envelope.get("id") if isinstance(envelope, dict) else None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
 
 
 def _event_type(path: str, params: dict[str, str]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.events import XonEvent
+from shared.events import ENVELOPE_DIGEST, RawRequest, XonEvent, XonId, envelope_id
 from shared.link.frames import CommandResult
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "LinkCheck",
     "result_to_json",
     "result_from_json",
+    "stored_xon_id",
     "Store",
 ]
 
@@ -70,7 +71,10 @@ class StoredEvent:
 class AppendResult:
     stored: StoredEvent
     duplicate: bool
-    """True when X-on's own id was seen before: ``stored`` is the first copy."""
+    """True for a repeat of a stored event (docs/delivery.md, Duplicates): ``stored`` is the
+    first copy, and nothing was stored."""
+    xon_id_reused: bool = False
+    """Stored as a new event although its X-on id was seen before with another request."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +96,19 @@ class CommandRecord:
     """Unix time after which the record is forgotten (the key may then be used afresh)."""
     result: CommandResult | None = None
     """The answer every later use of the key gets (its ``request_id`` is the first one's)."""
+
+
+def stored_xon_id(value: str, request: RawRequest) -> XonId:
+    """The :class:`XonId` of an event a release before request digests stored under X-on id
+    ``value``, for the upgrade of its data (docs/deployment.md, Upgrading): the envelope
+    marker when ``value`` was its envelope's ``event.id``, else its own request's digest, so
+    only a true repeat of it matches."""
+    mime = request.content_type.partition(";")[0].strip().lower()
+    if (mime in ("application/json", "text/json") or mime.endswith("+json")) and envelope_id(
+        request.body
+    ) == value:
+        return XonId(value, ENVELOPE_DIGEST)
+    return XonId(value, request.digest())
 
 
 def result_to_json(result: CommandResult) -> str:
@@ -248,12 +265,13 @@ class Store(Protocol):
         """Record ``last_seen``."""
 
     # -- events and cursors --------------------------------------------------------------------
-    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
         """Durably store ``event`` in its account's log; return only after the commit.
 
-        ``xon_id`` is the id X-on gave the event, if any: a second event with the same
-        (account, xon_id) is not stored again and the first copy is returned.
-        Concurrent calls are batched into one commit.
+        ``xon_id`` is the id X-on gave the event, if any: a later event of the same account
+        with an equal ``xon_id`` (value and digest) is a repeat, not stored again, and the
+        first copy is returned (docs/delivery.md, Duplicates). Concurrent calls are batched
+        into one commit.
         """
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
@@ -292,7 +310,8 @@ class Store(Protocol):
     async def trim_events(self, account_id: str, *, through: int, limit: int) -> int:
         """Drop the oldest events with seq <= ``through``, at most ``limit`` of them, never the
         newest event of the account (it holds the log's head). Returns how many went; each
-        dropped event raises :meth:`trimmed_through`. Their X-on ids stop deduplicating."""
+        dropped event raises :meth:`trimmed_through`. Their X-on ids stop deduplicating (and no
+        longer count as seen for ``xon_id_reused``)."""
 
     async def trimmed_through(self, account_id: str) -> int:
         """The highest seq retention dropped from the account's log (0: none)."""

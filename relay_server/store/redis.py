@@ -17,8 +17,10 @@ The layout (``P`` is the key prefix, ``xon:`` by default)::
                                             replay_after (docs/operations.md, Replay)
     P{acct:<id>}:seq               string   last seq given out in this account's log
     P{acct:<id>}:events            stream   entry id "<seq>-0", fields seq, event (JSON)
-    P{acct:<id>}:xon_ids           hash     X-on event id -> seq (dedup)
-    P{acct:<id>}:xon_seqs          zset     X-on event ids scored by seq (retention drops them)
+    P{relay}:schema                string   layout version of this data (docs/deployment.md)
+    P{acct:<id>}:dedup             hash     "<digest> <X-on id>" -> seq (docs/delivery.md)
+    P{acct:<id>}:dedup_seqs        zset     the dedup fields scored by seq (retention drops them)
+    P{acct:<id>}:dedup_ids         hash     X-on id -> newest seq stored with it
     P{acct:<id>}:trimmed           string   highest seq retention dropped from the stream
     P{acct:<id>}:cmd:<key>         hash     CTOX idempotency record, TTL = expiry + a margin
     P{acct:<id>}:commands          zset     the account's command keys, scored by expires_at
@@ -34,9 +36,10 @@ record nothing points to), never a half-visible one.
 
 Events: the stream entry id is ``<seq>-0``, so ``XRANGE key (<after>-0 + COUNT n`` reads by seq.
 One Lua script per append reads the dedup hash, assigns ``seq`` (last + 1), XADDs and records the
-X-on id: all or nothing, so seq is strictly increasing per account, never reused, and a duplicate
-returns the first copy (DESIGN principle 1). Concurrent appends are sent in one pipeline by a
-single writer task; each caller's coroutine returns only after Redis answered its script.
+X-on id with its digest: all or nothing, so seq is strictly increasing per account, never reused,
+and a repeat returns the first copy (DESIGN principle 1; docs/delivery.md, Duplicates).
+Concurrent appends are sent in one pipeline by a single writer task; each caller's coroutine
+returns only after Redis answered its script.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.errors import ApiError, StoreError
-from shared.events import XonEvent, parse_time
+from shared.events import XonEvent, XonId, parse_time
 from shared.link.frames import CommandResult
 
 from .base import (
@@ -74,6 +77,7 @@ from .base import (
     StoredEvent,
     result_from_json,
     result_to_json,
+    stored_xon_id,
 )
 
 __all__ = ["RedisStore", "DEFAULT_PREFIX"]
@@ -87,11 +91,19 @@ T = TypeVar("T")
 
 _SCHEMES = ("redis://", "rediss://")
 
-# KEYS: seq counter, events stream, xon-id hash, xon ids by seq (one account's slot).
-# ARGV: xon id ('' = none),
-# event JSON. Returns {1, seq} when stored, {0, first seq, first event JSON} for a duplicate.
-# seq is computed first and written after the XADD, so a failed XADD consumes no seq.
+SCHEMA_VERSION = 2
+"""``P{relay}:schema`` of this layout. 1 (no such key): the layout before request digests,
+whose dedup hash ``xon_ids`` (X-on id -> seq) and zset ``xon_seqs`` are upgraded at open."""
+_OLD_DEDUP = ("xon_ids", "xon_seqs")
+_UPGRADE_CHUNK = 500
+
+# KEYS: seq counter, events stream, dedup hash, dedup fields by seq, X-on id -> newest seq (one
+# account's slot). ARGV: dedup field "<digest> <X-on id>" ('' = no X-on id), the X-on id, event
+# JSON. Returns {1, seq, 1 if the X-on id was seen with another request else 0} when stored,
+# {0, first seq, first event JSON} for a repeat. seq is computed first and written after the
+# XADD, so a failed XADD consumes no seq.
 _APPEND = """
+local reused = 0
 if ARGV[1] ~= '' then
   local first = redis.call('HGET', KEYS[3], ARGV[1])
   if first then
@@ -104,15 +116,42 @@ if ARGV[1] ~= '' then
     end
     return {0, tonumber(first)}
   end
+  reused = redis.call('HEXISTS', KEYS[5], ARGV[2])
 end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
-redis.call('XADD', KEYS[2], seq .. '-0', 'seq', seq, 'event', ARGV[2])
+redis.call('XADD', KEYS[2], seq .. '-0', 'seq', seq, 'event', ARGV[3])
 redis.call('SET', KEYS[1], seq)
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[1], seq)
   redis.call('ZADD', KEYS[4], seq, ARGV[1])
+  redis.call('HSET', KEYS[5], ARGV[2], seq)
 end
-return {1, seq}
+return {1, seq, reused}
+"""
+
+# The upgrade of one account's dedup entries from the layout before request digests (docs/
+# deployment.md, Upgrading). KEYS: old hash (X-on id -> seq), old zset, dedup hash, dedup
+# fields by seq, X-on id -> newest seq. ARGV: triples (X-on id, seq, new field; '' = its
+# event is gone). An entry moves only while it still holds that seq, so instances upgrading
+# at once agree. The old keys go when empty.
+_UPGRADE_DEDUP = """
+for i = 1, #ARGV, 3 do
+  local id, seq, field = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HGET', KEYS[1], id) == seq then
+    if field ~= '' then
+      redis.call('HSET', KEYS[3], field, seq)
+      redis.call('ZADD', KEYS[4], seq, field)
+      local newest = redis.call('HGET', KEYS[5], id)
+      if not newest or tonumber(newest) < tonumber(seq) then
+        redis.call('HSET', KEYS[5], id, seq)
+      end
+    end
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+return 0
 """
 
 # KEYS: account names, ingress, accounts zset (global slot). ARGV: name, id, key hash, created.
@@ -291,9 +330,10 @@ end
 return 0
 """
 
-# KEYS: events stream, xon-id hash, xon ids by seq, trimmed-through counter. ARGV: through,
-# limit. Seqs of one account are contiguous (the append script), so the oldest ``limit``
-# entries end at first + limit - 1. The newest entry always stays: it holds the head.
+# KEYS: events stream, dedup hash, dedup fields by seq, trimmed-through counter, X-on id ->
+# newest seq. ARGV: through, limit. Seqs of one account are contiguous (the append script), so
+# the oldest ``limit`` entries end at first + limit - 1. The newest entry always stays: it holds
+# the head. An X-on id leaves the newest-seq hash once its newest event is gone.
 _TRIM = """
 local head = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if not head then return 0 end
@@ -303,8 +343,13 @@ local first_seq = tonumber(string.match(first[1], '^%d+'))
 local through = math.min(tonumber(ARGV[1]), head_seq - 1, first_seq + tonumber(ARGV[2]) - 1)
 if through < first_seq then return 0 end
 local dropped = redis.call('XTRIM', KEYS[1], 'MINID', (through + 1) .. '-0')
-local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', through)
-for i = 1, #ids do redis.call('HDEL', KEYS[2], ids[i]) end
+local fields = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', through)
+for i = 1, #fields do
+  redis.call('HDEL', KEYS[2], fields[i])
+  local id = string.match(fields[i], '^%S+ (.*)$')
+  local newest = redis.call('HGET', KEYS[5], id)
+  if newest and tonumber(newest) <= through then redis.call('HDEL', KEYS[5], id) end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', through)
 if through > tonumber(redis.call('GET', KEYS[4]) or '0') then
   redis.call('SET', KEYS[4], through)
@@ -345,7 +390,7 @@ def _discard_outcome(task: asyncio.Future[Any]) -> None:
 @dataclass(slots=True)
 class _Pending:
     event: XonEvent
-    xon_id: str | None
+    xon_id: XonId | None
     done: asyncio.Future[AppendResult]
 
 
@@ -394,6 +439,7 @@ class RedisStore:
         self._release_link = client.register_script(_RELEASE_LINK)
         self._settle_replay = client.register_script(_SETTLE_REPLAY)
         self._trim = client.register_script(_TRIM)
+        self._upgrade_dedup_script = client.register_script(_UPGRADE_DEDUP)
         self._rename_account = client.register_script(_RENAME_ACCOUNT)
         self._rotate_ingress = client.register_script(_ROTATE_INGRESS)
         self._wait_replicas = wait_replicas
@@ -443,12 +489,13 @@ class RedisStore:
         except StoreError as exc:
             await client.aclose()
             raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
-        if store._wait_aof:
-            try:
+        try:
+            if store._wait_aof:
                 await store._check_waitaof()
-            except StoreError:
-                await client.aclose()
-                raise
+            await store._upgrade()
+        except StoreError:
+            await client.aclose()
+            raise
         store._writer = asyncio.create_task(store._write_loop(), name="redis-store-writer")
         log.info("store.opened", extra={"backend": "redis", "address": address})
         return store
@@ -505,6 +552,68 @@ class RedisStore:
             raise StoreError(
                 f"cluster.redis_wait_aof needs Redis 7.2 or newer; {self.address} runs {version}"
             )
+
+    async def _upgrade(self) -> None:
+        """Bring data of an older layout up to :data:`SCHEMA_VERSION` (docs/deployment.md,
+        Upgrading). Every step may run twice or in several instances at once."""
+        key = self._global("schema")
+        with self._calls():
+            found = await self._r.get(key)
+            if found is not None and not str(found).isdigit():
+                raise StoreError(f"redis at {self.address} holds an unreadable layout {found!r}")
+            version = 1 if found is None else int(found)
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"redis at {self.address} holds layout {version}, written by a newer"
+                    f" release; this one reads layout {SCHEMA_VERSION}"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            accounts = _texts(await self._r.zrange(self._global("accounts"), 0, -1))
+            for account_id in accounts:
+                await self._upgrade_dedup(account_id)
+            await self._r.set(key, str(SCHEMA_VERSION))
+        if accounts:
+            log.info("store.upgraded", extra={"backend": "redis", "accounts": len(accounts)})
+
+    async def _upgrade_dedup(self, account_id: str) -> None:
+        """Give each old dedup entry of the account the digest of its own stored request (or
+        the envelope marker), so only a true repeat matches it (docs/delivery.md)."""
+        old_ids, _ = (self._acct(account_id, name) for name in _OLD_DEDUP)
+        events = self._acct(account_id, "events")
+        keys = [
+            *(self._acct(account_id, name) for name in _OLD_DEDUP),
+            self._acct(account_id, "dedup"),
+            self._acct(account_id, "dedup_seqs"),
+            self._acct(account_id, "dedup_ids"),
+        ]
+        cursor = 0
+        while True:  # HSCAN ends with cursor 0; the hash only shrinks meanwhile
+            cursor, chunk = await self._r.hscan(old_ids, cursor, count=_UPGRADE_CHUNK)
+            entries = list(_pairs(chunk).items())
+            if entries:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for _, seq in entries:
+                        pipe.xrange(events, min=f"{seq}-0", max=f"{seq}-0")
+                    found = await pipe.execute()
+                args: list[str] = []
+                for (xon_id, seq), rows in zip(entries, found, strict=True):
+                    field = ""
+                    try:
+                        if rows:
+                            request = _stored(*rows[0]).event.request
+                            field = stored_xon_id(xon_id, request).key
+                    except ValueError:
+                        # No reader can decode it, so no retry could be matched against it.
+                        log.warning(
+                            "store.upgrade_dropped_dedup",
+                            extra={"account": account_id, "seq": seq},
+                        )
+                    args += [xon_id, seq, field]
+                await self._upgrade_dedup_script(keys=keys, args=args)
+            if int(cursor) == 0:
+                break
+        await self._upgrade_dedup_script(keys=keys, args=[])
 
     @_finish_uncancelled
     async def ping(self) -> None:
@@ -736,7 +845,7 @@ class RedisStore:
 
     # -- events and cursors --------------------------------------------------------------------
 
-    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
         if self._closing or self._writer is None or self._writer.done():
             raise StoreError("store is closed")
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
@@ -774,10 +883,15 @@ class RedisStore:
                         keys=[
                             self._acct(account, "seq"),
                             self._acct(account, "events"),
-                            self._acct(account, "xon_ids"),
-                            self._acct(account, "xon_seqs"),
+                            self._acct(account, "dedup"),
+                            self._acct(account, "dedup_seqs"),
+                            self._acct(account, "dedup_ids"),
                         ],
-                        args=[pending.xon_id or "", json.dumps(pending.event.to_json())],
+                        args=[
+                            "" if pending.xon_id is None else pending.xon_id.key,
+                            "" if pending.xon_id is None else pending.xon_id.value,
+                            json.dumps(pending.event.to_json()),
+                        ],
                         client=pipe,
                     )
                 # WAIT/WAITAOF cover every earlier write on this connection: the whole batch.
@@ -790,7 +904,7 @@ class RedisStore:
         shortfall = self._durability_shortfall(replies[len(batch) :])
         if shortfall:
             # Stored on the primary but not as durable as configured: no 2xx (X-on retries;
-            # the retry is a duplicate that X-on's own id, when given, folds into this one).
+            # the retry is a repeat that X-on's own id, when given, folds into this one).
             return [StoreError(f"redis at {self.address}: {shortfall}")] * len(batch)
         return replies[: len(batch)]
 
@@ -928,9 +1042,10 @@ class RedisStore:
             dropped = await self._trim(
                 keys=[
                     self._acct(account_id, "events"),
-                    self._acct(account_id, "xon_ids"),
-                    self._acct(account_id, "xon_seqs"),
+                    self._acct(account_id, "dedup"),
+                    self._acct(account_id, "dedup_seqs"),
                     self._acct(account_id, "trimmed"),
+                    self._acct(account_id, "dedup_ids"),
                 ],
                 args=[str(through), str(limit)],
             )
@@ -1142,7 +1257,8 @@ class RedisStore:
                         pipe.delete(self._global(f"code:{row['code_hash']}"))
                 pipe.srem(self._global("command_accounts"), account_id)
                 await pipe.execute()
-            names = ["account", "agents", "seq", "events", "xon_ids", "xon_seqs", "trimmed"]
+            names = ["account", "agents", "seq", "events", "dedup", "dedup_seqs", "dedup_ids"]
+            names += ["trimmed", *_OLD_DEDUP]
             names += ["status", "status_seq", "commands"]
             await self._r.delete(
                 *(self._acct(account_id, name) for name in names),
@@ -1395,7 +1511,11 @@ def _stored(entry_id: Any, fields: Any) -> StoredEvent:
 
 def _append_result(event: XonEvent, reply: Sequence[Any]) -> AppendResult:
     if int(reply[0]) == 1:
-        return AppendResult(stored=StoredEvent(seq=int(reply[1]), event=event), duplicate=False)
+        return AppendResult(
+            stored=StoredEvent(seq=int(reply[1]), event=event),
+            duplicate=False,
+            xon_id_reused=int(reply[2]) == 1,
+        )
     first = event if len(reply) < 3 else XonEvent.from_json(json.loads(reply[2]))
     # len < 3: the first copy was trimmed away; its seq still identifies it.
     return AppendResult(stored=StoredEvent(seq=int(reply[1]), event=first), duplicate=True)

@@ -9,11 +9,12 @@ everything queued (up to ``batch_size``), runs it in queue order in ONE transact
 each caller only after that COMMIT returned (DESIGN principle 1: nothing is reported done
 before it is durable). Each write but an event append runs under its own ``SAVEPOINT``: one that
 raises is undone alone and its caller gets the exception, the rest of the batch commits (an
-append is one INSERT, which SQLite undoes by itself when it fails). When the transaction
-itself fails, every caller of the batch gets ``StoreError``. A caller cancelled while its write
-is still queued gives the write up; once its batch began, the write commits all the same. While
-one batch is being committed the next one gathers, so under load one fsync serves many writes:
-ingress events as much as a reconnect storm's link claims and releases (docs/performance.md).
+append's one INSERT is undone by SQLite itself when it fails: see ``_append``). When the
+transaction itself fails, every caller of the batch gets ``StoreError``. A caller cancelled
+while its write is still queued gives the write up; once its batch began, the write commits all
+the same. While one batch is being committed the next one gathers, so under load one fsync
+serves many writes: ingress events as much as a reconnect storm's link claims and releases
+(docs/performance.md).
 
 Agent cursors (``set_cursor``) and ``last_seen`` (``touch_agent``) are written behind: the call
 records the value in memory (latest wins) and returns; the writer stores every recorded value
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 from shared.errors import ApiError, StoreError
-from shared.events import RawRequest, XonEvent, format_time
+from shared.events import RawRequest, XonEvent, XonId, format_time
 from shared.link.frames import CommandResult
 
 from .base import (
@@ -63,6 +64,7 @@ from .base import (
     StoredEvent,
     result_from_json,
     result_to_json,
+    stored_xon_id,
 )
 from .tail import MAX_EVENTS, EventTail
 
@@ -102,10 +104,11 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 CREATE INDEX IF NOT EXISTS agents_account ON agents(account_id);
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
     account_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL UNIQUE,
     xon_id TEXT,
+    xon_digest TEXT,
     type TEXT NOT NULL,
     received_at TEXT NOT NULL,
     params TEXT NOT NULL,
@@ -115,8 +118,12 @@ CREATE TABLE IF NOT EXISTS events (
     content_type TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_account_seq ON events(account_id, seq);
-CREATE UNIQUE INDEX IF NOT EXISTS events_account_xon_id ON events(account_id, xon_id);
+CREATE UNIQUE INDEX IF NOT EXISTS events_account_seq ON events(account_id, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedup ON events(account_id, xon_id, xon_digest);
+CREATE TABLE IF NOT EXISTS account_seqs (
+    account_id TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS commands (
     account_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -155,6 +162,11 @@ CREATE TABLE IF NOT EXISTS replays (
 );
 """
 
+SCHEMA_VERSION = 2
+"""``meta.schema_version`` of the tables above. 1 (no such row): the release before per-account
+seqs and request digests, upgraded in place by :func:`_migrate_from_1` (docs/deployment.md,
+Upgrading)."""
+
 _EVENT_COLUMNS = (
     "seq, id, account_id, type, received_at, params, method, path, query, content_type, body"
 )
@@ -171,7 +183,7 @@ class _Write(Generic[T]):
     apply: Callable[[sqlite3.Connection], T]
     done: asyncio.Future[T]
     savepoint: bool
-    """False for a write of one statement (an event append): a failed statement undoes itself."""
+    """False for an event append: its failed INSERT undoes itself (see ``_append``)."""
     on_commit: Callable[[Any], None] | None = None
     """Called with the result once committed, before the caller hears (keeps the tail whole)."""
     result: Any = None
@@ -267,8 +279,8 @@ class SqliteStore:
             # After the writer made the schema: the reader only ever reads.
             await store._read(lambda: store._connect_reader(path))
             if exclusive and store._lock is not None:
-                floor = await store._run(store._last_assigned_seq)
-                store._tail = EventTail(floor, max_events=store._tail_events)
+                floors = await store._run(store._last_assigned_seqs)
+                store._tail = EventTail(floors=floors, max_events=store._tail_events)
         except StoreError:
             store._unlock()
             await store._run_unchecked(store._close_conn)
@@ -306,17 +318,17 @@ class SqliteStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error:
+            _prepare_schema(conn)
+        except (sqlite3.Error, StoreError):
             conn.close()
             raise
         self._conn = conn
 
-    def _last_assigned_seq(self) -> int:
-        """The highest event seq ever assigned: every later append is above it (AUTOINCREMENT
-        never reuses one), so a new tail starts complete from there."""
-        row = self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        return 0 if row is None else int(row[0])
+    def _last_assigned_seqs(self) -> dict[str, int]:
+        """Each account's highest seq ever assigned: its later appends are above it (its
+        counter never goes back), so a new tail starts complete from there."""
+        rows = self._db().execute("SELECT account_id, last_seq FROM account_seqs")
+        return {str(account_id): int(last) for account_id, last in rows}
 
     def _connect_reader(self, path: Path) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
@@ -698,7 +710,7 @@ class SqliteStore:
             return  # the writer is busy: it takes the values with its next batch
         self._flush_queued = True
 
-    async def append_event(self, event: XonEvent, *, xon_id: str | None) -> AppendResult:
+    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
         return await self._tx(
             lambda conn: _append(conn, event, xon_id), savepoint=False, on_commit=self._took
         )
@@ -1037,7 +1049,9 @@ class SqliteStore:
                     " (SELECT id FROM agents WHERE account_id = ?)",
                     args,
                 )
-            for table in ("agents", "events", "commands", "status_items", "retention"):
+            for table in (
+                "agents", "events", "account_seqs", "commands", "status_items", "retention"
+            ):
                 conn.execute(f"DELETE FROM {table} WHERE account_id = ?", args)
             conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
             return conn.execute("DELETE FROM accounts WHERE id = ?", args).rowcount > 0
@@ -1157,27 +1171,44 @@ def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> Command
     )
 
 
-def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: str | None) -> AppendResult:
-    """Insert ``event`` inside the writer's transaction; a duplicate resolves to the first copy.
+def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> AppendResult:
+    """Insert ``event`` inside the writer's transaction; a repeat resolves to the first copy.
 
-    Rows inserted earlier in the same transaction are visible here, so a duplicate within one
-    batch also finds its first copy. The INSERT is the only change: a failed one leaves none.
+    Rows inserted earlier in the same transaction are visible here, so a repeat within one
+    batch also finds its first copy. The account's counter moves first: an INSERT that fails
+    after it leaves a skipped seq, which seqs may have (docs/protocol.md, Sequence numbers),
+    and never a counter behind the log.
     """
-    if xon_id is not None:
+    reused = False
+    # An id seen for the first time (the usual case) costs one index probe.
+    if xon_id is not None and conn.execute(
+        "SELECT 1 FROM events WHERE account_id = ? AND xon_id = ? LIMIT 1",
+        (event.account, xon_id.value),
+    ).fetchone():
         row = conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND xon_id = ?",
-            (event.account, xon_id),
+            f"SELECT {_EVENT_COLUMNS} FROM events"
+            " WHERE account_id = ? AND xon_id = ? AND xon_digest = ?",
+            (event.account, xon_id.value, xon_id.digest),
         ).fetchone()
         if row is not None:
             return AppendResult(stored=_stored(row), duplicate=True)
+        reused = True
+    # Per account (docs/protocol.md, Sequence numbers): a seq tells nothing of other tenants.
+    (seq,) = conn.execute(
+        "INSERT INTO account_seqs (account_id, last_seq) VALUES (?, 1) ON CONFLICT (account_id)"
+        " DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+        (event.account,),
+    ).fetchone()
     req = event.request
-    cur = conn.execute(
-        "INSERT INTO events (id, account_id, xon_id, type, received_at, params, method,"
-        " path, query, content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.execute(
+        "INSERT INTO events (account_id, seq, id, xon_id, xon_digest, type, received_at, params,"
+        " method, path, query, content_type, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            event.id,
             event.account,
-            xon_id,
+            seq,
+            event.id,
+            None if xon_id is None else xon_id.value,
+            None if xon_id is None else xon_id.digest,
             event.type,
             event.received_at,
             json.dumps(event.params, ensure_ascii=False),
@@ -1188,9 +1219,118 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: str | None) -> Ap
             req.body,
         ),
     )
-    seq = cur.lastrowid
-    assert seq is not None
-    return AppendResult(stored=StoredEvent(seq=seq, event=event), duplicate=False)
+    return AppendResult(
+        stored=StoredEvent(seq=int(seq), event=event), duplicate=False, xon_id_reused=reused
+    )
+
+
+def _prepare_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables, or bring a database of an older release up to :data:`SCHEMA_VERSION`,
+    in one transaction: a failed upgrade leaves the file as it was (docs/deployment.md,
+    Upgrading).
+
+    Raises:
+        StoreError: the file was written by a newer release.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"sqlite: the database has schema {version}, written by a newer release; this"
+                f" one reads schema {SCHEMA_VERSION} (restore the backup taken before upgrading)"
+            )
+        if version == 1:
+            events = _migrate_from_1(conn)
+            log.info(
+                "store.upgraded",
+                extra={"backend": "sqlite", "from_schema": 1, "schema": 2, "events": events},
+            )
+        else:
+            _create_tables(conn)
+        # Only a new or just upgraded file lacks the row (schema 1 had none).
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_tables(conn: sqlite3.Connection) -> None:
+    # Statement by statement: executescript would commit the open transaction first.
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    """:data:`SCHEMA_VERSION` for a new file; 1 for one without the row (its first release).
+
+    Raises:
+        StoreError: the row holds no version number.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "events" not in tables:
+        return SCHEMA_VERSION
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        return 1
+    if not str(row[0]).isdigit():
+        raise StoreError(f"sqlite: the database has an unreadable schema version {row[0]!r}")
+    return int(row[0])
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> int:
+    """Schema 1 → 2, inside the caller's transaction; returns how many events it kept.
+
+    Schema 1 numbered events with one counter for all accounts and keyed dedup on the X-on id
+    alone. Each event keeps its seq (already increasing per account); every account's own
+    counter starts at the old counter's high mark, the one value sure to be above every seq it
+    ever handed out. Each stored X-on id gets the digest of its own stored request (or the
+    envelope marker), so only a true repeat of it matches (docs/delivery.md, Duplicates).
+    """
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    high = conn.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    floor = max(0 if row is None else int(row[0]), int(high or 0))
+    conn.execute("DROP INDEX IF EXISTS events_account_seq")
+    conn.execute("DROP INDEX IF EXISTS events_account_xon_id")
+    conn.execute("ALTER TABLE events RENAME TO events_v1")
+    _create_tables(conn)
+    conn.create_function("xon_v1_digest", 6, _v1_digest, deterministic=True)
+    copied = conn.execute(
+        "INSERT INTO events (account_id, seq, id, xon_id, xon_digest, type, received_at, params,"
+        " method, path, query, content_type, body)"
+        " SELECT account_id, seq, id, xon_id,"
+        " xon_v1_digest(xon_id, method, path, query, content_type, body),"
+        " type, received_at, params, method, path, query, content_type, body"
+        " FROM events_v1 ORDER BY seq"
+    )
+    conn.execute("DROP TABLE events_v1")
+    conn.execute(
+        "INSERT INTO account_seqs (account_id, last_seq)"
+        " SELECT id, ? FROM accounts UNION SELECT DISTINCT account_id, ? FROM events",
+        (floor, floor),
+    )
+    return int(copied.rowcount)
+
+
+def _v1_digest(
+    value: str | None, method: str, path: str, query: str, content_type: str, body: bytes
+) -> str | None:
+    if value is None:
+        return None
+    request = RawRequest(
+        method=str(method),
+        path=str(path),
+        query=str(query),
+        content_type=str(content_type),
+        body=bytes(body),
+    )
+    return stored_xon_id(str(value), request).digest
 
 
 def _lock(path: Path, *, exclusive: bool) -> IO[bytes] | None:

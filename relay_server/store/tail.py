@@ -12,7 +12,9 @@ an exclusive lock: :meth:`SqliteStore.open <relay_server.store.sqlite.SqliteStor
 several instances share Redis, not SQLite: docs/scaling.md), every append joins the writer's
 batches, and the tail takes each committed event before its caller hears of the commit.
 
-* A new tail's floor for every account is the highest seq ever assigned when it was opened.
+* A new tail's floor for each account is the highest seq the account was ever assigned when
+  it was opened (seqs are per account: docs/protocol.md, Sequence numbers); 0 for accounts
+  with none.
 * Making room for newer events (the bounds below) moves the evicted account's floor up.
 * Retention trimming and deleting an account move the floor past what they removed.
 * :meth:`EventTail.check_head` is the net under the lock, which is advisory (a tool writing
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Mapping
 
 from .base import StoredEvent
 
@@ -64,9 +67,16 @@ class EventTail:
     """Recently committed events per account (module docstring). Used on the event loop only."""
 
     def __init__(
-        self, floor: int, *, max_events: int = MAX_EVENTS, max_bytes: int = MAX_BODY_BYTES
+        self,
+        floor: int = 0,
+        *,
+        floors: Mapping[str, int] | None = None,
+        max_events: int = MAX_EVENTS,
+        max_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._floor = floor
+        """The floor of an account not in ``floors``."""
+        self._floors = dict(floors or {})
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._accounts: dict[str, _Account] = {}
@@ -82,7 +92,7 @@ class EventTail:
         account_id = stored.event.account
         tail = self._accounts.get(account_id)
         if tail is None:
-            tail = self._accounts[account_id] = _Account(self._floor)
+            tail = self._accounts[account_id] = _Account(self._floor_of(account_id))
         if stored.seq <= tail.newest():
             return  # below a floor that check_head raised past it: the store has it
         tail.seqs.append(stored.seq)
@@ -98,7 +108,7 @@ class EventTail:
         """Up to ``limit`` of the account's events after ``after``, or ``None`` when the tail
         cannot tell (``after`` is below its floor): then read the store."""
         tail = self._accounts.get(account_id)
-        floor = self._floor if tail is None else tail.floor
+        floor = self._floor_of(account_id) if tail is None else tail.floor
         if after < floor:
             return None
         if tail is None:
@@ -110,7 +120,7 @@ class EventTail:
         """The store says the account's newest seq is ``head``; one the tail never took means
         another writer appended: forget the account, which the store then serves."""
         tail = self._accounts.get(account_id)
-        newest = self._floor if tail is None else tail.newest()
+        newest = self._floor_of(account_id) if tail is None else tail.newest()
         if head > newest:
             self.forget(account_id, through=head)
 
@@ -119,13 +129,16 @@ class EventTail:
         from it: drop them and raise the account's floor past them."""
         tail = self._accounts.get(account_id)
         if tail is None:
-            tail = self._accounts[account_id] = _Account(self._floor)
+            tail = self._accounts[account_id] = _Account(self._floor_of(account_id))
         if through is None:
             through = tail.newest()
         while len(tail.seqs) > tail.start and tail.seqs[tail.start] <= through:
             self._bytes -= len(tail.drop_oldest().event.request.body)
             self._order.remove(account_id)  # rare: retention, deletion, a foreign writer
         tail.floor = max(tail.floor, through)
+
+    def _floor_of(self, account_id: str) -> int:
+        return self._floors.get(account_id, self._floor)
 
     def _evict_oldest(self) -> None:
         account_id = self._order.popleft()

@@ -8,6 +8,11 @@ pass through untouched (DESIGN principle 2).
 
 Example values deliberately contain characters that break naive encoders (``&``, ``=``, ``+``,
 ``<``, quotes, non-ASCII), so that the end-to-end tests check byte-exact pass-through.
+
+Item ids are shared the way a platform shares them: the ``n``-th call's ``call.arriving`` and
+``call.ended`` carry one call ``id``, and status events repeat their mailbox's ``id`` at every
+interval. None of them is a repeat of another (docs/delivery.md, Duplicates): the relay must
+store and deliver each one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ class EventSpec:
     status: bool = False
     """A status event (ordered at intervals) rather than a real-time one."""
     example: Callable[[int], dict[str, str]]
-    """Plausible parameters for the ``n``-th simulated event; unique per ``n``."""
+    """Plausible parameters for the ``n``-th simulated event of its type; unique per ``n``.
+    Events of another type with the same ``n`` may share an item id (the same call)."""
 
 
 def _sms(n: int) -> dict[str, str]:
@@ -40,9 +46,13 @@ def _sms(n: int) -> dict[str, str]:
     }
 
 
+MAILBOXES = 3
+"""Mailboxes the status example cycles through, so that their ids repeat."""
+
+
 def _call_arriving(n: int) -> dict[str, str]:
     return {
-        "callId": f"call-{n:06d}",
+        "id": f"call-{n:06d}",
         "caller": f"+4420794{n % 100000:05d}",
         "dialled": "+441632960001",
         "extension": str(200 + n % 50),
@@ -51,14 +61,16 @@ def _call_arriving(n: int) -> dict[str, str]:
 
 def _call_ended(n: int) -> dict[str, str]:
     return {
-        "callId": f"call-{n:06d}",
+        "id": f"call-{n:06d}",
         "duration": str(30 + n % 600),
         "reason": ("caller hung up", "answered elsewhere", "voicemail")[n % 3],
     }
 
 
 def _messages_waiting(n: int) -> dict[str, str]:
-    return {"mailbox": f"{200 + n % 50}", "count": str(n % 7)}
+    mailbox = f"{201 + n % MAILBOXES}"
+    # The interval number keeps two polls of one mailbox with the same count distinct.
+    return {"id": f"mbx-{mailbox}", "mailbox": mailbox, "count": str(n % 7), "interval": str(n)}
 
 
 CATALOGUE: dict[str, EventSpec] = {
@@ -72,19 +84,19 @@ CATALOGUE: dict[str, EventSpec] = {
         ),
         EventSpec(
             type="call.arriving",
-            params=("callId", "caller", "dialled", "extension"),
+            params=("id", "caller", "dialled", "extension"),
             description="a call arriving on an X-on number, before it is answered",
             example=_call_arriving,
         ),
         EventSpec(
             type="call.ended",
-            params=("callId", "duration", "reason"),
+            params=("id", "duration", "reason"),
             description="a call ended; duration in seconds",
             example=_call_ended,
         ),
         EventSpec(
             type="messages.waiting",
-            params=("mailbox", "count"),
+            params=("id", "mailbox", "count", "interval"),
             description="status event: voicemail messages waiting in a mailbox",
             status=True,
             example=_messages_waiting,

@@ -232,13 +232,16 @@ async def _keep_sending(
 ) -> None:
     print("demo: sending one event every few seconds; Ctrl-C to stop")
     pairs = itertools.cycle(itertools.product(EVENT_TYPES, ENCODINGS))
-    for n in itertools.count(1000):
+    # Numbered per type, as plan() does: one call's events share its id.
+    numbers = dict.fromkeys(EVENT_TYPES, 1000)
+    while True:
         await asyncio.sleep(INTERVAL)
         children.check_alive()
         if reader.done():
             reader.result()
         event_type, encoding = next(pairs)
-        planned = plan([event_type], [encoding], start=n)
+        numbers[event_type] += 1
+        planned = plan([event_type], [encoding], start=numbers[event_type])
         expected.update((_planned_key(p), p) for p in planned)
         await send_requests(env.ingress_url, planned, on_result=_print_sent)
 
@@ -265,7 +268,7 @@ def _print_try_it(env: _Env) -> None:
     print(f"  curl -s -X POST {url(env.ingress_url + '/sms.received')} "
           "--data-urlencode from=+447700900123 --data-urlencode 'message=Hi from curl'")
     print("  # or as JSON:")
-    body = json.dumps({"type": "call.arriving", "callId": "c-1", "caller": "+447700900123"})
+    body = json.dumps({"type": "call.arriving", "id": "c-1", "caller": "+447700900123"})
     print(f"  curl -s -H 'Content-Type: application/json' -d {url(body)} "
           f"{url(env.ingress_url)}")
     print("  # the agent's link state and backlog:")

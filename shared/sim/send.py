@@ -59,14 +59,21 @@ def plan(
 ) -> list[Planned]:
     """Plan ``count`` events cycling over every (type, encoding) pair; default one per pair.
 
-    Each event gets fresh example params numbered from ``start`` (so bodies are unique) and,
-    for the envelope encoding, a fresh X-on id and creation time.
+    Events are numbered per type from ``start``, so the k-th event of each type shares its
+    item ids with the k-th of the others (one call's ``call.arriving`` and ``call.ended``:
+    shared/sim/catalogue.py) while bodies stay unique. Each envelope gets a fresh X-on id and
+    creation time; an item ``id`` param travels in it as ``itemId``, since the envelope's own
+    ``id`` is X-on's event id (docs/delivery.md, Duplicates).
     """
     pairs = list(itertools.product(types, encodings))
     total = len(pairs) if count is None else count
+    numbers: dict[str, int] = {}
     out: list[Planned] = []
-    for i, (event_type, encoding) in zip(range(total), itertools.cycle(pairs)):
-        params = example_params(event_type, start + i)
+    for event_type, encoding in itertools.islice(itertools.cycle(pairs), total):
+        n = numbers[event_type] = numbers.get(event_type, start - 1) + 1
+        params = example_params(event_type, n)
+        if encoding == "envelope" and "id" in params:
+            params = {("itemId" if k == "id" else k): v for k, v in params.items()}
         request = build_request(
             event_type,
             params,
@@ -76,8 +83,7 @@ def plan(
         )
         out.append(
             Planned(
-                n=start + i, event_type=event_type, encoding=encoding, params=params,
-                request=request,
+                n=n, event_type=event_type, encoding=encoding, params=params, request=request,
             )
         )
     return out

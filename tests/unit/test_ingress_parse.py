@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ApiError
-from shared.events import ParsedIngress, RawRequest, parse_ingress
+from shared.events import ENVELOPE_DIGEST, ParsedIngress, RawRequest, XonId, parse_ingress
 
 
 def parse(
@@ -102,7 +102,7 @@ def test_json_envelope_gives_type_id_and_params() -> None:
     )
     got = parse("application/json; charset=utf-8", body)
     assert got.type == "sms.received"
-    assert got.xon_id == "evt-9"
+    assert got.xon_id == XonId("evt-9", ENVELOPE_DIGEST)
     assert got.params == {
         "webhook": "w1",
         "id": "evt-9",
@@ -157,7 +157,7 @@ def test_soap_envelope_and_header_are_stripped() -> None:
     got = parse("text/xml; charset=utf-8", body)
     assert got.params == {"EventType": "call.ended", "id": "77", "Duration": "42"}
     assert got.type == "call.ended"
-    assert got.xon_id == "77"
+    assert got.xon_id is not None and got.xon_id.value == "77"
 
 
 def test_soap12_content_type_is_parsed() -> None:
@@ -220,8 +220,11 @@ def test_event_type_precedence(path: str, query: str, expected: str) -> None:
 
 
 def test_xon_id_comes_from_id_param() -> None:
-    """An ``id`` param is X-on's event id; without one there is none."""
-    assert parse(query="id=abc").xon_id == "abc"
+    """An ``id`` param is X-on's id, with the request's digest; without one there is none."""
+    got = parse(query="id=abc")
+    assert got.xon_id == XonId("abc", RawRequest(
+        method="POST", path="", query="id=abc", content_type="", body=b""
+    ).digest())
     assert parse(query="ID=abc&idx=1").xon_id is None
 
 

@@ -159,6 +159,31 @@ def test_plan_count_cycles_and_numbers() -> None:
     assert planned[0].params["messageId"] == "sms-000010"
 
 
+def test_plan_shares_item_ids_as_a_platform_would() -> None:
+    """One call's arriving and ended events carry one call id, status events repeat their
+    mailbox's id, and still no two requests are alike (none is a repeat: docs/delivery.md)."""
+    planned = plan(EVENT_TYPES, ENCODINGS, 40)
+    by_type: dict[str, list[dict[str, str]]] = {}
+    for p in planned:
+        if p.encoding != "envelope":
+            by_type.setdefault(p.event_type, []).append(p.params)
+    arriving = {p["id"] for p in by_type["call.arriving"]}
+    ended = {p["id"] for p in by_type["call.ended"]}
+    assert arriving & ended
+    mailbox_ids = [p["id"] for p in by_type["messages.waiting"]]
+    assert len(set(mailbox_ids)) < len(mailbox_ids)
+    keys = {(p.request.path_suffix, p.request.query, p.request.body) for p in planned}
+    assert len(keys) == len(planned)
+
+
+def test_an_envelope_carries_the_item_id_beside_its_own() -> None:
+    """In an envelope the item id travels as ``itemId``: ``id`` is X-on's event id."""
+    (planned,) = plan(["call.ended"], ["envelope"], start=5)
+    event = json.loads(planned.request.body)["event"]
+    assert event["itemId"] == "call-000005" and event["id"] != "call-000005"
+    assert planned.params["itemId"] == "call-000005" and "id" not in planned.params
+
+
 # -- sending over real sockets -----------------------------------------------------------------
 
 

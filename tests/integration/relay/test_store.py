@@ -22,7 +22,7 @@ from relay_server.store.redis import RedisStore
 from relay_server.store.sqlite import SqliteStore
 from shared import crypto
 from shared.errors import ApiError, StoreError
-from shared.events import RawRequest, XonEvent, format_time
+from shared.events import ENVELOPE_DIGEST, RawRequest, XonEvent, XonId, format_time
 from tests.conftest import delete_prefix
 from tests.helpers.timing import MS
 
@@ -44,6 +44,11 @@ def make_event(account: str, n: int | str, *, body: bytes = b"") -> XonEvent:
             body=body,
         ),
     )
+
+
+def env_id(value: str) -> XonId:
+    """An envelope's ``event.id``: the id alone decides a repeat (docs/delivery.md)."""
+    return XonId(value, ENVELOPE_DIGEST)
 
 
 async def new_account(store: Store, name: str = "acme") -> str:
@@ -298,11 +303,11 @@ async def test_read_events_after_and_limit(store: Store) -> None:
 async def test_dedup_by_xon_id_only(store: Store) -> None:
     """Same X-on id → the first copy, duplicate=True; identical events without id are both kept."""
     account_id = await new_account(store)
-    first = await store.append_event(make_event(account_id, 1), xon_id="x-1")
-    again = await store.append_event(make_event(account_id, 2), xon_id="x-1")
+    first = await store.append_event(make_event(account_id, 1), xon_id=env_id("x-1"))
+    again = await store.append_event(make_event(account_id, 2), xon_id=env_id("x-1"))
     assert again.duplicate and again.stored == first.stored
     other_account = await new_account(store, "other")
-    elsewhere = await store.append_event(make_event(other_account, 3), xon_id="x-1")
+    elsewhere = await store.append_event(make_event(other_account, 3), xon_id=env_id("x-1"))
     assert not elsewhere.duplicate
     e1 = await store.append_event(make_event(account_id, 4), xon_id=None)
     e2 = await store.append_event(make_event(account_id, 4), xon_id=None)
@@ -314,7 +319,7 @@ async def test_dedup_within_one_batch(store: Store) -> None:
     """Duplicates committed in the same batch still resolve to the first copy."""
     account_id = await new_account(store)
     results = await asyncio.gather(
-        *(store.append_event(make_event(account_id, n), xon_id="same") for n in range(5))
+        *(store.append_event(make_event(account_id, n), xon_id=env_id("same")) for n in range(5))
     )
     assert [r.duplicate for r in results] == [False, True, True, True, True]
     assert {r.stored.event.id for r in results} == {results[0].stored.event.id}
@@ -366,7 +371,9 @@ async def test_dedup_across_instances(store_backend: StoreBackend) -> None:
         account_id = await new_account(first)
         results = await asyncio.gather(
             *(
-                (first if n % 2 else second).append_event(make_event(account_id, n), xon_id="dup")
+                (first if n % 2 else second).append_event(
+                    make_event(account_id, n), xon_id=env_id("dup")
+                )
                 for n in range(10)
             )
         )
@@ -498,7 +505,7 @@ async def test_claiming_an_unknown_agent_is_a_store_error(store: Store) -> None:
 
 async def append_many(store: Store, account_id: str, count: int) -> list[int]:
     return [
-        (await store.append_event(make_event(account_id, n), xon_id=f"x{n}")).stored.seq
+        (await store.append_event(make_event(account_id, n), xon_id=env_id(f"x{n}"))).stored.seq
         for n in range(count)
     ]
 
@@ -563,9 +570,9 @@ async def test_trimmed_events_stop_deduplicating(store: Store) -> None:
     account_id = await new_account(store)
     seqs = await append_many(store, account_id, 4)
     await store.trim_events(account_id, through=seqs[1], limit=100)
-    again = await store.append_event(make_event(account_id, 0), xon_id="x0")
+    again = await store.append_event(make_event(account_id, 0), xon_id=env_id("x0"))
     assert not again.duplicate and again.stored.seq > seqs[-1]
-    kept = await store.append_event(make_event(account_id, 3), xon_id="x3")
+    kept = await store.append_event(make_event(account_id, 3), xon_id=env_id("x3"))
     assert kept.duplicate and kept.stored.seq == seqs[3]
 
 
@@ -584,7 +591,8 @@ async def test_redis_layout_stream_ids_are_seqs_and_keys_are_hash_tagged(
         agent_id, _ = await new_agent(store, account_id)
         await store.set_cursor(agent_id, 1)
         results = [
-            await store.append_event(make_event(account_id, n), xon_id=f"x{n}") for n in range(3)
+            await store.append_event(make_event(account_id, n), xon_id=env_id(f"x{n}"))
+            for n in range(3)
         ]
         stream = f"{store.prefix}{{acct:{account_id}}}:events"
         entries = await raw.xrange(stream) or []
@@ -642,17 +650,17 @@ async def test_redis_outage_is_a_store_error_and_recovers(own_redis: OwnRedis) -
     store = await RedisStore.open(f"redis://127.0.0.1:{own_redis.port}/0")
     try:
         account_id = await new_account(store)
-        first = await store.append_event(make_event(account_id, 1), xon_id="x1")
+        first = await store.append_event(make_event(account_id, 1), xon_id=env_id("x1"))
         own_redis.kill()
         with pytest.raises(StoreError, match=f"127.0.0.1:{own_redis.port}/0"):
-            await store.append_event(make_event(account_id, 2), xon_id="x2")
+            await store.append_event(make_event(account_id, 2), xon_id=env_id("x2"))
         with pytest.raises(StoreError):
             await store.read_events(account_id, after=0, limit=10)
         with pytest.raises(StoreError):
             await store.ping()
         await own_redis.start()
         await store.ping()
-        second = await store.append_event(make_event(account_id, 3), xon_id="x3")
+        second = await store.append_event(make_event(account_id, 3), xon_id=env_id("x3"))
         assert second.stored.seq == first.stored.seq + 1
         stored = await store.read_events(account_id, after=0, limit=10)
         assert stored == [first.stored, second.stored]

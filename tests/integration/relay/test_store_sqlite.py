@@ -25,7 +25,7 @@ from relay_server.store.sqlite import SqliteStore
 from shared import crypto
 from shared.errors import StoreError
 
-from .test_store import make_event, new_account, new_agent
+from .test_store import env_id, make_event, new_account, new_agent
 
 NOW = 1_800_000_000.0
 
@@ -73,9 +73,9 @@ async def test_concurrent_writes_of_every_kind_share_one_commit(
     pending_id, code = await new_agent(store, account_id)
     before = store.commit_count
     results = await asyncio.gather(
-        store.append_event(make_event(account_id, 1), xon_id="x1"),
+        store.append_event(make_event(account_id, 1), xon_id=env_id("x1")),
         store.claim_link(agent_id, owner="inst-a"),
-        store.append_event(make_event(account_id, 2), xon_id="x1"),
+        store.append_event(make_event(account_id, 2), xon_id=env_id("x1")),
         store.release_link(agent_id, epoch=1),
         store.put_status(status(account_id, 1)),
         store.claim_command(

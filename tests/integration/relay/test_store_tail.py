@@ -21,7 +21,7 @@ from relay_server.store.sqlite import SqliteStore
 from shared.errors import StoreError
 from tests.helpers.timing import MS
 
-from .test_store import make_event, new_account
+from .test_store import env_id, make_event, new_account
 
 WAIT = 10_000 * MS
 """Bound on a wait for the writer thread (the test opens its gate at once)."""
@@ -71,14 +71,14 @@ async def test_reads_after_appends_come_from_memory_and_match_the_file(
         r.stored.seq for r in results if r.stored.event.account == a
     ][:5]
     # The very objects ingress built: no query, no row decoding.
-    ours = {r.stored.seq: r.stored for r in results}
-    assert all(s is ours[s.seq] for s in served)
+    ours = {(r.stored.event.account, r.stored.seq): r.stored for r in results}
+    assert all(s is ours[(a, s.seq)] for s in served)
 
 
 async def test_a_duplicate_is_not_held_twice(store: SqliteStore) -> None:
     account_id = await new_account(store)
-    first = await store.append_event(make_event(account_id, 1), xon_id="x1")
-    again = await store.append_event(make_event(account_id, 2), xon_id="x1")
+    first = await store.append_event(make_event(account_id, 1), xon_id=env_id("x1"))
+    again = await store.append_event(make_event(account_id, 2), xon_id=env_id("x1"))
     assert again.duplicate
     served = await store.read_events(account_id, after=first.stored.seq - 1, limit=10)
     assert [s.event.id for s in served] == [first.stored.event.id]
@@ -131,9 +131,9 @@ async def test_an_event_written_behind_the_stores_back_is_found_after_a_head_rea
     mine = (await store.append_event(make_event(account_id, 1), xon_id=None)).stored
     with closing(sqlite3.connect(path)) as conn:
         conn.execute(
-            "INSERT INTO events (id, account_id, type, received_at, params, method, path,"
-            " query, content_type, body) VALUES ('ev_x', ?, 't', 'r', '{}', 'GET', '', '', '',"
-            " x'')",
+            "INSERT INTO events (id, account_id, seq, type, received_at, params, method, path,"
+            " query, content_type, body) VALUES ('ev_x', ?1, (SELECT MAX(seq) + 1 FROM events"
+            " WHERE account_id = ?1), 't', 'r', '{}', 'GET', '', '', '', x'')",
             (account_id,),
         )
         conn.commit()
