@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from shared import crypto
 from shared.config import AGENT_ENV_PREFIX, AgentConfig, load, parse_hostport
 from shared.errors import ConfigError, UpstreamError
 
-from . import net
+from . import net, refusal
 from .enroll import KEY_FILE, STATE_FILE, TOKEN_FILE, check_relay_url, is_loopback_host
 from .system import bind_local, pid_alive
 
@@ -89,7 +90,8 @@ class _Relay:
 
 
 def run_checks(
-    *, config_path: Path, data_dir: Path | None, env: Mapping[str, str], timeout: float = 5.0
+    *, config_path: Path, data_dir: Path | None, env: Mapping[str, str], timeout: float = 5.0,
+    clock: Callable[[], float] = time.time,
 ) -> list[Check]:
     """All checks, in order.
 
@@ -100,6 +102,7 @@ def run_checks(
             ``run``).
         env: the environment (config overrides, ``HTTPS_PROXY``/``NO_PROXY``).
         timeout: seconds for each network step.
+        clock: Unix time, for the enrollment probe's timestamp.
     """
     checks: list[Check] = []
     config: AgentConfig | None = None
@@ -118,7 +121,7 @@ def run_checks(
     checks.append(_enrollment(config, files_dir))
     checks.append(_secret_file("local_token", files_dir / TOKEN_FILE))
     checks.append(_local_port(config, files_dir))
-    checks += _network(config, env, timeout)
+    checks += _network(config, env, timeout, clock)
     return checks
 
 
@@ -205,8 +208,9 @@ class _ProxyRefused(UpstreamError):
         self.reason = reason
 
 
-def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float) -> list[Check]:
-    names = ("dns", "tcp", "tls", "relay_health")
+def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float,
+             clock: Callable[[], float]) -> list[Check]:
+    names = ("dns", "tcp", "tls", "relay_health", "relay_auth")
     if config is None or not config.relay_url:
         return [Check("relay_url", "skip", "no relay_url configured"),
                 Check("proxy", "skip", "no relay_url configured"),
@@ -236,6 +240,7 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
         ("tcp", _tcp, "dns"),
         ("tls", _tls, "tcp"),
         ("relay_health", _health, "tls" if relay.tls else "tcp"),
+        ("relay_auth", lambda r, t: _relay_auth(config, r, t, clock), "relay_health"),
     ]
     failed: set[str] = set()
     for name, step, needs in steps:
@@ -442,3 +447,77 @@ def _health(relay: _Relay, timeout: float) -> Check:
         return Check("relay_health", "fail", f"{url} answered HTTP {status} but not as the relay "
                      "does: is the relay URL right?")
     return Check("relay_health", "ok", f"{url} answered ok")
+
+
+# -- enrollment at the relay ---------------------------------------------------------------------
+
+
+def _post_json(relay: _Relay, path: str, body: dict[str, object], timeout: float
+               ) -> tuple[int, object]:
+    """POST ``body`` to the relay as the agent connects (proxy, TLS): status and JSON answer.
+
+    Raises:
+        OSError, http.client.HTTPException, UpstreamError: no HTTP answer.
+    """
+    host = f"[{relay.host}]" if ":" in relay.host else relay.host
+    default_port = 443 if relay.tls else 80
+    host_header = host if relay.port == default_port else f"{host}:{relay.port}"
+    payload = json.dumps(body).encode()
+    with _open(relay, timeout) as sock:
+        sock.sendall(f"POST {urlsplit(relay.url).path}{path} HTTP/1.1\r\nHost: {host_header}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     "Connection: close\r\n\r\n".encode("ascii") + payload)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status, raw = response.status, response.read(16384)
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def _relay_auth(config: AgentConfig, relay: _Relay, timeout: float,
+                clock: Callable[[], float]) -> Check:
+    """Prove the enrollment with a signed probe (docs/protocol.md, Enrollment probe): not a
+    link login, which would replace a running agent's link."""
+    name = "relay_auth"
+    if not config.agent_id or not config.relay_id:
+        return Check(name, "skip", "not enrolled")
+    try:
+        key = crypto.signing_key_from_pem((config.data_dir / KEY_FILE).read_bytes())
+    except (OSError, ValueError):
+        return Check(name, "skip", "no usable key file (see enrollment)")
+    timestamp = int(clock() * 1000)
+    body: dict[str, object] = {
+        "agent_id": config.agent_id, "timestamp": timestamp,
+        "signature": crypto.sign_probe(key, config.relay_id, config.agent_id, timestamp)}
+    url = relay.url + "/v1/agent/probe"
+    try:
+        status, answer = _post_json(relay, "/v1/agent/probe", body, timeout)
+    except (OSError, http.client.HTTPException, UpstreamError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Check(name, "fail", f"{url}: {detail or type(exc).__name__}")
+    error = answer.get("error") if isinstance(answer, dict) else None
+    said = str(error.get("message", "")) if isinstance(error, dict) else ""
+    code = str(error.get("code", "")) if isinstance(error, dict) else ""
+    def reenroll(kind: refusal.Kind) -> Check:
+        return Check(name, "fail", refusal.message(kind, agent_id=config.agent_id,
+                                                   relay_url=config.relay_url,
+                                                   data_dir=config.data_dir))
+
+    if status == 200 and isinstance(answer, dict) and answer.get("status") == "active":
+        return Check(name, "ok", f"the relay knows agent {config.agent_id} (account "
+                     f"{answer.get('account_id')}) and accepts its key")
+    if status == 403 and code == "revoked":
+        return reenroll("revoked")
+    if status == 401:
+        return reenroll("unauthorized")
+    if status == 400 and code == "bad_timestamp":
+        return Check(name, "fail", f"this PC's clock is wrong: {said}")
+    if status == 404:
+        return Check(name, "warn", f"{url} answered HTTP 404: the relay is older than this "
+                     "agent and cannot check the enrollment")
+    if status == 429:
+        return Check(name, "warn", f"the relay refuses probes from this address for now "
+                     f"({said or 'too many requests'}); try again later")
+    return Check(name, "fail", f"{url} answered HTTP {status}" + (f": {said}" if said else ""))
