@@ -39,7 +39,7 @@ from shared.config import (
 from shared.errors import ConfigError, RelayError, Revoked, Unauthorized
 from shared.files import ensure_private_dir, write_private_file
 
-from . import net, page, refusal, security, tokens, winservice
+from . import net, page, refusal, security, tokens, winacl, winservice
 from .app import local_url, run_agent
 from .configfile import render_config, unknown_keys
 from .enroll import (
@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="PEM CA certificates to trust besides the OS store (written to "
                              "the config)")
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    enroll.add_argument("--token-reader", action="append", default=[], metavar="ACCOUNT",
+                        help="Windows: an account (DOMAIN\\user or a group) that may also read "
+                             "local-token, for the local apps; repeatable")
     enroll.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="run the link and the local API")
@@ -225,6 +228,21 @@ def _enroll_network(args: argparse.Namespace, previous: dict[str, Any]
         raise _Fail(str(exc), EXIT_CONFIG) from exc
 
 
+def _token_readers(accounts: list[str]) -> list[str]:
+    """The SIDs of ``--token-reader`` accounts (docs/deployment.md, Secrets on Windows)."""
+    if not accounts:
+        return []
+    try:
+        api = winacl.system_api()
+        if api is None:
+            raise _Fail("--token-reader sets a Windows access list; on this system the token "
+                        "is readable by the agent's user only (run the local apps as that "
+                        "user)", EXIT_CONFIG)
+        return [api.lookup(account) for account in accounts]
+    except OSError as exc:
+        raise _Fail(f"--token-reader: {exc.strerror or exc}", EXIT_CONFIG) from exc
+
+
 def _enroll(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     previous = _read_toml(data_dir / CONFIG_FILE) or {}
@@ -246,6 +264,7 @@ def _enroll(args: argparse.Namespace) -> int:
         with _one_agent(data_dir):
             pass
     choice, context = _enroll_network(args, previous)
+    readers = _token_readers(args.token_reader)  # before the code is spent on a typo
     key = crypto.generate_private_key()
     try:
         enrollment = asyncio.run(
@@ -256,7 +275,7 @@ def _enroll(args: argparse.Namespace) -> int:
         raise _Fail(f"enrollment failed: {exc}", EXIT_FAILURE) from exc
     try:
         write_enrollment(data_dir, key=key, enrollment=enrollment, relay_url=args.relay,
-                         listen=listen, insecure=args.insecure)
+                         listen=listen, insecure=args.insecure, token_readers=readers)
         # The commented form (what init writes), keeping the settings of an earlier file.
         settings = {**previous, **(_read_toml(data_dir / CONFIG_FILE) or {})}
         if not args.insecure:

@@ -17,7 +17,6 @@ import json
 import socket
 import ssl
 import stat
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +30,11 @@ from shared import crypto
 from shared.config import AGENT_ENV_PREFIX, AgentConfig, load, parse_hostport
 from shared.errors import ConfigError, UpstreamError
 
-from . import net, refusal
+from . import acl, net, refusal
+from .acl import AclApi
 from .enroll import KEY_FILE, STATE_FILE, TOKEN_FILE, check_relay_url, is_loopback_host
 from .system import bind_local, pid_alive
+from .winacl import system_api
 
 __all__ = ["Check", "Status", "run_checks", "format_text", "format_json", "all_ok"]
 
@@ -91,7 +92,7 @@ class _Relay:
 
 def run_checks(
     *, config_path: Path, data_dir: Path | None, env: Mapping[str, str], timeout: float = 5.0,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time, acl_api: AclApi | None = None,
 ) -> list[Check]:
     """All checks, in order.
 
@@ -103,6 +104,8 @@ def run_checks(
         env: the environment (config overrides, ``HTTPS_PROXY``/``NO_PROXY``).
         timeout: seconds for each network step.
         clock: Unix time, for the enrollment probe's timestamp.
+        acl_api: the ACL calls that judge the secrets on Windows; None: the system's
+            (:func:`relay_agent.winacl.system_api`, None off Windows: the mode bits).
     """
     checks: list[Check] = []
     config: AgentConfig | None = None
@@ -118,8 +121,13 @@ def run_checks(
         else:
             checks.append(Check("config", "ok", f"loaded {config_path}"))
     files_dir = config.data_dir if config is not None else (data_dir or config_path.parent)
-    checks.append(_enrollment(config, files_dir))
-    checks.append(_secret_file("local_token", files_dir / TOKEN_FILE))
+    api: AclApi | None
+    try:
+        api = system_api() if acl_api is None else acl_api
+    except OSError as exc:
+        api = _NoAcl(exc)
+    checks.append(_enrollment(config, files_dir, api))
+    checks.append(_secret_file("local_token", files_dir / TOKEN_FILE, api))
     checks.append(_local_port(config, files_dir))
     checks += _network(config, env, timeout, clock)
     return checks
@@ -128,18 +136,50 @@ def run_checks(
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _mode_problem(path: Path) -> str | None:
-    """Why a secret file's permissions are wrong, or None (DESIGN: readable by its user only)."""
-    if sys.platform == "win32":  # pragma: no cover - Windows: ACLs, not mode bits
-        return None
-    else:
+class _NoAcl:
+    """The ACL calls of a Windows that cannot make them (pywin32 missing): every call fails
+    with why, so the secrets' lines say it rather than judge the mode bits."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def current_user(self) -> str:
+        raise self.error
+
+    def lookup(self, account: str) -> str:
+        raise self.error
+
+    def name(self, sid: str) -> str:
+        return sid
+
+    def read(self, path: Path) -> str:
+        raise self.error
+
+    def write(self, path: Path, sddl: str) -> None:
+        raise self.error
+
+
+def _protection(path: Path, kind: Literal["key", "token"], api: AclApi | None
+                ) -> tuple[Status, str]:
+    """Whether only the agent's user may read a secret (DESIGN §Agent local API): its mode
+    bits, or on Windows, where those do nothing, its access list (relay_agent/acl.py)."""
+    if api is None:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            return f"{path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
-        return None
+            return "fail", f"{path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
+        return "ok", f"mode {mode:04o}"
+    try:
+        verdict = acl.check_secret(path, api, kind=kind)
+    except OSError as exc:
+        return "fail", f"{path}: {exc.strerror or exc}"
+    if verdict.status == "ok":
+        return "ok", f"access list: {verdict.detail}"
+    fix = ("run xon-relay-agent token rotate (the new file gets a private access list)"
+           if kind == "token" else "remove that access (icacls), or enroll again with --force")
+    return verdict.status, f"{path} {verdict.detail}: {fix}"
 
 
-def _enrollment(config: AgentConfig | None, data_dir: Path) -> Check:
+def _enrollment(config: AgentConfig | None, data_dir: Path, api: AclApi | None) -> Check:
     if config is None:
         return Check("enrollment", "skip", "no usable config")
     missing = [name for name in ("relay_url", "agent_id", "relay_id") if not getattr(config, name)]
@@ -153,13 +193,13 @@ def _enrollment(config: AgentConfig | None, data_dir: Path) -> Check:
         return Check("enrollment", "fail", f"key file {key} is missing: enroll again (--force)")
     except (OSError, ValueError) as exc:
         return Check("enrollment", "fail", f"key file {key} is unusable: {exc}")
-    problem = _mode_problem(key)
-    if problem:
-        return Check("enrollment", "fail", problem)
-    return Check("enrollment", "ok", f"agent {config.agent_id}, key {key}")
+    status, detail = _protection(key, "key", api)
+    if status != "ok":
+        return Check("enrollment", status, detail)
+    return Check("enrollment", "ok", f"agent {config.agent_id}, key {key} ({detail})")
 
 
-def _secret_file(name: str, path: Path) -> Check:
+def _secret_file(name: str, path: Path, api: AclApi | None) -> Check:
     try:
         empty = not path.read_text().strip()
     except FileNotFoundError:
@@ -168,8 +208,8 @@ def _secret_file(name: str, path: Path) -> Check:
         return Check(name, "fail", f"cannot read {path}: {exc}")
     if empty:
         return Check(name, "fail", f"{path} is empty")
-    problem = _mode_problem(path)
-    return Check(name, "fail", problem) if problem else Check(name, "ok", f"{path} (0600)")
+    status, detail = _protection(path, "token", api)
+    return Check(name, status, detail if status != "ok" else f"{path} ({detail})")
 
 
 def _local_port(config: AgentConfig | None, data_dir: Path) -> Check:

@@ -204,8 +204,8 @@ class LocalAuth:
     public_paths: set[str] = field(default_factory=set)
     """Paths that need no credential (``/login``: its code is the credential)."""
     login_pages: dict[str, str] = field(default_factory=dict)
-    """GET path → the HTML a browser gets there without a credential (the status page's
-    login page) instead of the JSON refusal."""
+    """GET path → the HTML a browser (``Accept: text/html``) gets there without a credential
+    (the status page's login page) instead of the JSON refusal."""
     _waiting: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -277,7 +277,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         credential = _authenticate(request, auth)
     except Unauthorized:
-        page = auth.login_pages.get(request.path) if request.method in ("GET", "HEAD") else None
+        # A browser (it asks for HTML) gets the page's login page; an API client the JSON.
+        page = auth.login_pages.get(request.path) if request.method in ("GET", "HEAD") \
+            and "text/html" in request.headers.get("Accept", "") else None
         if page is None:
             raise
         return _login_page(page)
@@ -294,6 +296,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _login_page(page: str) -> web.Response:
     # A page for a person, without a script or anything else to load: 401 with no data.
     return web.Response(status=401, text=page, content_type="text/html", headers={
+        "WWW-Authenticate": "Bearer",
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         "X-Frame-Options": "DENY",

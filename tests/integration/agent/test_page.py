@@ -199,17 +199,19 @@ async def test_summary_lists_newest_first_without_bodies(guarded: Guarded) -> No
 
 async def test_unauthenticated_page_tells_how_to_open_it(guarded: Guarded) -> None:
     """A person who types the URL gets a 401 login page (HTML, not JSON) that says what this
-    is and the command to run, with no data; the API paths still refuse in JSON."""
-    status, body, headers = await guarded.request("GET", "/")
+    is and the command to run, with no data; API clients and the API paths get JSON."""
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    status, body, headers = await guarded.request("GET", "/", browser)
     assert status == 401
     assert headers["Content-Type"].startswith("text/html")
     assert "<code>xon-relay-agent open</code>" in body and "status page" in body
     assert '"error"' not in body and "<script" not in body
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert SECRET_PARAM not in body and "call.arriving" not in body and "agent-sec" not in body
-    status, body, headers = await guarded.request("GET", "/v1/health")
-    assert status == 401 and headers["Content-Type"].startswith("application/json")
-    assert json.loads(body)["error"]["code"] == "unauthorized"
+    for path, accept in (("/v1/health", browser), ("/", {})):
+        status, body, headers = await guarded.request("GET", path, accept)
+        assert status == 401 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body)["error"]["code"] == "unauthorized"
 
 
 RELAY_DOWN = "ConnectionRefusedError: [Errno 111] Connect call failed ('203.0.113.9', 443)"
