@@ -34,7 +34,7 @@ from shared.errors import ApiError
 from .appkeys import config_key, relay_id_key, store_key
 from .limits import FailureLockout, RateLimited, limits_key, read_body
 
-__all__ = ["install", "ProbeGuard", "probe_key", "SKEW", "MAX_BODY"]
+__all__ = ["install", "ProbeGuard", "probe_key", "SKEW", "MAX_BODY", "MAX_SEEN"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ MAX_BODY = 1024
 _MAX_AGENT_ID = 128
 _MAX_SIGNATURE = 128  # 64 bytes are 86 base64url characters
 _MAX_TIMESTAMP = 2**53  # milliseconds: exact in a JSON number anywhere
-_MAX_SEEN = 10_000
+MAX_SEEN = 10_000
 """Valid probes remembered against replay (each for 2 × SKEW), oldest forgotten first."""
 
 # A fixed key that no agent holds: unknown and pending agents cost the same verification as
@@ -80,15 +80,20 @@ class ProbeGuard:
             )
         return cls(lockout=lockout, clock=clock)
 
+    def __len__(self) -> int:
+        """Probes remembered now."""
+        return len(self._seen)
+
     def first_use(self, signature: str) -> bool:
         """Record a valid probe; False when it was seen within the last 2 × SKEW seconds."""
         now = self.clock()
-        for old in [s for s, until in self._seen.items() if until <= now][:64]:
-            del self._seen[old]
+        # Kept in insertion order, which is expiry order: the expired ones are at the front.
+        while self._seen and self._seen[oldest := next(iter(self._seen))] <= now:
+            del self._seen[oldest]
         if self._seen.get(signature, 0.0) > now:
             return False
         self._seen[signature] = now + 2 * SKEW
-        while len(self._seen) > _MAX_SEEN:
+        while len(self._seen) > MAX_SEEN:
             del self._seen[next(iter(self._seen))]
         return True
 
