@@ -4,6 +4,8 @@
 The only module of the agent that reads argv, the environment and files by name. Errors are one
 line on stderr; exit codes: 0 ok, 1 failure (relay unreachable, refused enrollment, runtime
 failure), 2 bad configuration or usage, 3 the relay refused this agent (revoked/unauthorized).
+``status`` maps its answer onto the same codes: 0 an agent runs, 1 none runs, 2 not enrolled,
+3 the relay refused the last run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from shared.config import (
 from shared.errors import ConfigError, RelayError, Revoked, Unauthorized
 from shared.files import ensure_private_dir, write_private_file
 
-from . import net, page, security, tokens, winservice
+from . import net, page, refusal, security, tokens, winacl, winservice
 from .app import local_url, run_agent
 from .configfile import render_config, unknown_keys
 from .enroll import (
@@ -95,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="PEM CA certificates to trust besides the OS store (written to "
                              "the config)")
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    enroll.add_argument("--token-reader", action="append", default=[], metavar="ACCOUNT",
+                        help="Windows: an account (DOMAIN\\user or a group) that may also read "
+                             "local-token, for the local apps; repeatable")
     enroll.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="run the link and the local API")
@@ -223,6 +228,21 @@ def _enroll_network(args: argparse.Namespace, previous: dict[str, Any]
         raise _Fail(str(exc), EXIT_CONFIG) from exc
 
 
+def _token_readers(accounts: list[str]) -> list[str]:
+    """The SIDs of ``--token-reader`` accounts (docs/deployment.md, Secrets on Windows)."""
+    if not accounts:
+        return []
+    try:
+        api = winacl.system_api()
+        if api is None:
+            raise _Fail("--token-reader sets a Windows access list; on this system the token "
+                        "is readable by the agent's user only (run the local apps as that "
+                        "user)", EXIT_CONFIG)
+        return [api.lookup(account) for account in accounts]
+    except OSError as exc:
+        raise _Fail(f"--token-reader: {exc.strerror or exc}", EXIT_CONFIG) from exc
+
+
 def _enroll(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     previous = _read_toml(data_dir / CONFIG_FILE) or {}
@@ -244,6 +264,7 @@ def _enroll(args: argparse.Namespace) -> int:
         with _one_agent(data_dir):
             pass
     choice, context = _enroll_network(args, previous)
+    readers = _token_readers(args.token_reader)  # before the code is spent on a typo
     key = crypto.generate_private_key()
     try:
         enrollment = asyncio.run(
@@ -254,7 +275,7 @@ def _enroll(args: argparse.Namespace) -> int:
         raise _Fail(f"enrollment failed: {exc}", EXIT_FAILURE) from exc
     try:
         write_enrollment(data_dir, key=key, enrollment=enrollment, relay_url=args.relay,
-                         listen=listen, insecure=args.insecure)
+                         listen=listen, insecure=args.insecure, token_readers=readers)
         # The commented form (what init writes), keeping the settings of an earlier file.
         settings = {**previous, **(_read_toml(data_dir / CONFIG_FILE) or {})}
         if not args.insecure:
@@ -389,6 +410,7 @@ def _start(config: AgentConfig, attach_stop: Callable[[StopFunction], None] | No
         log.warning("agent.insecure", extra={"relay_url": config.relay_url,
                                              "detail": "plain http to the relay is allowed"})
     config = _resolve_network(config)
+    refusal.clear(config.data_dir)  # an old refusal; a new one is recorded below
     try:
         key = crypto.signing_key_from_pem(_read_secret(config.data_dir / KEY_FILE))
     except ValueError as exc:
@@ -403,11 +425,13 @@ def _start(config: AgentConfig, attach_stop: Callable[[StopFunction], None] | No
     except ConfigError as exc:
         # A bad XON_RELAY_EVENT_LOOP: aio.run refuses it before anything starts.
         raise _Fail(str(exc), EXIT_CONFIG) from exc
-    except Revoked as exc:
-        log.error("agent.revoked", extra={"agent_id": config.agent_id, "reason": str(exc)})
-        return EXIT_REFUSED
-    except Unauthorized as exc:
-        log.error("agent.unauthorized", extra={"agent_id": config.agent_id, "reason": str(exc)})
+    except (Revoked, Unauthorized) as exc:
+        kind: refusal.Kind = "revoked" if isinstance(exc, Revoked) else "unauthorized"
+        refusal.record(config.data_dir, kind, str(exc))
+        log.error(f"agent.{kind}", extra={
+            "agent_id": config.agent_id, "reason": str(exc),
+            "detail": refusal.message(kind, agent_id=config.agent_id,
+                                      relay_url=config.relay_url, data_dir=config.data_dir)})
         return EXIT_REFUSED
     except AddressInUse as exc:
         raise _Fail(exc.strerror or str(exc), EXIT_FAILURE) from exc
@@ -499,10 +523,14 @@ def _health(url: str, token: str) -> dict[str, Any] | None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """Exit 0 while an agent runs (whatever its link), else 1 (enrolled, not running), 2 (not
+    enrolled) or 3 (its last run was refused by the relay: re-enroll), as documented in
+    docs/deployment.md, Status."""
     data_dir = _data_dir(args)
-    relay_url = ""
+    relay_url, agent_id = "", ""
     try:
-        relay_url = _load_config(args).relay_url
+        config = _load_config(args)
+        relay_url, agent_id = config.relay_url, config.agent_id
     except _Fail:
         pass
     state: dict[str, Any] = {}
@@ -515,21 +543,38 @@ def _status(args: argparse.Namespace) -> int:
         token = (data_dir / TOKEN_FILE).read_text().strip() if (data_dir / TOKEN_FILE).exists() \
             else ""
         health = _health(str(state.get("local_url", "")), token)
+    code = EXIT_OK
     if health is not None:
-        out: dict[str, Any] = {"running": True, "pid": state["pid"],
-                               "local_url": state.get("local_url"), **health}
+        out: dict[str, Any] = {"running": True, "enrolled": True, "state": "running",
+                               "pid": state["pid"], "local_url": state.get("local_url"),
+                               **health}
     else:
         try:
             stats = offline_stats(data_dir / INBOX_FILE)
         except RelayError as exc:
             raise _Fail(str(exc), EXIT_FAILURE) from exc
-        out = {"running": False, "link": "not running", "relay_url": relay_url,
-               "local_url": None,
+        enrolled = _holds_enrollment(data_dir)
+        refused = refusal.read(data_dir) if enrolled else None
+        out = {"running": False, "enrolled": enrolled,
+               "state": "refused" if refused else "not running" if enrolled else "not enrolled",
+               "link": "not running", "relay_url": relay_url, "local_url": None,
                "inbox": {"events": stats.events if stats else 0,
                          "last_cursor": str(stats.last_cursor) if stats else "0",
                          "last_seq": stats.last_seq if stats else 0}}
+        if refused is not None:
+            out["refused"] = {"kind": refused.kind, "reason": refused.reason, "at": refused.at,
+                              "action": refusal.message(refused.kind, agent_id=agent_id,
+                                                        relay_url=relay_url, data_dir=data_dir)}
+            code = EXIT_REFUSED
+        elif not enrolled:
+            out["action"] = (f"enroll this agent: {APP_NAME} enroll --relay URL --code CODE "
+                             f"--data-dir {data_dir}")
+            code = EXIT_CONFIG
+        else:
+            out["action"] = f"start it: {APP_NAME} run --data-dir {data_dir} (or its service)"
+            code = EXIT_FAILURE
     print(json.dumps(out) if args.json else page.status_text(out))
-    return EXIT_OK
+    return code
 
 
 # -- token, open ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import json
 import socket
 import ssl
 import stat
-import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +30,11 @@ from shared import crypto
 from shared.config import AGENT_ENV_PREFIX, AgentConfig, load, parse_hostport
 from shared.errors import ConfigError, UpstreamError
 
-from . import net
+from . import acl, net, refusal
+from .acl import AclApi
 from .enroll import KEY_FILE, STATE_FILE, TOKEN_FILE, check_relay_url, is_loopback_host
 from .system import bind_local, pid_alive
+from .winacl import system_api
 
 __all__ = ["Check", "Status", "run_checks", "format_text", "format_json", "all_ok"]
 
@@ -89,7 +91,8 @@ class _Relay:
 
 
 def run_checks(
-    *, config_path: Path, data_dir: Path | None, env: Mapping[str, str], timeout: float = 5.0
+    *, config_path: Path, data_dir: Path | None, env: Mapping[str, str], timeout: float = 5.0,
+    clock: Callable[[], float] = time.time, acl_api: AclApi | None = None,
 ) -> list[Check]:
     """All checks, in order.
 
@@ -100,6 +103,9 @@ def run_checks(
             ``run``).
         env: the environment (config overrides, ``HTTPS_PROXY``/``NO_PROXY``).
         timeout: seconds for each network step.
+        clock: Unix time, for the enrollment probe's timestamp.
+        acl_api: the ACL calls that judge the secrets on Windows; None: the system's
+            (:func:`relay_agent.winacl.system_api`, None off Windows: the mode bits).
     """
     checks: list[Check] = []
     config: AgentConfig | None = None
@@ -115,28 +121,65 @@ def run_checks(
         else:
             checks.append(Check("config", "ok", f"loaded {config_path}"))
     files_dir = config.data_dir if config is not None else (data_dir or config_path.parent)
-    checks.append(_enrollment(config, files_dir))
-    checks.append(_secret_file("local_token", files_dir / TOKEN_FILE))
+    api: AclApi | None
+    try:
+        api = system_api() if acl_api is None else acl_api
+    except OSError as exc:
+        api = _NoAcl(exc)
+    checks.append(_enrollment(config, files_dir, api))
+    checks.append(_secret_file("local_token", files_dir / TOKEN_FILE, api))
     checks.append(_local_port(config, files_dir))
-    checks += _network(config, env, timeout)
+    checks += _network(config, env, timeout, clock)
     return checks
 
 
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _mode_problem(path: Path) -> str | None:
-    """Why a secret file's permissions are wrong, or None (DESIGN: readable by its user only)."""
-    if sys.platform == "win32":  # pragma: no cover - Windows: ACLs, not mode bits
-        return None
-    else:
+class _NoAcl:
+    """The ACL calls of a Windows that cannot make them (pywin32 missing): every call fails
+    with why, so the secrets' lines say it rather than judge the mode bits."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def current_user(self) -> str:
+        raise self.error
+
+    def lookup(self, account: str) -> str:
+        raise self.error
+
+    def name(self, sid: str) -> str:
+        return sid
+
+    def read(self, path: Path) -> str:
+        raise self.error
+
+    def write(self, path: Path, sddl: str) -> None:
+        raise self.error
+
+
+def _protection(path: Path, kind: Literal["key", "token"], api: AclApi | None
+                ) -> tuple[Status, str]:
+    """Whether only the agent's user may read a secret (DESIGN §Agent local API): its mode
+    bits, or on Windows, where those do nothing, its access list (relay_agent/acl.py)."""
+    if api is None:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            return f"{path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
-        return None
+            return "fail", f"{path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
+        return "ok", f"mode {mode:04o}"
+    try:
+        verdict = acl.check_secret(path, api, kind=kind)
+    except OSError as exc:
+        return "fail", f"{path}: {exc.strerror or exc}"
+    if verdict.status == "ok":
+        return "ok", f"access list: {verdict.detail}"
+    fix = ("run xon-relay-agent token rotate (the new file gets a private access list)"
+           if kind == "token" else "remove that access (icacls), or enroll again with --force")
+    return verdict.status, f"{path} {verdict.detail}: {fix}"
 
 
-def _enrollment(config: AgentConfig | None, data_dir: Path) -> Check:
+def _enrollment(config: AgentConfig | None, data_dir: Path, api: AclApi | None) -> Check:
     if config is None:
         return Check("enrollment", "skip", "no usable config")
     missing = [name for name in ("relay_url", "agent_id", "relay_id") if not getattr(config, name)]
@@ -150,13 +193,13 @@ def _enrollment(config: AgentConfig | None, data_dir: Path) -> Check:
         return Check("enrollment", "fail", f"key file {key} is missing: enroll again (--force)")
     except (OSError, ValueError) as exc:
         return Check("enrollment", "fail", f"key file {key} is unusable: {exc}")
-    problem = _mode_problem(key)
-    if problem:
-        return Check("enrollment", "fail", problem)
-    return Check("enrollment", "ok", f"agent {config.agent_id}, key {key}")
+    status, detail = _protection(key, "key", api)
+    if status != "ok":
+        return Check("enrollment", status, detail)
+    return Check("enrollment", "ok", f"agent {config.agent_id}, key {key} ({detail})")
 
 
-def _secret_file(name: str, path: Path) -> Check:
+def _secret_file(name: str, path: Path, api: AclApi | None) -> Check:
     try:
         empty = not path.read_text().strip()
     except FileNotFoundError:
@@ -165,8 +208,8 @@ def _secret_file(name: str, path: Path) -> Check:
         return Check(name, "fail", f"cannot read {path}: {exc}")
     if empty:
         return Check(name, "fail", f"{path} is empty")
-    problem = _mode_problem(path)
-    return Check(name, "fail", problem) if problem else Check(name, "ok", f"{path} (0600)")
+    status, detail = _protection(path, "token", api)
+    return Check(name, status, detail if status != "ok" else f"{path} ({detail})")
 
 
 def _local_port(config: AgentConfig | None, data_dir: Path) -> Check:
@@ -205,8 +248,9 @@ class _ProxyRefused(UpstreamError):
         self.reason = reason
 
 
-def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float) -> list[Check]:
-    names = ("dns", "tcp", "tls", "relay_health")
+def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float,
+             clock: Callable[[], float]) -> list[Check]:
+    names = ("dns", "tcp", "tls", "relay_health", "relay_auth")
     if config is None or not config.relay_url:
         return [Check("relay_url", "skip", "no relay_url configured"),
                 Check("proxy", "skip", "no relay_url configured"),
@@ -236,6 +280,7 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
         ("tcp", _tcp, "dns"),
         ("tls", _tls, "tcp"),
         ("relay_health", _health, "tls" if relay.tls else "tcp"),
+        ("relay_auth", lambda r, t: _relay_auth(config, r, t, clock), "relay_health"),
     ]
     failed: set[str] = set()
     for name, step, needs in steps:
@@ -442,3 +487,77 @@ def _health(relay: _Relay, timeout: float) -> Check:
         return Check("relay_health", "fail", f"{url} answered HTTP {status} but not as the relay "
                      "does: is the relay URL right?")
     return Check("relay_health", "ok", f"{url} answered ok")
+
+
+# -- enrollment at the relay ---------------------------------------------------------------------
+
+
+def _post_json(relay: _Relay, path: str, body: dict[str, object], timeout: float
+               ) -> tuple[int, object]:
+    """POST ``body`` to the relay as the agent connects (proxy, TLS): status and JSON answer.
+
+    Raises:
+        OSError, http.client.HTTPException, UpstreamError: no HTTP answer.
+    """
+    host = f"[{relay.host}]" if ":" in relay.host else relay.host
+    default_port = 443 if relay.tls else 80
+    host_header = host if relay.port == default_port else f"{host}:{relay.port}"
+    payload = json.dumps(body).encode()
+    with _open(relay, timeout) as sock:
+        sock.sendall(f"POST {urlsplit(relay.url).path}{path} HTTP/1.1\r\nHost: {host_header}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     "Connection: close\r\n\r\n".encode("ascii") + payload)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status, raw = response.status, response.read(16384)
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def _relay_auth(config: AgentConfig, relay: _Relay, timeout: float,
+                clock: Callable[[], float]) -> Check:
+    """Prove the enrollment with a signed probe (docs/protocol.md, Enrollment probe): not a
+    link login, which would replace a running agent's link."""
+    name = "relay_auth"
+    if not config.agent_id or not config.relay_id:
+        return Check(name, "skip", "not enrolled")
+    try:
+        key = crypto.signing_key_from_pem((config.data_dir / KEY_FILE).read_bytes())
+    except (OSError, ValueError):
+        return Check(name, "skip", "no usable key file (see enrollment)")
+    timestamp = int(clock() * 1000)
+    body: dict[str, object] = {
+        "agent_id": config.agent_id, "timestamp": timestamp,
+        "signature": crypto.sign_probe(key, config.relay_id, config.agent_id, timestamp)}
+    url = relay.url + "/v1/agent/probe"
+    try:
+        status, answer = _post_json(relay, "/v1/agent/probe", body, timeout)
+    except (OSError, http.client.HTTPException, UpstreamError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Check(name, "fail", f"{url}: {detail or type(exc).__name__}")
+    error = answer.get("error") if isinstance(answer, dict) else None
+    said = str(error.get("message", "")) if isinstance(error, dict) else ""
+    code = str(error.get("code", "")) if isinstance(error, dict) else ""
+    def reenroll(kind: refusal.Kind) -> Check:
+        return Check(name, "fail", refusal.message(kind, agent_id=config.agent_id,
+                                                   relay_url=config.relay_url,
+                                                   data_dir=config.data_dir))
+
+    if status == 200 and isinstance(answer, dict) and answer.get("status") == "active":
+        return Check(name, "ok", f"the relay knows agent {config.agent_id} (account "
+                     f"{answer.get('account_id')}) and accepts its key")
+    if status == 403 and code == "revoked":
+        return reenroll("revoked")
+    if status == 401:
+        return reenroll("unauthorized")
+    if status == 400 and code == "bad_timestamp":
+        return Check(name, "fail", f"this PC's clock is wrong: {said}")
+    if status == 404:
+        return Check(name, "warn", f"{url} answered HTTP 404: the relay is older than this "
+                     "agent and cannot check the enrollment")
+    if status == 429:
+        return Check(name, "warn", f"the relay refuses probes from this address for now "
+                     f"({said or 'too many requests'}); try again later")
+    return Check(name, "fail", f"{url} answered HTTP {status}" + (f": {said}" if said else ""))

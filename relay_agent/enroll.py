@@ -2,7 +2,8 @@
 
 The one-time code proves the operator's intent; the key pair is made here and the private key
 never leaves the data dir (DESIGN §Link protocol, Auth). Files holding secrets are 0600 and the
-directory 0700 (DESIGN §Agent local API: the token is readable by its user only).
+directory 0700 (DESIGN §Agent local API: the token is readable by its user only); on Windows,
+where modes do nothing, explicit access lists do the same (:mod:`.acl`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ from shared import crypto
 from shared.errors import ApiError, ConfigError, UpstreamError
 from shared.files import ensure_private_dir, write_private_file
 
+from . import acl, refusal
+from .acl import AclApi
 from .net import aiohttp_proxy_kwargs, explain, is_loopback_host
+from .winacl import system_api
 
 __all__ = [
     "Enrollment",
@@ -161,14 +166,38 @@ def write_enrollment(
     relay_url: str,
     listen: str,
     insecure: bool,
+    token_readers: Sequence[str] = (),
+    acl_api: AclApi | None = None,
 ) -> None:
-    """Write agent.key, local-token (kept if present) and config.toml into ``data_dir``."""
+    """Write agent.key, local-token (kept if present) and config.toml into ``data_dir``.
+
+    On Windows the data dir and both secrets get explicit access lists (:mod:`.acl`), the
+    dir's first, so every file is private from the moment it exists.
+
+    Args:
+        token_readers: SIDs that may also read local-token (Windows: the local apps'
+            account); the ones a kept token already granted stay.
+        acl_api: the ACL calls; None: the system's (:func:`relay_agent.winacl.system_api`).
+
+    Raises:
+        OSError: a file or an access list cannot be written.
+    """
+    api = acl_api or system_api()
     ensure_private_dir(data_dir)
     data_dir.chmod(0o700)
+    if api is not None:
+        acl.protect_data_dir(data_dir, api)
     write_private_file(data_dir / KEY_FILE, crypto.private_key_to_pem(key))
+    if api is not None:
+        acl.protect_secret(data_dir / KEY_FILE, api)
     token = data_dir / TOKEN_FILE
     if not token.exists():
         write_private_file(token, crypto.new_token() + "\n")
+    elif api is not None:
+        token_readers = [*acl.kept_readers(token, api), *token_readers]
+    if api is not None:
+        acl.protect_secret(token, api, readers=token_readers)
+    refusal.clear(data_dir)
     lines = [
         f"relay_url = {_toml_str(relay_url.rstrip('/'))}",
         f"agent_id = {_toml_str(enrollment.agent_id)}",

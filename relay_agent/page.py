@@ -35,7 +35,7 @@ from aiohttp import web
 from shared.config import AgentConfig
 from shared.errors import ApiError, ConfigError, UpstreamError
 
-from . import page_assets
+from . import page_assets, problems
 from .enroll import STATE_FILE, TOKEN_FILE
 from .inbox import CursorExpired, Inbox
 from .link import LinkStatus
@@ -109,11 +109,24 @@ async def _recent(inbox: Inbox) -> list[dict[str, str]]:
     return []
 
 
+def _problem(sources: _Sources) -> problems.Problem | None:
+    """What the page says about the link: nothing while it is up."""
+    status = sources.link_status
+    if status.state.value == "connected":
+        return None
+    return problems.describe(status.last_error, relay_url=sources.config.relay_url)
+
+
 @routes.get(SUMMARY_PATH)
 async def get_summary(request: web.Request) -> web.Response:
-    inbox = request.app[_sources_key].inbox
-    return web.json_response({"events_today": await _events_today(inbox),
-                              "recent": await _recent(inbox)})
+    sources = request.app[_sources_key]
+    problem = _problem(sources)
+    return web.json_response({
+        "events_today": await _events_today(sources.inbox),
+        "recent": await _recent(sources.inbox),
+        "problem": None if problem is None else {"cause": problem.cause,
+                                                 "action": problem.action},
+    })
 
 
 # -- login ---------------------------------------------------------------------------------------
@@ -195,6 +208,7 @@ async def get_page(request: web.Request) -> web.Response:
     today = await _events_today(inbox)
     recent = await _recent(inbox)
     link = status.state.value
+    problem = _problem(sources)
     nonce = secrets.token_urlsafe(16)
     esc = html.escape
     body = page_assets.PAGE.format(
@@ -205,7 +219,8 @@ async def get_page(request: web.Request) -> web.Response:
         link_label=esc(_LABELS.get(link, link)),
         since=esc(f"since {_local(status.connected_since)}"
                   if link == "connected" and status.connected_since else ""),
-        last_error=esc(status.last_error or "" if link != "connected" else ""),
+        problem_cause=esc(problem.cause if problem else ""),
+        problem_action=esc(problem.action if problem else ""),
         relay_url=esc(sources.config.relay_url),
         agent_id=esc(sources.config.agent_id),
         last_event=esc(_local(status.last_event_at) if status.last_event_at or not recent
@@ -236,6 +251,7 @@ def install(app: web.Application, *, config: AgentConfig, inbox: Inbox,
     auth = app[auth_key]
     auth.cookie_paths.update({"/", "/v1/health", "/v1/status", SUMMARY_PATH})
     auth.public_paths.add(LOGIN_PATH)
+    auth.login_pages["/"] = page_assets.LOGIN_NEEDED
 
 
 # -- the CLI side (``open``, ``status``) ---------------------------------------------------------
@@ -322,19 +338,31 @@ def status_text(out: Mapping[str, Any]) -> str:
     ``pid``, ``local_url`` and ``/v1/health``'s fields, or ``running: false`` with ``inbox``).
     """
     lines = []
+    refused = out.get("refused")
     if out.get("running"):
         link = str(out.get("link", ""))
         since = out.get("connected_since")
         lines.append(f"running (pid {out.get('pid')}), link {link}"
                      + (f" since {_local_iso(str(since))}" if link == "connected" and since
                         else ""))
+    elif isinstance(refused, Mapping):
+        lines.append(f"not running: the relay refused this agent ({refused.get('kind')}) at "
+                     f"{_local(float(refused.get('at') or 0))}")
+        lines.append(str(refused.get("action", "")))
+    elif out.get("enrolled") is False:
+        lines.append("not enrolled")
     else:
         lines.append("not running")
+    if out.get("action"):
+        lines.append(f"next: {out['action']}")
     if out.get("relay_url"):
         lines.append(f"relay: {out['relay_url']}")
     if out.get("local_url"):
         lines.append(f"local API: {out['local_url']}")
-    if out.get("last_error") and out.get("link") != "connected":
+    problem = problems.describe(str(out.get("last_error") or ""),
+                                relay_url=str(out.get("relay_url") or ""))
+    if problem is not None and out.get("link") != "connected":
+        lines.append(f"problem: {problem.text()}")
         lines.append(f"last error: {out['last_error']}")
     if out.get("running"):
         last = out.get("last_event_at")

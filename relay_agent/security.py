@@ -203,6 +203,9 @@ class LocalAuth:
     """GET paths a session cookie may read (the status page and its fetches)."""
     public_paths: set[str] = field(default_factory=set)
     """Paths that need no credential (``/login``: its code is the credential)."""
+    login_pages: dict[str, str] = field(default_factory=dict)
+    """GET path → the HTML a browser (``Accept: text/html``) gets there without a credential
+    (the status page's login page) instead of the JSON refusal."""
     _waiting: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -270,7 +273,16 @@ def _authenticate(request: web.Request, auth: LocalAuth) -> str | None:
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, Origin and Sec-Fetch-Site checks, then the credential (module docstring)."""
     _refuse_foreign(request)
-    credential = _authenticate(request, request.app[auth_key])
+    auth = request.app[auth_key]
+    try:
+        credential = _authenticate(request, auth)
+    except Unauthorized:
+        # A browser (it asks for HTML) gets the page's login page; an API client the JSON.
+        page = auth.login_pages.get(request.path) if request.method in ("GET", "HEAD") \
+            and "text/html" in request.headers.get("Accept", "") else None
+        if page is None:
+            raise
+        return _login_page(page)
     if credential is not None:
         request[_credential_key] = credential
     try:
@@ -279,6 +291,17 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response({"error": {"code": exc.code, "message": str(exc)}},
                                  status=exc.http_status,
                                  headers={"Retry-After": str(exc.retry_after)})
+
+
+def _login_page(page: str) -> web.Response:
+    # A page for a person, without a script or anything else to load: 401 with no data.
+    return web.Response(status=401, text=page, content_type="text/html", headers={
+        "WWW-Authenticate": "Bearer",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    })
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,10 @@ from pathlib import Path
 from shared import crypto
 from shared.files import write_private_file
 
+from . import acl
+from .acl import AclApi
 from .enroll import TOKEN_FILE
+from .winacl import system_api
 
 __all__ = ["TokenFile", "StaticToken", "TokenSource", "rotate_token", "read_token"]
 
@@ -37,17 +40,29 @@ def read_token(path: Path) -> str:
     return token
 
 
-def rotate_token(data_dir: Path) -> str:
+def rotate_token(data_dir: Path, *, acl_api: AclApi | None = None) -> str:
     """Write a new local token to ``data_dir/local-token`` (0600, atomically); return it.
 
     A running agent accepts the new token from its next request on and refuses the old one;
-    status-page sessions opened with the old token end too.
+    status-page sessions opened with the old token end too. On Windows the new file gets the
+    old one's access list back (:func:`relay_agent.acl.kept_readers`): the local apps' account
+    can still read it.
+
+    Args:
+        acl_api: the ACL calls; None: the system's (:func:`relay_agent.winacl.system_api`).
 
     Raises:
-        OSError: the file cannot be written.
+        OSError: the file or its access list cannot be written.
     """
+    path = data_dir / TOKEN_FILE
+    api = acl_api or system_api()
+    readers = acl.kept_readers(path, api) if api is not None else []
     token = crypto.new_token()
-    write_private_file(data_dir / TOKEN_FILE, token + "\n")
+    # Made inside the data dir, the new file inherits its private access list until the
+    # token's own is set.
+    write_private_file(path, token + "\n")
+    if api is not None:
+        acl.protect_secret(path, api, readers=readers)
     log.info("agent.token_rotated", extra={"path": str(data_dir / TOKEN_FILE)})
     return token
 

@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 from shared.config import ServerConfig
 from shared.logs import redact
 
-from . import admin, agent_ws, dashboard, enroll, health, ingress
+from . import admin, agent_ws, dashboard, enroll, health, ingress, probe
 from .appkeys import config_key, hub_key, relay_id_key, store_key
 from .limits import Limits, limits_key
 from .metrics import count_ingress
@@ -56,6 +56,7 @@ def create_public_app(services: Services) -> web.Application:
     app[limits_key] = Limits.build(services.config.limits)
     app.add_routes(ingress.routes)
     app.add_routes(enroll.routes)
+    probe.install(app)
     app.add_routes(health.routes)
     app.router.add_get("/v1/agent", agent_ws.handle)
     app.on_response_prepare.append(count_ingress)

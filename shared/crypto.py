@@ -37,6 +37,9 @@ __all__ = [
     "auth_message",
     "sign_auth",
     "verify_auth",
+    "probe_message",
+    "sign_probe",
+    "verify_probe",
     "valid_public_key",
     "constant_time_equal",
     "new_token",
@@ -45,6 +48,9 @@ __all__ = [
 ]
 
 _AUTH_DOMAIN = b"xon-relay.v1 agent-auth"
+_PROBE_DOMAIN = b"xon-relay.v1 agent-probe"
+"""docs/protocol.md, Enrollment probe: a domain of its own, so that a probe signature never
+passes as a link ``auth`` nor the other way round (the first NUL-separated part differs)."""
 
 _PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
 """DER of an Ed25519 PKCS#8 (v1) private key up to its 32-byte seed, which ends it (RFC 8410)."""
@@ -164,12 +170,43 @@ def sign_auth(key: SigningKey, relay_id: str, agent_id: str, nonce: str) -> str:
 
 def verify_auth(public_key: str, signature: str, relay_id: str, agent_id: str, nonce: str) -> bool:
     """True only for a valid signature by ``public_key``; never raises on bad input."""
+    try:
+        message = auth_message(relay_id, agent_id, nonce)
+    except ValueError:
+        return False
+    return _verify(public_key, signature, message)
+
+
+def probe_message(relay_id: str, agent_id: str, timestamp: int) -> bytes:
+    """The bytes an agent signs to prove its enrollment outside the link (``POST
+    /v1/agent/probe``): the relay id, the agent id, ``probe`` and the time in milliseconds."""
+    parts = (relay_id, agent_id, "probe", str(timestamp))
+    if any("\x00" in p for p in parts):
+        raise ValueError("probe message parts must not contain NUL")
+    return b"\x00".join([_PROBE_DOMAIN, *(p.encode() for p in parts)])
+
+
+def sign_probe(key: SigningKey, relay_id: str, agent_id: str, timestamp: int) -> str:
+    return _b64e(key.sign(probe_message(relay_id, agent_id, timestamp)))
+
+
+def verify_probe(
+    public_key: str, signature: str, relay_id: str, agent_id: str, timestamp: int
+) -> bool:
+    """True only for a valid probe signature by ``public_key``; never raises on bad input."""
+    try:
+        message = probe_message(relay_id, agent_id, timestamp)
+    except ValueError:
+        return False
+    return _verify(public_key, signature, message)
+
+
+def _verify(public_key: str, signature: str, message: bytes) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        pub = Ed25519PublicKey.from_public_bytes(_b64d(public_key))
-        pub.verify(_b64d(signature), auth_message(relay_id, agent_id, nonce))
+        Ed25519PublicKey.from_public_bytes(_b64d(public_key)).verify(_b64d(signature), message)
     except (InvalidSignature, ValueError, binascii.Error):
         return False
     return True

@@ -7,7 +7,7 @@ only ``textContent``, never HTML, so nothing an event or a status value holds ca
 
 from __future__ import annotations
 
-__all__ = ["PAGE", "STYLE", "SCRIPT", "LOGIN_FAILED"]
+__all__ = ["PAGE", "STYLE", "SCRIPT", "LOGIN_FAILED", "LOGIN_NEEDED"]
 
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 52em;
@@ -41,7 +41,8 @@ PAGE = """<!doctype html>
 <h1>X-on relay agent</h1>
 <p><span id="link-state" class="state state-{link}">{link_label}</span>
 <span id="link-since">{since}</span></p>
-<p id="link-error" class="error">{last_error}</p>
+<p id="link-error" class="error">{problem_cause}</p>
+<p id="link-action">{problem_action}</p>
 <dl>
 <dt>Relay</dt><dd id="relay-url">{relay_url}</dd>
 <dt>Agent</dt><dd id="agent-id">{agent_id}</dd>
@@ -59,11 +60,33 @@ PAGE = """<!doctype html>
 <table><thead><tr><th>Consumer or target</th><th>Progress</th></tr></thead>
 <tbody id="delivery"><tr><td colspan="2" class="empty">none configured</td></tr></tbody>
 </table>
+<p id="refresh-error" class="error"></p>
 <footer>Updated <span id="updated" data-refresh="server">{updated}</span>.
 This page refreshes itself every 5 seconds.</footer>
 <script nonce="{nonce}">{script}</script>
 </body>
 </html>
+"""
+
+LOGIN_NEEDED = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>X-on relay agent: sign in</title>
+<style>
+body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 40em; padding: 0 1em;
+       color: #1d1d1f; background: #fafafa; }
+code { background: #eee; padding: .15em .4em; border-radius: .3em; }
+</style></head>
+<body>
+<h1 id="login-needed">X-on relay agent</h1>
+<p>This is the status page of the X-on relay agent on this computer. It passes calls and
+messages from X-on to the programs on this PC.</p>
+<p>To see it, open it with a one-time link: on this computer, open a command prompt and run</p>
+<p><code>xon-relay-agent open</code></p>
+<p>It opens this page in your browser, signed in for 12 hours. If the command is not found,
+ask whoever installed the agent.</p>
+</body></html>
 """
 
 LOGIN_FAILED = """<!doctype html>
@@ -123,7 +146,6 @@ function showHealth(h) {
   state.textContent = LABELS[h.link] || String(h.link);
   setText("link-since", h.link === "connected" && h.connected_since
     ? "since " + when(h.connected_since) : "");
-  setText("link-error", h.link !== "connected" && h.last_error ? h.last_error : "");
   setText("relay-url", h.relay_url || "");
   setText("agent-id", h.agent_id || "");
   if (h.inbox) setText("inbox-events", String(h.inbox.events));
@@ -146,6 +168,10 @@ function showStatus(s) {
   }), 3, "no status values yet");
 }
 function showSummary(s, h) {
+  // The link's problem in words (relay_agent/problems.py), never its technical last_error.
+  const problem = h.link !== "connected" && s.problem ? s.problem : {cause: "", action: ""};
+  setText("link-error", problem.cause);
+  setText("link-action", problem.action);
   // The link's last event since start, else the newest one kept from before.
   const newest = s.recent.length ? s.recent[0].received_at : null;
   setText("last-event", when(h.last_event_at || newest));
@@ -155,7 +181,7 @@ function showSummary(s, h) {
 }
 async function get(path) {
   const r = await fetch(path, {credentials: "same-origin", cache: "no-store"});
-  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  if (!r.ok) throw Object.assign(new Error(path + ": HTTP " + r.status), {status: r.status});
   return r.json();
 }
 async function refresh() {
@@ -168,8 +194,13 @@ async function refresh() {
     showSummary(summary, health);
     updated.textContent = new Date().toLocaleString();
     updated.dataset.refresh = "ok";
+    setText("refresh-error", "");
   } catch (err) {
-    updated.textContent = "failed (" + err.message + "); the agent may have stopped";
+    setText("refresh-error", err.status === 401
+      ? "This page's sign-in has ended (it lasts 12 hours, and ends when the local token "
+        + "changes). Run xon-relay-agent open for a new one."
+      : "The agent is not answering: it may have stopped. Start it again (or its service), "
+        + "then run xon-relay-agent open.");
     updated.dataset.refresh = "failed";
   }
 }

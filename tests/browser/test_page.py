@@ -121,3 +121,27 @@ async def test_status_page_renders_live_state_in_headless_chromium(
     keep = os.environ.get("XON_TESTS_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+async def test_login_page_and_relay_down_text_in_headless_chromium(
+    agent: Guarded, tmp_path: Path
+) -> None:
+    """Without a session Chromium shows the human login page (not JSON); signed in with the
+    relay down, the script shows the cause and what to do in words, never the exception."""
+    binary = chromium()
+    dom = await run_chromium(binary, tmp_path / "profile-login", "--dump-dom", agent.url + "/")
+    assert 'id="login-needed"' in dom and "<code>xon-relay-agent open</code>" in dom
+    assert '"error"' not in dom and "unauthorized" not in dom
+
+    # The script's refresh rewrites the server's text: had it taken /v1/health's raw
+    # last_error, the dumped DOM would hold the exception.
+    url = await fresh_login_url(agent)
+    agent.status.last_error = ("ConnectionRefusedError: [Errno 111] Connect call failed "
+                               "('203.0.113.9', 443)")
+    dom = await run_chromium(binary, tmp_path / "profile-down", "--dump-dom", url)
+    assert 'data-refresh="ok"' in dom, dom
+    assert 'class="state state-disconnected">Disconnected<' in dom
+    assert "(relay.example) is not accepting connections" in dom
+    assert "keeps retrying by itself" in dom
+    for leak in ("Errno", "ConnectionRefusedError", "Connect call failed"):
+        assert leak not in dom

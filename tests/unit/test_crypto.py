@@ -216,3 +216,40 @@ def test_private_dir_is_0700(tmp_path: Path) -> None:
     path = ensure_private_dir(tmp_path / "a" / "data")
     assert path.is_dir()
     assert _mode(path) & 0o077 == 0
+
+
+# -- the enrollment probe (docs/protocol.md, Enrollment probe) -----------------------------------
+
+TS = 1_700_000_000_123
+
+
+def test_probe_signature_verifies() -> None:
+    """A probe signed by the agent's key verifies for the same relay, agent and time."""
+    key = crypto.generate_private_key()
+    sig = crypto.sign_probe(key, RELAY, AGENT, TS)
+    assert crypto.verify_probe(crypto.public_key_b64(key), sig, RELAY, AGENT, TS)
+    for relay, agent, ts in (("other", AGENT, TS), (RELAY, "other", TS), (RELAY, AGENT, TS + 1)):
+        assert not crypto.verify_probe(crypto.public_key_b64(key), sig, relay, agent, ts)
+
+
+def test_probe_and_link_auth_signatures_never_pass_for_each_other() -> None:
+    """Distinct domains: a probe signature is no link auth, and a link auth is no probe, even
+    for a nonce that spells the probe's remaining parts."""
+    key = crypto.generate_private_key()
+    public = crypto.public_key_b64(key)
+    probe = crypto.sign_probe(key, RELAY, AGENT, TS)
+    assert not crypto.verify_auth(public, probe, RELAY, AGENT, "probe")
+    assert not crypto.verify_auth(public, probe, RELAY, AGENT, f"probe\x00{TS}")
+    auth = crypto.sign_auth(key, RELAY, AGENT, "probe")
+    assert not crypto.verify_probe(public, auth, RELAY, AGENT, TS)
+    assert crypto.probe_message(RELAY, AGENT, TS) != crypto.auth_message(RELAY, AGENT, "probe")
+
+
+def test_probe_verify_never_raises_on_garbage() -> None:
+    """Bad keys, bad signatures and NUL in a part answer False."""
+    key = crypto.generate_private_key()
+    public = crypto.public_key_b64(key)
+    sig = crypto.sign_probe(key, RELAY, AGENT, TS)
+    assert not crypto.verify_probe("!!", sig, RELAY, AGENT, TS)
+    assert not crypto.verify_probe(public, "é", RELAY, AGENT, TS)
+    assert not crypto.verify_probe(public, sig, RELAY, "a\x00b", TS)

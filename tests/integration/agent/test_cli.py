@@ -178,8 +178,9 @@ async def test_run_serves_events_and_stops_on_sigterm(
         assert "inbox: 3 events" in text.out
     assert not state_file.exists()
     offline = await agent("status", "--data-dir", str(data_dir))
-    assert offline.code == 0
+    assert offline.code == 1
     assert "not running" in offline.out and "3 events" in offline.out
+    assert f"run --data-dir {data_dir}" in offline.out
     assert proc.stderr is not None
     err = (await proc.stderr.read()).decode()
     assert "agent.started" in err and "Traceback" not in err
@@ -207,19 +208,47 @@ async def test_run_exits_3_when_revoked(tmp_path: Path, relay: RelayUnderTest) -
     assert proc.stderr is not None
     err = (await proc.stderr.read()).decode()
     assert "agent.revoked" in err and "Traceback" not in err
+    assert f"re-enroll: the relay's operator revoked agent {agent_id}" in err
+    assert f"enroll --force --relay {relay.url} --code CODE --data-dir {data_dir}" in err
+
+    # status says the same after the fact, and exits 3 like the run did.
+    done = await agent("status", "--data-dir", str(data_dir))
+    assert done.code == 3
+    assert "the relay refused this agent (revoked)" in done.out and "re-enroll:" in done.out
+    report = json.loads((await agent("status", "--data-dir", str(data_dir), "--json")).out)
+    assert report["state"] == "refused" and report["refused"]["kind"] == "revoked"
+    assert report["refused"]["action"].startswith("re-enroll: ")
 
 
 @pytest.mark.parametrize("as_json", [False, True])
-async def test_status_of_a_never_run_agent(tmp_path: Path, as_json: bool) -> None:
-    """status without agent.json or inbox: not running, zero events, exit 0."""
-    args = ["status", "--data-dir", str(tmp_path / "agent")] + (["--json"] if as_json else [])
+async def test_status_of_a_never_enrolled_agent(tmp_path: Path, as_json: bool) -> None:
+    """status of a data dir that was never enrolled: "not enrolled", what to run, exit 2."""
+    data_dir = tmp_path / "agent"
+    args = ["status", "--data-dir", str(data_dir)] + (["--json"] if as_json else [])
     done = await agent(*args)
-    assert done.code == 0
+    assert done.code == 2
     if as_json:
         report = json.loads(done.out)
-        assert report["running"] is False and report["inbox"]["events"] == 0
+        assert report["running"] is False and report["enrolled"] is False
+        assert report["state"] == "not enrolled" and report["inbox"]["events"] == 0
     else:
-        assert "not running" in done.out
+        assert done.out.splitlines()[0] == "not enrolled"
+        assert f"enroll --relay URL --code CODE --data-dir {data_dir}" in done.out
+    # A commented config from init is no enrollment either.
+    assert (await agent("init", "--data-dir", str(data_dir))).code == 0
+    assert (await agent("status", "--data-dir", str(data_dir))).code == 2
+
+
+async def test_status_of_an_enrolled_agent_that_is_not_running(
+    tmp_path: Path, relay: RelayUnderTest
+) -> None:
+    """Enrolled, never run: "not running", exit 1 (no agent answers)."""
+    data_dir = tmp_path / "agent"
+    await enrolled(relay, data_dir)
+    done = await agent("status", "--data-dir", str(data_dir), "--json")
+    assert done.code == 1
+    report = json.loads(done.out)
+    assert (report["state"], report["enrolled"]) == ("not running", True)
 
 
 async def test_run_checks_the_relay_url_and_warns_when_insecure(tmp_path: Path) -> None:

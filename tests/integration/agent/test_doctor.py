@@ -9,9 +9,11 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -21,11 +23,12 @@ from cryptography.x509.oid import NameOID
 
 from relay_agent import cli
 from relay_agent.doctor import Check, all_ok, format_text, run_checks
+from tests.helpers.timing import MS
 
-from .support import RelayUnderTest, serve_relay
+from .support import RelayUnderTest, agent_process, eventually, serve_relay
 
 NAMES = ["config", "enrollment", "local_token", "local_port", "relay_url", "proxy", "dns", "tcp",
-         "tls", "relay_health"]
+         "tls", "relay_health", "relay_auth"]
 
 
 async def enroll(relay: RelayUnderTest, data_dir: Path) -> None:
@@ -35,9 +38,10 @@ async def enroll(relay: RelayUnderTest, data_dir: Path) -> None:
     assert await asyncio.to_thread(cli.main, argv) == 0
 
 
-async def checks_for(data_dir: Path, env: dict[str, str] | None = None) -> dict[str, Check]:
+async def checks_for(data_dir: Path, env: dict[str, str] | None = None,
+                     clock: Callable[[], float] = time.time) -> dict[str, Check]:
     checks = await asyncio.to_thread(run_checks, config_path=data_dir / "config.toml",
-                                     data_dir=None, env=env or {}, timeout=5.0)
+                                     data_dir=None, env=env or {}, timeout=5.0, clock=clock)
     assert [c.name for c in checks] == NAMES
     return {c.name: c for c in checks}
 
@@ -188,3 +192,98 @@ async def test_doctor_explains_an_untrusted_certificate(
     assert checks["tls"].status == "fail"
     assert "not trusted" in checks["tls"].detail and "self-signed" in checks["tls"].detail
     assert checks["relay_health"].status == "skip"
+
+
+# -- the enrollment at the relay (docs/protocol.md, Enrollment probe) ----------------------------
+
+
+async def doctor_json(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[
+        str, Any]]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli.main, ["doctor", "--data-dir", str(data_dir), "--json"])
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return code, report
+
+
+def line(report: dict[str, Any], name: str) -> dict[str, str]:
+    found: dict[str, str] = next(c for c in report["checks"] if c["check"] == name)
+    return found
+
+
+async def test_doctor_json_has_one_entry_per_check(
+    tmp_path: Path, relay: RelayUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json: {"ok", "checks": [{"check", "status", "detail"}]} in order, relay_auth ok."""
+    data_dir = tmp_path / "agent"
+    await enroll(relay, data_dir)
+    code, report = await doctor_json(data_dir, capsys)
+    assert code == 0 and set(report) == {"ok", "checks"} and report["ok"] is True
+    assert [c["check"] for c in report["checks"]] == NAMES
+    assert all(set(c) == {"check", "status", "detail"} for c in report["checks"])
+    assert {c["status"] for c in report["checks"]} <= {"ok", "warn", "skip"}
+    auth = line(report, "relay_auth")
+    assert auth["status"] == "ok" and "accepts its key" in auth["detail"]
+
+
+async def test_doctor_fails_a_revoked_agent_with_re_enroll(
+    tmp_path: Path, relay: RelayUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Revoked at the relay: relay_auth fails with "re-enroll: …" and the command; exit 1."""
+    data_dir = tmp_path / "agent"
+    await enroll(relay, data_dir)
+    config = (data_dir / "config.toml").read_text()
+    agent_id = config.split('agent_id = "', 1)[1].split('"', 1)[0]
+    await relay.services.store.revoke_agent(agent_id, now=time.time())
+    code, report = await doctor_json(data_dir, capsys)
+    assert code == 1 and report["ok"] is False
+    auth = line(report, "relay_auth")
+    assert auth["status"] == "fail"
+    assert auth["detail"].startswith(f"re-enroll: the relay's operator revoked agent {agent_id}")
+    assert f"enroll --force --relay {relay.url} --code CODE" in auth["detail"]
+    assert [c["check"] for c in report["checks"] if c["status"] == "fail"] == ["relay_auth"]
+
+
+async def test_doctor_fails_an_agent_the_relay_does_not_know(
+    tmp_path: Path, relay: RelayUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent id the relay never enrolled: relay_auth fails with "re-enroll"; exit 1."""
+    data_dir = tmp_path / "agent"
+    await enroll(relay, data_dir)
+    text = (data_dir / "config.toml").read_text()
+    agent_id = text.split('agent_id = "', 1)[1].split('"', 1)[0]
+    set_config(data_dir, f'agent_id = "{agent_id}"', 'agent_id = "agt_unknown"')
+    code, report = await doctor_json(data_dir, capsys)
+    assert code == 1
+    auth = line(report, "relay_auth")
+    assert auth["status"] == "fail"
+    assert auth["detail"].startswith(f"re-enroll: the relay at {relay.url} does not know agent "
+                                     "agt_unknown")
+
+
+async def test_doctor_names_a_wrong_clock(tmp_path: Path, relay: RelayUnderTest) -> None:
+    """A PC clock an hour ahead: the relay refuses the probe's time, and the line says so."""
+    data_dir = tmp_path / "agent"
+    await enroll(relay, data_dir)
+    checks = await checks_for(data_dir, clock=lambda: time.time() + 3600)
+    auth = checks["relay_auth"]
+    assert auth.status == "fail"
+    assert "clock is wrong" in auth.detail and "ahead of the relay's clock" in auth.detail
+
+
+async def test_doctor_does_not_disturb_a_running_agent(
+    tmp_path: Path, relay: RelayUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """doctor beside a running agent: relay_auth ok, and the agent's link is the same one
+    (a link login would have replaced it and reset its authentication time)."""
+    data_dir = tmp_path / "agent"
+    await enroll(relay, data_dir)
+    agent_id = (data_dir / "config.toml").read_text().split('agent_id = "', 1)[1].split('"')[0]
+    async with agent_process("--data-dir", str(data_dir), data_dir=data_dir):
+        await eventually(lambda: agent_id in relay.services.hub.online(), what="agent online",
+                         limit=20_000 * MS)
+        since = relay.services.hub.online()[agent_id]
+        code, report = await doctor_json(data_dir, capsys)
+        assert line(report, "relay_auth")["status"] == "ok", report
+        assert line(report, "local_port")["detail"].startswith("held by this agent")
+        assert code == 0
+        assert relay.services.hub.online() == {agent_id: since}

@@ -15,6 +15,7 @@ import pytest
 
 from relay_agent import page
 from relay_agent.enroll import STATE_FILE
+from relay_agent.link import LinkState
 from relay_agent.security import auth_key
 from relay_agent.tokens import rotate_token
 from shared.errors import ApiError
@@ -197,11 +198,43 @@ async def test_summary_lists_newest_first_without_bodies(guarded: Guarded) -> No
 
 
 async def test_unauthenticated_page_tells_how_to_open_it(guarded: Guarded) -> None:
-    """A person who types the URL gets 401 with no data."""
-    status, body, _ = await guarded.request("GET", "/")
+    """A person who types the URL gets a 401 login page (HTML, not JSON) that says what this
+    is and the command to run, with no data; API clients and the API paths get JSON."""
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    status, body, headers = await guarded.request("GET", "/", browser)
     assert status == 401
-    assert "xon-relay-agent open" in body
-    assert SECRET_PARAM not in body and "call.arriving" not in body
+    assert headers["Content-Type"].startswith("text/html")
+    assert "<code>xon-relay-agent open</code>" in body and "status page" in body
+    assert '"error"' not in body and "<script" not in body
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert SECRET_PARAM not in body and "call.arriving" not in body and "agent-sec" not in body
+    for path, accept in (("/v1/health", browser), ("/", {})):
+        status, body, headers = await guarded.request("GET", path, accept)
+        assert status == 401 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+RELAY_DOWN = "ConnectionRefusedError: [Errno 111] Connect call failed ('203.0.113.9', 443)"
+
+
+async def test_a_relay_down_is_told_in_words_not_as_an_exception(guarded: Guarded) -> None:
+    """Link down with an exception repr as last_error: the page and its summary give the cause
+    and what to do, and never the repr."""
+    guarded.status.state = LinkState.DISCONNECTED
+    guarded.status.connected_since = None
+    guarded.status.last_error = RELAY_DOWN
+    cookie = await login(guarded)
+    _, body, _ = await guarded.request("GET", "/", cookie)
+    assert "relay.example) is not accepting connections" in body
+    assert "keeps retrying by itself" in body
+    for leak in ("Errno", "ConnectionRefusedError", "Connect call failed"):
+        assert leak not in body
+    _, body, _ = await guarded.request("GET", "/page/summary", cookie)
+    problem = json.loads(body)["problem"]
+    assert "not accepting connections" in problem["cause"] and problem["action"]
+    guarded.status.state = LinkState.CONNECTED
+    _, body, _ = await guarded.request("GET", "/page/summary", cookie)
+    assert json.loads(body)["problem"] is None
 
 
 # -- the CLI side --------------------------------------------------------------------------------
@@ -262,3 +295,7 @@ def test_status_text_shows_link_last_event_and_backlogs() -> None:
     stopped = page.status_text({"running": False, "relay_url": "https://relay.example",
                                 "inbox": {"events": 0, "last_cursor": "0", "last_seq": 0}})
     assert stopped.splitlines()[0] == "not running"
+    never = page.status_text({"running": False, "enrolled": False, "action": "enroll it"})
+    assert never.splitlines() == ["not enrolled", "next: enroll it"]
+    down = page.status_text({**out, "link": "connecting", "last_error": RELAY_DOWN})
+    assert "problem: The relay (relay.example) is not accepting connections" in down
