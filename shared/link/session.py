@@ -32,7 +32,7 @@ to. A pair missing from the table is a protocol error. Frames are one-way (the t
 ``frames``), so each side's dispatcher also refuses frames only its own side sends. The special
 cases sit beside the table: a failed signature or a foreign relay identity leads to CLOSING
 instead of OPEN, and ``auth`` cannot be handled before the relay's I/O layer has looked the
-agent up (``agent_found()``/``close()``).
+agent up (``agent_found()``, ``agent_refused()`` or ``close()``).
 
 Errors
 ------
@@ -175,7 +175,8 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class HelloReceived:
-    """Relay: an agent introduced itself; answer with ``agent_found()`` or ``close()``.
+    """Relay: an agent introduced itself; answer with ``agent_found()``, ``agent_refused()``
+    or ``close()``.
 
     ``subscription`` is the validated routing filter of the hello (docs/protocol.md, Routing),
     ``None`` when the agent sent none: send it every event.
