@@ -140,7 +140,10 @@ EventId = NewType("EventId", str)
 Seq = NewType("Seq", int)
 
 _U63 = Annotated[int, Meta(ge=0, le=MAX_INT)]
-_HttpStatus = Annotated[int, Meta(ge=100, le=599)]
+# Any three-digit code or less, not only 100..599: the agent's local API answers 502 for a
+# status it cannot pass on, where refusing the frame would drop the link and the resent
+# command would get the same answer on the next one (docs/protocol.md, Frame limits).
+_HttpStatus = Annotated[int, Meta(ge=0, le=999)]
 _Id = Annotated[str, Meta(max_length=MAX_ID)]
 _Label = Annotated[str, Meta(max_length=MAX_LABEL)]
 _Reason = Annotated[str, Meta(max_length=MAX_REASON)]

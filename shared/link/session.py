@@ -847,6 +847,13 @@ class RelaySession(LinkSession):
         self.close(CloseCode.UNAUTHORIZED, "authentication failed")
 
 
+def _check_event_id(event: dict[str, Any]) -> None:
+    """The inbox keeps one copy per event id (DESIGN §Agent local API): no id, no event."""
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        raise RemoteProtocolError("event without an id")
+
+
 @functools.cache
 def _throwaway_key() -> str:
     """A valid public key nobody holds the private half of: what a refused agent's signature
@@ -955,14 +962,21 @@ class AgentSession(LinkSession):
             case Welcome():
                 self._on_welcome(frame)
             case Event(seq=seq, event=event):
-                # DESIGN §Link protocol, Events: in order, after the resume point.
+                # DESIGN §Link protocol, Events: in order, after the resume point, within the
+                # window, and with the id the inbox keeps it by.
+                _check_event_id(event)
                 self._window.receive(seq)
                 self._events.append(EventReceived(seq, event))
             case Events(items=items):
                 if not self._batching:
                     raise RemoteProtocolError("events frame sent to an agent that did not ask")
-                # As for single events; decode() already saw the items increase, so only the
-                # first can fail, before any of the frame's events is reported.
+                # As for single events, all checked before any of the frame's events is
+                # reported; decode() already saw the items increase.
+                room = self._window.room
+                if room is not None and len(items) > room:
+                    raise RemoteProtocolError("more events than the window allows")
+                for item in items:
+                    _check_event_id(item.event)
                 for item in items:
                     self._window.receive(item.seq)
                     self._events.append(EventReceived(item.seq, item.event))
@@ -1012,6 +1026,7 @@ class AgentSession(LinkSession):
             if not 0 <= replay < welcome.resume_after:
                 raise RemoteProtocolError("welcome replay_after must be below resume_after")
             self._window.rewind(replay)
+        self._window.size = welcome.window
         lost = welcome.trimmed_through if welcome.trimmed_through > welcome.resume_after else 0
         self._events.append(
             Welcomed(welcome.account_id, welcome.resume_after, welcome.window, lost, replay)
