@@ -11,7 +11,7 @@ and version. Unknown *fields* are ignored so that a newer peer may add optional 
 
 Every field has a type and a range, checked while the message is parsed (docs/protocol.md,
 Frame limits): seqs, sizes and windows are integers in 0…2**63−1, strings have a bounded length
-and hold Unicode scalar values only (a ``\ud800`` escape is a peer fault), lists and objects have
+and hold Unicode scalar values only (a ``\\ud800`` escape is a peer fault), lists and objects have
 a bounded length, and the free-form values (event objects, command params, subscriptions,
 status items, headers) a bounded depth. The frames are ``msgspec`` structs and the limits their
 ``Meta`` constraints, so the validating decoder in C does the checking in the same pass as the
@@ -157,9 +157,9 @@ def _nested(depth: int) -> Any:
     msgspec has no depth limit of its own (past Python's recursion limit it raises
     RecursionError), so the bound is spelled out as a type, one level at a time.
     """
-    value: Any = Union[_Text, _Int64, float, bool, None]  # noqa: UP007 - built at runtime
+    value: Any = Union[_Text, _Int64, float, bool, None]
     for _ in range(depth):
-        value = Union[  # noqa: UP007
+        value = Union[
             Annotated[dict[_Text, value], Meta(max_length=MAX_ITEMS)],
             Annotated[list[value], Meta(max_length=MAX_ITEMS)],
             _Text,
@@ -419,7 +419,7 @@ def _utf8_safe(text: str) -> str:
     return text
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 def encode(frame: Frame) -> str:
@@ -530,7 +530,7 @@ def _check_items(items: list[Event]) -> None:
     """What the types cannot say about an ``events`` frame (see :class:`Events`)."""
     last = -1
     for item in items:
-        # DESIGN §Link protocol, Events: in order; the frame alone can show a step back.
+        # docs/protocol.md, Batched events: in order; the frame alone can show a step back.
         if item.seq <= last:
             raise RemoteProtocolError(f"events frame seq {item.seq} is not above {last}")
         last = item.seq

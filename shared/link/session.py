@@ -848,7 +848,7 @@ class RelaySession(LinkSession):
 
 
 def _check_event_id(event: dict[str, Any]) -> None:
-    """The inbox keeps one copy per event id (DESIGN §Agent local API): no id, no event."""
+    """The inbox keeps one copy per event id (docs/protocol.md, Replay): no id, no event."""
     event_id = event.get("id")
     if not isinstance(event_id, str) or not event_id:
         raise RemoteProtocolError("event without an id")
@@ -962,8 +962,8 @@ class AgentSession(LinkSession):
             case Welcome():
                 self._on_welcome(frame)
             case Event(seq=seq, event=event):
-                # DESIGN §Link protocol, Events: in order, after the resume point, within the
-                # window, and with the id the inbox keeps it by.
+                # docs/protocol.md, Sequence numbers: in order, after the resume point, within
+                # the window; and with the id the inbox keeps it by.
                 _check_event_id(event)
                 self._window.receive(seq)
                 self._events.append(EventReceived(seq, event))
