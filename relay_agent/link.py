@@ -245,10 +245,9 @@ class _Connection:
         self.ws = ws
         self.session = session
         self.stall = stall
-        self.window = 0
-        """The relay's window (welcome): the most events it sends before our ack."""
         self.pending: list[tuple[int, dict[str, Any]]] = []
-        """Events received and not yet committed, oldest first (at most ``window``)."""
+        """Events received and not yet committed, oldest first (at most the relay's window:
+        the session refuses more)."""
         self.status: dict[str, Any] = {}
         """Status items (by key) received and not yet stored; ``status_snapshot`` when they
         replace everything stored."""
@@ -453,20 +452,17 @@ class AgentLink:
         for event in session.events_received():
             match event:
                 case EventReceived(seq=seq, event=body):
-                    if not isinstance(body.get("id"), str) or not body["id"]:
-                        session.close(CloseCode.PROTOCOL_ERROR, "event without an id")
-                        break
+                    # The session judged the id and the window (docs/protocol.md).
                     conn.pending.append((seq, body))
                     conn.stall.progressed()
                     self._received += 1
                 case HeartbeatReceived(head=beat):
                     head = beat  # judged after this batch is committed
                 case Welcomed(
-                    account_id=account_id, resume_after=resume_after, window=window,
+                    account_id=account_id, resume_after=resume_after,
                     trimmed_through=trimmed, replay_after=replay,
                 ):
                     welcomed = True
-                    conn.window = window
                     if trimmed > resume_after:
                         # DESIGN principle 1 was broken upstream (relay retention hard limit):
                         # say so loudly rather than let the gap pass silently.
@@ -504,9 +500,6 @@ class AgentLink:
                     closed = (code, reason)
                 case _:
                     log.debug("link.event_ignored", extra={"kind": type(event).__name__})
-        if conn.window and len(conn.pending) > conn.window:
-            # More unacked events than the window allows: a relay bug, and our memory bound.
-            session.close(CloseCode.PROTOCOL_ERROR, "more events than the window allows")
         now = asyncio.get_running_loop().time()
         # Committing is right even while closing: the relay need not send those again.
         if conn.retry_at is None or now >= conn.retry_at:

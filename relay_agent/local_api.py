@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from shared.config import AgentConfig
-from shared.errors import ApiError, RelayError
+from shared.errors import ApiError, RelayError, RemoteProtocolError
 from shared.events import format_time
 from shared.link import frames
 
@@ -248,7 +248,13 @@ async def post_ctox(request: web.Request) -> web.Response:
     commands = request.app[commands_key]
     command = commands.new_command(ctox_type, params, key)
     max_size = request.app[config_key].link.max_message_size
-    if len(frames.encode(command).encode()) > max_size:
+    text = frames.encode(command)
+    try:
+        frames.decode(text)  # what the relay will check (docs/protocol.md, Frame limits)
+    except RemoteProtocolError as exc:
+        # Sent anyway, it would close the link, and the resend close it again.
+        raise ApiError(400, "bad_params", f"params outside the link's limits: {exc}") from None
+    if len(text.encode()) > max_size:
         # An oversized frame would make the relay drop the link, and the resend drop it again.
         raise ApiError(413, "command_too_large",
                        f"the command exceeds the link's message limit of {max_size} bytes")

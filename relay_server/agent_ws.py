@@ -723,12 +723,13 @@ class AgentLink:
             self.log.warning("agent.store_unavailable", extra={"error": str(exc)})
             self.session.close(CloseCode.INTERNAL_ERROR, "relay store unavailable")
             return
-        if agent is None or agent.public_key is None:
-            self.log.warning("agent.auth_failed", extra={"reason": "unknown agent"})
-            self.session.close(CloseCode.UNAUTHORIZED, "unknown agent")
-        elif agent.revoked:
-            self.log.warning("agent.auth_failed", extra={"reason": "agent revoked"})
-            self.session.close(CloseCode.REVOKED, "agent revoked")
+        if agent is None or agent.public_key is None or agent.revoked:
+            # docs/protocol.md, Handshake: unknown, pending and revoked agents look alike
+            # until a valid signature; the session logs the verdict after auth (AuthFailed).
+            self.session.agent_refused(
+                agent.public_key if agent is not None else None,
+                revoked=agent is not None and agent.revoked,
+            )
         else:
             # docs/protocol.md, Retention: events up to the old cursor were committed by the
             # agent or passed over (routing); trimming them lost nothing the agent is owed.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec.structs
 from yarl import URL
 
 from shared.config import CtoxConfig, CtoxTypeConfig
@@ -361,7 +361,7 @@ class CtoxService:
         except RelayError as exc:  # StoreError and kin
             log.warning("ctox.refused", extra={"error": exc.code, "request_id": command.request_id})
             result = refusal(exc.http_status, exc.code, str(exc))
-        return dataclasses.replace(result, request_id=command.request_id)
+        return msgspec.structs.replace(result, request_id=command.request_id)
 
     async def _execute(self, account_id: str, command: Command) -> CommandResult:
         account = await self.store.get_account(account_id)

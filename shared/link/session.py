@@ -32,7 +32,7 @@ to. A pair missing from the table is a protocol error. Frames are one-way (the t
 ``frames``), so each side's dispatcher also refuses frames only its own side sends. The special
 cases sit beside the table: a failed signature or a foreign relay identity leads to CLOSING
 instead of OPEN, and ``auth`` cannot be handled before the relay's I/O layer has looked the
-agent up (``agent_found()``/``close()``).
+agent up (``agent_found()``, ``agent_refused()`` or ``close()``).
 
 Errors
 ------
@@ -83,6 +83,7 @@ one :class:`EventReceived` per item, after the same order check as for ``event``
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -174,7 +175,8 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class HelloReceived:
-    """Relay: an agent introduced itself; answer with ``agent_found()`` or ``close()``.
+    """Relay: an agent introduced itself; answer with ``agent_found()``, ``agent_refused()``
+    or ``close()``.
 
     ``subscription`` is the validated routing filter of the hello (docs/protocol.md, Routing),
     ``None`` when the agent sent none: send it every event.
@@ -340,8 +342,9 @@ _EVENTS_OVERHEAD = len(frames.encode_events([]))
 
 
 def _close_reason(text: str) -> str:
-    """Cut ``text`` to fit a close frame (RFC 6455 §5.5: 125 bytes, 2 of them the code)."""
-    return text.encode()[:123].decode(errors="ignore")
+    """Cut ``text`` to fit a close frame (RFC 6455 §5.5: 125 bytes, 2 of them the code); a
+    lone surrogate (a peer's string) becomes "?" rather than raising."""
+    return text.encode(errors="replace")[:123].decode(errors="ignore")
 
 
 def _describe(frame: Frame) -> str:
@@ -411,6 +414,14 @@ class LinkSession(ABC):
         except RemoteProtocolError as exc:
             self._fail(exc)
             return
+        except InvalidState:
+            raise  # our caller's bug (see "Errors" above), not the peer's
+        except Exception as exc:
+            # Last resort (websockets does the same): whatever a peer's message set off, it
+            # ends this link, never the task serving it. One line, without the message or
+            # the exception's text, which may quote the peer.
+            self._internal_error(exc)
+            return
         # A handler that closed instead (the special cases beside TRANSITIONS) already moved.
         if self.state is before:
             self._set_state(target)
@@ -461,7 +472,8 @@ class LinkSession(ABC):
         if self.state >= CLOSING:
             return
         if code in _NAME_BY_CODE:
-            self._send(Error(code=_NAME_BY_CODE[code], message=reason))
+            # Cut to what the peer's decoder accepts (docs/protocol.md, Frame limits).
+            self._send(Error(code=_NAME_BY_CODE[code], message=reason[: frames.MAX_REASON]))
         self.close_requested = Close(code, _close_reason(reason))
         self._set_state(CLOSING)
 
@@ -482,6 +494,19 @@ class LinkSession(ABC):
         self.state = state
         if state >= OPEN:
             self._deadline = None
+
+    def _internal_error(self, exc: Exception) -> None:
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        place = (
+            f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where is not None else "?"
+        )
+        self.logger.error(
+            "link.internal_error",
+            extra={"error": type(exc).__name__, "where": place, "state": self.state.name},
+        )
+        self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         """Fail the link for a peer fault (websockets ``fail()``)."""
@@ -542,6 +567,7 @@ class RelaySession(LinkSession):
         self._window = SendWindow(size=window, start=0)
         self._agent_id = ""
         self._agent: tuple[str, str] | None = None  # (public key, account id) once looked up
+        self._refused: tuple[str | None, bool] | None = None  # (public key, revoked), if refused
         self._trimmed_through = 0
         self._replay_after: int | None = None
         self._batching = False
@@ -592,8 +618,7 @@ class RelaySession(LinkSession):
         """
         if self.state >= CLOSING:
             return
-        if self.state is not AUTHENTICATING or self._agent is not None:
-            raise InvalidState(f"agent_found() answers one hello; state {self.state.name}")
+        self._check_lookup("agent_found()")
         resume_after = self._window.last_offered
         if replay_after is not None and not 0 <= replay_after < resume_after:
             raise LocalProtocolError(
@@ -603,6 +628,28 @@ class RelaySession(LinkSession):
         self._agent = (public_key, account_id)
         self._trimmed_through = trimmed_through
         self._replay_after = replay_after
+
+    def agent_refused(self, public_key: str | None, *, revoked: bool) -> None:
+        """Answer :class:`HelloReceived` for an agent that may not connect: unknown or pending
+        (``public_key`` None) or revoked (its registered key).
+
+        Nothing is sent yet: every agent that has not proved its key gets the same answer
+        (docs/protocol.md, Handshake). The link waits for ``auth`` as for an enrolled agent,
+        the signature is checked all the same (against a throwaway key when there is none),
+        and the close is 4401 "authentication failed", except for a revoked agent whose
+        signature verifies: only the key's holder learns it was revoked (4403).
+
+        Raises:
+            InvalidState: not waiting for a lookup (before ``hello``, or a second answer).
+        """
+        if self.state >= CLOSING:
+            return
+        self._check_lookup("agent_refused()")
+        self._refused = (public_key, revoked)
+
+    def _check_lookup(self, call: str) -> None:
+        if self.state is not AUTHENTICATING or self._agent is not None or self._refused:
+            raise InvalidState(f"{call} answers one hello; state {self.state.name}")
 
     def offer(self, seq: int, event: dict[str, Any]) -> bool:
         """Send one event unless the window is full.
@@ -724,8 +771,7 @@ class RelaySession(LinkSession):
                 assert_never(frame)
 
     def _on_hello(self, hello: Hello) -> None:
-        if not hello.agent_id or hello.resume_after < 0:
-            raise RemoteProtocolError("hello needs an agent_id and a resume_after of 0 or more")
+        # decode() saw a non-empty agent_id, a resume_after in range and string features.
         subscription = None
         if hello.subscription is not None:
             # docs/protocol.md, Routing: a malformed filter is refused, never guessed at.
@@ -734,8 +780,6 @@ class RelaySession(LinkSession):
             except ValueError as exc:
                 raise RemoteProtocolError(f"hello: {exc}"[:200]) from exc
         features = hello.features or []
-        if not all(isinstance(name, str) for name in features):
-            raise RemoteProtocolError("hello features must be strings")
         # Module docstring, Batching: only an agent that asked understands the frame.
         self._batching = frames.FEATURE_EVENTS in features
         self._agent_id = hello.agent_id
@@ -749,8 +793,13 @@ class RelaySession(LinkSession):
         )
 
     def _on_auth(self, signature: str) -> None:
+        if self._refused is not None:
+            self._refuse(signature, *self._refused)
+            return
         if self._agent is None:
-            raise InvalidState("auth arrived before agent_found() or close() answered the hello")
+            raise InvalidState(
+                "auth arrived before agent_found(), agent_refused() or close() answered the hello"
+            )
         public_key, account_id = self._agent
         # DESIGN §Link protocol, Auth: the signature covers this relay's id and this link's
         # nonce, so neither a replay nor a signature made for another relay passes.
@@ -777,6 +826,39 @@ class RelaySession(LinkSession):
             )
         )
         self._events.append(Authenticated(self._agent_id, account_id, resume_after, replay))
+
+
+    def _refuse(self, signature: str, public_key: str | None, revoked: bool) -> None:
+        """Close a refused agent's link after its ``auth`` (see :meth:`agent_refused`)."""
+        # Verified in every case, so that an unknown agent costs the relay the same work, and
+        # takes the same time, as a known one with a bad signature.
+        valid = crypto.verify_auth(
+            public_key or _throwaway_key(), signature, self.relay_id, self._agent_id, self.nonce
+        )
+        if revoked and public_key is not None and valid:
+            self._events.append(AuthFailed(self._agent_id, "agent revoked"))
+            self.close(CloseCode.REVOKED, "agent revoked")
+            return
+        if public_key is None:
+            reason = "unknown or pending agent"
+        else:
+            reason = "agent revoked, bad signature" if revoked else "agent refused"
+        self._events.append(AuthFailed(self._agent_id, reason))
+        self.close(CloseCode.UNAUTHORIZED, "authentication failed")
+
+
+def _check_event_id(event: dict[str, Any]) -> None:
+    """The inbox keeps one copy per event id (docs/protocol.md, Replay): no id, no event."""
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        raise RemoteProtocolError("event without an id")
+
+
+@functools.cache
+def _throwaway_key() -> str:
+    """A valid public key nobody holds the private half of: what a refused agent's signature
+    is checked against when it has no key of its own."""
+    return crypto.public_key_b64(crypto.generate_private_key())
 
 
 class AgentSession(LinkSession):
@@ -880,14 +962,21 @@ class AgentSession(LinkSession):
             case Welcome():
                 self._on_welcome(frame)
             case Event(seq=seq, event=event):
-                # DESIGN §Link protocol, Events: in order, after the resume point.
+                # docs/protocol.md, Sequence numbers: in order, after the resume point, within
+                # the window; and with the id the inbox keeps it by.
+                _check_event_id(event)
                 self._window.receive(seq)
                 self._events.append(EventReceived(seq, event))
             case Events(items=items):
                 if not self._batching:
                     raise RemoteProtocolError("events frame sent to an agent that did not ask")
-                # As for single events; decode() already saw the items increase, so only the
-                # first can fail, before any of the frame's events is reported.
+                # As for single events, all checked before any of the frame's events is
+                # reported; decode() already saw the items increase.
+                room = self._window.room
+                if room is not None and len(items) > room:
+                    raise RemoteProtocolError("more events than the window allows")
+                for item in items:
+                    _check_event_id(item.event)
                 for item in items:
                     self._window.receive(item.seq)
                     self._events.append(EventReceived(item.seq, item.event))
@@ -896,8 +985,6 @@ class AgentSession(LinkSession):
             case Status(items=items, snapshot=snapshot):
                 self._events.append(StatusReceived(items, snapshot))
             case Heartbeat(head=head):
-                if head < 0:
-                    raise RemoteProtocolError("heartbeat head must not be negative")
                 self._events.append(HeartbeatReceived(head))
             case GoAway(reason=reason):
                 # DESIGN §Liveness: the relay is shutting down; it closes with 1001 next.
@@ -939,6 +1026,7 @@ class AgentSession(LinkSession):
             if not 0 <= replay < welcome.resume_after:
                 raise RemoteProtocolError("welcome replay_after must be below resume_after")
             self._window.rewind(replay)
+        self._window.size = welcome.window
         lost = welcome.trimmed_through if welcome.trimmed_through > welcome.resume_after else 0
         self._events.append(
             Welcomed(welcome.account_id, welcome.resume_after, welcome.window, lost, replay)

@@ -108,7 +108,8 @@ class SendWindow:
 
 
 class ReceiveWindow:
-    """Agent side: the highest seq received and the last seq acked.
+    """Agent side: the highest seq received, the last seq acked, and the seqs in between
+    (received, not yet acked), which the relay's window bounds once ``size`` is known.
 
     Args:
         start: the resume point, the highest seq the inbox committed.
@@ -124,6 +125,14 @@ class ReceiveWindow:
         """Highest seq received on this link (the resume point until the first event)."""
         self.acked = start
         """Highest seq acked on this link."""
+        self.size = 0
+        """The relay's window (its ``welcome``); 0 until then, and no bound."""
+        self._unacked: deque[int] = deque()
+
+    @property
+    def room(self) -> int | None:
+        """How many more events the relay may send before our next ack (None: no bound yet)."""
+        return self.size - len(self._unacked) if self.size else None
 
     def receive(self, seq: int) -> None:
         """Record an event from the relay.
@@ -131,13 +140,18 @@ class ReceiveWindow:
         Raises:
             RemoteProtocolError: ``seq`` is not above every seq seen so far. The relay sends in
                 increasing order and resumes after the resume point (DESIGN §Link protocol),
-                so a repeat or a step back means the relay lost track of the link.
+                so a repeat or a step back means the relay lost track of the link. Or the
+                event is one more than the window: the relay must wait for our ack, and the
+                window is what bounds the events we hold before committing them.
         """
         if seq <= self.highest:
             raise RemoteProtocolError(
                 f"event seq {seq} is not above the highest seq received {self.highest}"
             )
+        if self.room == 0:
+            raise RemoteProtocolError("more events than the window allows")
         self.highest = seq
+        self._unacked.append(seq)
 
     def rewind(self, start: int) -> None:
         """Accept the seqs after ``start`` again, even those at or below the resume point:
@@ -153,6 +167,7 @@ class ReceiveWindow:
             )
         self.highest = start
         self.acked = start
+        self._unacked.clear()
 
     def ack(self, seq: int) -> bool:
         """Record that everything up to ``seq`` is committed in the inbox.
@@ -171,4 +186,6 @@ class ReceiveWindow:
         if seq <= self.acked:
             return False
         self.acked = seq
+        while self._unacked and self._unacked[0] <= seq:
+            self._unacked.popleft()
         return True

@@ -17,7 +17,6 @@ from shared import crypto
 from shared.link import (
     AgentSession,
     Close,
-    CloseCode,
     Frame,
     HelloReceived,
     LinkEvent,
@@ -268,12 +267,14 @@ class LinkPair:
             self.to_agent.write(text)
 
     def _look_up(self, agent_id: str) -> None:
+        # What relay_server/agent_ws.py does: refused agents wait for auth like the others.
+        known = self.agents.get(agent_id)
         if agent_id in self.revoked:
-            self.relay.close(CloseCode.REVOKED, "agent revoked")
-        elif agent_id in self.agents:
-            self.relay.agent_found(*self.agents[agent_id])
+            self.relay.agent_refused(known[0] if known else None, revoked=True)
+        elif known is not None:
+            self.relay.agent_found(*known)
         else:
-            self.relay.close(CloseCode.UNAUTHORIZED, "authentication failed")
+            self.relay.agent_refused(None, revoked=False)
 
     def _close_transport(self, close: Close, *, closer: LinkSession) -> None:
         # WebSocket order: the closing side's frames arrive before its close frame; frames

@@ -426,7 +426,7 @@ def test_events_frame_not_above_the_last_seq_fails_the_link() -> None:
     pair.offer_from(_log(1, 2))
     pair.pump()
     assert _received(pair) == [1, 2]
-    items = [{"seq": 2, "event": {}}, {"seq": 3, "event": {}}]
+    items = [{"seq": 2, "event": {"id": "e2"}}, {"seq": 3, "event": {"id": "e3"}}]
     pair.to_agent.inject(_m(type="events", items=items))
     pair.pump()
     assert _received(pair) == []
@@ -481,3 +481,54 @@ def test_debug_lines_name_batches_without_payloads(caplog: pytest.LogCaptureFixt
     assert "> events seq=1..7 n=3" in text
     assert "< events seq=1..7 n=3" in text
     assert "SECRET" not in text
+
+
+@pytest.mark.parametrize(
+    ("items", "reason"),
+    [
+        ([{"seq": 3, "event": {"id": "e3"}}, {"seq": 4, "event": {}}], "event without an id"),
+        ([{"seq": 3, "event": {"id": "e3"}}, {"seq": 4, "event": {"id": 4}}],
+         "event without an id"),
+        ([{"seq": s, "event": {"id": f"e{s}"}} for s in range(3, 10)],
+         "more events than the window allows"),
+    ],
+    ids=["no-id", "id-not-a-string", "window-overrun"],
+)
+def test_events_frame_the_agent_session_refuses(items: list[Any], reason: str) -> None:
+    """The agent session judges ids and the window (not its pump): the whole frame is refused
+    before any of its events is reported."""
+    pair = _open(BatchPair(window=8))
+    pair.offer_from(_log(1, 2))
+    pair.pump()
+    assert _received(pair) == [1, 2]  # held, not acked: room for 6 more
+    pair.to_agent.inject(_m(type="events", items=items))
+    pair.pump()
+    assert _received(pair) == []
+    assert pair.agent.error is not None and pair.agent.error.message == reason
+    assert pair.closed is not None and pair.closed.code == PROTOCOL
+
+
+def test_event_frames_past_the_window_fail_the_link_until_an_ack_frees_room() -> None:
+    """Single event frames count against the window too; the agent's ack makes room."""
+    pair = _open(LinkPair(window=2))
+    pair.offer_from(_log(1, 2))
+    pair.pump()
+    assert _received(pair) == [1, 2]
+    pair.agent.ack(1)
+    pair.to_agent.inject(_m(type="event", seq=3, event={"id": "e3"}))
+    pair.pump()
+    assert _received(pair) == [3]
+    pair.to_agent.inject(_m(type="event", seq=4, event={"id": "e4"}))
+    pair.pump()
+    assert _received(pair) == []
+    assert pair.agent.error is not None
+    assert pair.agent.error.message == "more events than the window allows"
+
+
+def test_an_event_frame_without_an_id_fails_the_link() -> None:
+    """The inbox keeps events by id: one without is the relay's protocol error."""
+    pair = _open(LinkPair())
+    pair.to_agent.inject(_m(type="event", seq=1, event={"type": "sms"}))
+    pair.pump()
+    assert _received(pair) == []
+    assert pair.agent.error is not None and pair.agent.error.message == "event without an id"

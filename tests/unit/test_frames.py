@@ -189,3 +189,88 @@ def test_fatal_close_codes_are_the_44xx_codes() -> None:
     """Only unauthorized and revoked stop the agent (docs/protocol.md, Close codes)."""
     assert frames.FATAL_CLOSE_CODES == {CloseCode.UNAUTHORIZED, CloseCode.REVOKED}
     assert all(4000 <= code <= 4999 for code in CloseCode)
+
+
+# -- limits (docs/protocol.md, Frame limits) ---------------------------------------------------
+
+
+def _deep(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth - 1):
+        value = [value]
+    return [value] if depth else value
+
+
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({"type": "ack", "seq": frames.MAX_INT}, False),
+        ({"type": "ack", "seq": frames.MAX_INT + 1}, True),
+        ({"type": "ack", "seq": 2**64}, True),
+        ({"type": "ack", "seq": -1}, True),
+        ({"type": "hello", "agent_id": "a", "resume_after": 2**64}, True),
+        ({"type": "hello", "agent_id": "a" * frames.MAX_ID}, False),
+        ({"type": "hello", "agent_id": "a" * (frames.MAX_ID + 1)}, True),
+        ({"type": "hello", "agent_id": "a", "features": ["x"] * frames.MAX_FEATURES}, False),
+        ({"type": "hello", "agent_id": "a", "features": ["x"] * (frames.MAX_FEATURES + 1)}, True),
+        ({"type": "hello", "agent_id": "a", "subscription": {"k": _deep(frames.MAX_DEPTH - 1)}},
+         False),
+        ({"type": "hello", "agent_id": "a", "subscription": {"k": _deep(frames.MAX_DEPTH)}},
+         True),
+        ({"type": "command_result", "request_id": "r", "status": 0}, False),
+        ({"type": "command_result", "request_id": "r", "status": 999}, False),
+        ({"type": "command_result", "request_id": "r", "status": 1000}, True),
+        ({"type": "command_result", "request_id": "r", "status": -1}, True),
+        ({"type": "status", "items": [0] * frames.MAX_ITEMS}, False),
+        ({"type": "status", "items": [0] * (frames.MAX_ITEMS + 1)}, True),
+        ({"type": "event", "seq": 1, "event": {"n": 2**63}}, True),
+        ({"type": "event", "seq": 1, "event": {"n": -(2**63)}}, False),
+        ({"type": "error", "code": "x", "message": "m" * frames.MAX_REASON}, False),
+        ({"type": "error", "code": "x", "message": "m" * (frames.MAX_REASON + 1)}, True),
+    ],
+    ids=lambda v: str(v)[:60] if isinstance(v, dict) else str(v),
+)
+def test_fields_are_bounded(fields: dict[str, Any], refused: bool) -> None:
+    """Each limit of the table holds at its edge and refuses one past it, with 4000."""
+    text = _message(**fields)
+    if refused:
+        assert _reject(text).close_code == CloseCode.PROTOCOL_ERROR
+    else:
+        frames.decode(text)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "hello", "agent_id": "\ud800"},
+        {"type": "event", "seq": 1, "event": {"params": {"k": "a\udfffb"}}},
+        {"type": "event", "seq": 1, "event": {"\udc00": "v"}},
+        {"type": "error", "code": "protocol_error", "message": "\ud800"},
+    ],
+    ids=["hello-agent_id", "event-param", "event-key", "error-message"],
+)
+def test_lone_surrogates_are_a_protocol_error(fields: dict[str, Any]) -> None:
+    """JSON's \\ud800 escape names no Unicode character: refused, clearly, wherever it is."""
+    error = _reject(_message(**fields))  # json.dumps escapes it: "\ud800" on the wire
+    assert error.close_code == CloseCode.PROTOCOL_ERROR
+    assert "lone surrogate" in error.message
+
+
+def test_the_largest_event_fits() -> None:
+    """An event as large as the default link.max_message_size (2 MiB), with many params,
+    decodes: the per-field limits never bind before the message size does."""
+    params = {f"param_{i:05d}": "v" * 80 for i in range(20_000)}
+    body = "QUJD" * (400 * 1024 // 4)
+    event = {"id": "e", "type": "t", "params": params, "request": {"body_b64": body}}
+    text = frames.encode(Event(seq=frames.MAX_INT, event=event))
+    assert len(text.encode()) >= 2 * 1024 * 1024
+    assert frames.decode(text) == Event(seq=frames.MAX_INT, event=event)
+
+
+def test_encoding_a_lone_surrogate_escapes_it() -> None:
+    """A hostile value in an outgoing frame never makes encoding raise: the frame is UTF-8
+    text, and the peer's decoder refuses the escaped surrogate as it would any."""
+    text = frames.encode(Error(code="protocol_error", message="bad \ud800 value"))
+    assert text.encode() and "\\ud800" in text
+    item = frames.encode_event_item(1, {"k": "\udfff"})
+    assert item.encode() and "\\udfff" in item

@@ -209,3 +209,39 @@ def test_faulty_link_never_raises_and_never_misorders(ops: list[str]) -> None:
     assert all(e.event == dict(LOG)[e.seq] for e in received)
     if pair.closed is not None:
         assert pair.closed.code in {1000, 1001, *CloseCode}
+
+
+def test_an_unexpected_exception_closes_the_link_with_internal_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last-resort guard: whatever a message sets off inside the session ends the link
+    with 4011 and one ERROR line naming the exception, never its text nor the payload."""
+    pair = LinkPair()
+    pair.handshake()
+
+    def broken(frame: object) -> None:
+        raise KeyError("secret-payload-value")
+
+    monkeypatch.setattr(pair.relay, "_handle", broken)
+    with caplog.at_level("DEBUG", logger="shared.link.session"):
+        pair.relay.receive_message(m(type="ack", seq=1), 1.0)
+    assert pair.relay.state is CLOSING
+    assert pair.relay.close_requested is not None
+    assert pair.relay.close_requested.code == CloseCode.INTERNAL_ERROR
+    assert decode(pair.relay.data_to_send()[-1]) == Error(
+        code="internal_error", message="internal error"
+    )
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == ["link.internal_error"]
+    assert getattr(errors[0], "error") == "KeyError"
+    assert "secret-payload-value" not in caplog.text and errors[0].exc_info is None
+
+
+def test_a_close_reason_with_a_lone_surrogate_does_not_raise() -> None:
+    """A reason quoting a peer's string (a surrogate in it) still closes the link."""
+    pair = LinkPair()
+    pair.handshake()
+    pair.relay.close(CloseCode.PROTOCOL_ERROR, "bad value \ud800")
+    assert pair.relay.close_requested is not None
+    pair.relay.close_requested.reason.encode()
+    assert all(text.encode() for text in pair.relay.data_to_send())

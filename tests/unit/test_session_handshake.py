@@ -150,8 +150,68 @@ def test_unknown_agent_is_challenged_then_closed_unauthorized() -> None:
         Error(code="unauthorized", message="authentication failed"),
     ]
     assert pair.closed == Close(CloseCode.UNAUTHORIZED, "authentication failed")
-    assert [type(e) for e in pair.relay_events] == [HelloReceived, Closed]
+    assert any(isinstance(f, Auth) for f in frames_in(pair.to_relay.written))
+    assert [type(e) for e in pair.relay_events] == [HelloReceived, AuthFailed, Closed]
+    assert pair.relay_events[1] == AuthFailed(AGENT_ID, "unknown or pending agent")
     assert PeerError("unauthorized", "authentication failed") in pair.agent_events
+
+
+def _refused_pair(kind: str) -> LinkPair:
+    """A link whose agent the relay refuses: ``kind`` says why and how the agent signs."""
+    stranger = crypto.public_key_b64(crypto.generate_private_key())
+    match kind:
+        case "unknown":
+            return LinkPair(agents={})
+        case "revoked-bad-signature":  # the directory holds another key than the agent's
+            return LinkPair(
+                agents={AGENT_ID: (stranger, ACCOUNT_ID)}, revoked=frozenset({AGENT_ID})
+            )
+        case "revoked-no-key":
+            return LinkPair(agents={}, revoked=frozenset({AGENT_ID}))
+        case "bad-signature":
+            return LinkPair(agents={AGENT_ID: (stranger, ACCOUNT_ID)})
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["unknown", "revoked-bad-signature", "revoked-no-key", "bad-signature"]
+)
+def test_agents_without_a_proven_key_get_one_answer(kind: str) -> None:
+    """Unknown (or pending: no key either) and revoked agents, and a wrong signature, all see
+    the same frames and close: challenge, nothing until auth, then 4401 (docs/protocol.md,
+    Handshake)."""
+    pair = _refused_pair(kind)
+    # The hello is answered with a challenge and no earlier close, whatever the lookup said.
+    pair.run_until(lambda: any(isinstance(f, Auth) for f in frames_in(pair.to_relay.written)))
+    assert frames_in(pair.to_agent.written) == [Challenge(relay_id=RELAY_ID, nonce="nonce-1")]
+    assert pair.relay.close_requested is None and pair.relay.state is AUTHENTICATING
+    pair.pump()
+    assert frames_in(pair.to_agent.written) == [
+        Challenge(relay_id=RELAY_ID, nonce="nonce-1"),
+        Error(code="unauthorized", message="authentication failed"),
+    ]
+    assert pair.closed == Close(CloseCode.UNAUTHORIZED, "authentication failed")
+
+
+def test_only_a_revoked_agent_that_signs_learns_it_is_revoked() -> None:
+    """A revoked agent with a valid signature is told 4403, after its auth."""
+    pair = LinkPair(revoked=frozenset({AGENT_ID}))
+    pair.run_until(lambda: any(isinstance(f, Auth) for f in frames_in(pair.to_relay.written)))
+    assert pair.relay.close_requested is None
+    pair.pump()
+    assert pair.closed == Close(CloseCode.REVOKED, "agent revoked")
+    assert AuthFailed(AGENT_ID, "agent revoked") in pair.relay_events
+
+
+def test_agent_refused_answers_one_hello() -> None:
+    """agent_refused() is the lookup's answer: a second answer is caller misuse."""
+    pair = LinkPair(agents={})
+    pair.run_until(lambda: pair.relay.state is AUTHENTICATING)
+    pair.step()
+    with pytest.raises(InvalidState):
+        pair.relay.agent_found("key", ACCOUNT_ID)
+    with pytest.raises(InvalidState):
+        pair.relay.agent_refused(None, revoked=False)
 
 
 def test_revoked_agent_is_closed_revoked() -> None:

@@ -142,7 +142,7 @@ def test_hello_subscription_of_the_wrong_type_is_a_protocol_error(value: Any) ->
     with pytest.raises(RemoteProtocolError) as info:
         frames.decode(text)
     assert info.value.close_code == CloseCode.PROTOCOL_ERROR
-    assert "must be dict" in str(info.value)
+    assert "must be object" in str(info.value)
 
 
 def _agent(subscription: dict[str, Any] | None) -> AgentSession:

@@ -448,8 +448,15 @@ async def test_commands_in_flight_are_bounded_with_429(
         ("/v1/ctox/make_call", {"data": b"{", "headers": {"Content-Type": "application/json"}},
          400, "bad_json"),
         ("/v1/ctox/make_call", {"json": {"big": "x" * 2048}}, 413, "command_too_large"),
+        # docs/protocol.md, Frame limits: what the relay would refuse, and drop the link for.
+        ("/v1/ctox/make_call", {"data": b'{"to": "\\ud800"}',
+                                "headers": {"Content-Type": "application/json"}},
+         400, "bad_params"),
+        ("/v1/ctox/make_call", {"json": {"n": 2**64}}, 400, "bad_params"),
+        ("/v1/ctox/make_call", {"json": {"deep": [[[[[[[["x"]]]]]]]]}}, 400, "bad_params"),
     ],
-    ids=["type", "key", "media-type", "json-array", "bad-json", "too-large"],
+    ids=["type", "key", "media-type", "json-array", "bad-json", "too-large", "surrogate",
+         "huge-int", "too-deep"],
 )
 async def test_malformed_requests_are_refused_before_anything_is_sent(
     tmp_path: Path, mini_relay: MiniRelay, agent_key: crypto.Ed25519PrivateKey,
