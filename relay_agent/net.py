@@ -21,21 +21,25 @@ and ``doctor`` (blocking sockets) all ask this module, so the three agree:
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import truststore
-from websockets.exceptions import InvalidProxyMessage, InvalidProxyStatus
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 
 from shared.config import AgentConfig
 from shared.errors import ConfigError
+
+from .proxyauth import ProxyCredentials
+from .tunnel import ProxyEndpoint, ProxyError, open_tunnel
 
 __all__ = [
     "DIRECT",
@@ -47,11 +51,10 @@ __all__ = [
     "config_proxy",
     "ssl_context",
     "websocket_kwargs",
-    "aiohttp_proxy_kwargs",
-    "proxy_authorization",
+    "proxy_endpoint",
+    "TunnelConnector",
     "redact",
     "explain",
-    "proxy_refused",
     "untrusted",
     "link_error",
 ]
@@ -219,49 +222,71 @@ def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
-def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
+def proxy_endpoint(url: str) -> ProxyEndpoint:
+    """The proxy ``url`` names, with its credentials (:mod:`.tunnel`)."""
+    parts = urlsplit(url)
+    return ProxyEndpoint(host=parts.hostname or "", port=parts.port or 80,
+                         credentials=ProxyCredentials.from_url(url), shown=redact(url))
+
+
+def _relay_address(relay_url: str) -> tuple[str, int]:
+    parts = urlsplit(relay_url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+async def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
     """Keyword arguments for ``websockets.asyncio.client.connect`` to reach the relay.
 
-    ``proxy`` is always passed: None keeps websockets from reading the environment itself.
-    ``ssl`` is passed for an https relay only (websockets refuses it for ``ws://``).
+    Through a proxy, the tunnel is opened here (:func:`relay_agent.tunnel.open_tunnel`, which
+    answers NTLM, Negotiate and Basic challenges) and handed over as ``sock``: websockets'
+    own proxy support does Basic only. ``proxy=None`` keeps websockets from reading the
+    environment itself. ``ssl`` is passed for an https relay only (websockets refuses it for
+    ``ws://``).
 
     Raises:
         ConfigError: an unusable proxy or ``ca_file``.
+        ProxyError, OSError, TimeoutError: the tunnel could not be opened.
     """
-    kwargs: dict[str, Any] = {"proxy": config_proxy(config)}
+    kwargs: dict[str, Any] = {"proxy": None}
     if urlsplit(config.relay_url).scheme == "https":
         kwargs["ssl"] = ssl_context(config.ca_file)
+    proxy = config_proxy(config)
+    if proxy is not None:
+        host, port = _relay_address(config.relay_url)
+        kwargs["sock"] = await open_tunnel(proxy_endpoint(proxy), host, port,
+                                           timeout=config.link.auth_timeout)
     return kwargs
 
 
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+class TunnelConnector(aiohttp.BaseConnector):
+    """An aiohttp connector whose connections go through the CONNECT tunnel of
+    :func:`relay_agent.tunnel.open_tunnel`, TLS on top with ``context``.
 
-
-def proxy_authorization(url: str) -> str | None:
-    """The ``Proxy-Authorization`` value for the credentials in ``url``; None without any."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return None
-    # UTF-8, as websockets encodes the same credentials for the link.
-    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
-
-
-def aiohttp_proxy_kwargs(proxy: str | None) -> dict[str, Any]:
-    """Keyword arguments for an aiohttp request through ``proxy`` (None: directly).
-
-    The credentials travel as a header: aiohttp's ``proxy_auth`` is deprecated.
+    aiohttp's own proxy support sends one CONNECT and gives up on a 407, so NTLM's second leg
+    could never be sent; like aiohttp's Unix-socket connector, this one only says how a
+    connection is made.
     """
-    if proxy is None:
-        return {}
-    kwargs: dict[str, Any] = {"proxy": _without_credentials(proxy)}
-    auth = proxy_authorization(proxy)
-    if auth is not None:
-        kwargs["proxy_headers"] = {"Proxy-Authorization": auth}
-    return kwargs
+
+    def __init__(self, proxy: str, *, context: ssl.SSLContext | None,
+                 timeout: float | None) -> None:
+        super().__init__(force_close=True)
+        self._endpoint = proxy_endpoint(proxy)
+        self._context = context
+        self._timeout = timeout
+
+    async def _create_connection(self, req: ClientRequest, traces: list[Trace],
+                                 timeout: aiohttp.ClientTimeout) -> ResponseHandler:
+        host, port = req.url.host or "", req.url.port or 443
+        sock = await open_tunnel(self._endpoint, host, port, timeout=self._timeout)
+        tls = req.url.scheme == "https"
+        try:
+            _, protocol = await self._loop.create_connection(
+                self._factory, sock=sock, ssl=(self._context or True) if tls else None,
+                server_hostname=host if tls else None)
+        except BaseException:
+            sock.close()
+            raise
+        return protocol
 
 
 def redact(url: str) -> str:
@@ -301,34 +326,11 @@ def _cert_problem(chain: list[BaseException]) -> str | None:
     return None
 
 
-def _proxy_refusal(chain: list[BaseException]) -> tuple[int, str] | None:
-    for exc in chain:
-        if isinstance(exc, aiohttp.ClientHttpProxyError):
-            return exc.status, str(exc.message or "")
-        if isinstance(exc, InvalidProxyStatus):
-            return exc.response.status_code, exc.response.reason_phrase
-    return None
-
-
 def _target(relay_url: str) -> tuple[str, str]:
     parts = urlsplit(relay_url)
     host = parts.hostname or relay_url
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-
-
-def proxy_refused(status: int, reason: str, *, proxy: str | None, relay_url: str) -> str:
-    """The proxy answered the CONNECT to the relay with ``status``: why, and what to do."""
-    shown = redact(proxy) if proxy else "proxy"
-    answer = f"HTTP {status}" + (f" {reason}" if reason else "")
-    if status == 407:
-        given = proxy is not None and urlsplit(proxy).username is not None
-        fix = ("the user or password in the proxy setting is wrong" if given else
-               'put the user and password in the proxy setting: '
-               'proxy = "http://USER:PASSWORD@HOST:PORT"')
-        return f"the proxy {shown} requires authentication ({answer}): {fix}"
-    return (f"the proxy {shown} refused to connect to {_target(relay_url)[1]} (CONNECT answered "
-            f"{answer}): ask the network administrator to allow it, or use another proxy")
 
 
 def untrusted(problem: str, *, proxy: str | None, relay_url: str) -> str:
@@ -354,22 +356,16 @@ def explain(exc: BaseException, *, proxy: str | None, relay_url: str) -> str:
 
 
 def _cause(exc: BaseException, *, proxy: str | None, relay_url: str) -> str | None:
-    target = _target(relay_url)[1]
     shown = redact(proxy) if proxy else ""
     chain = _chain(exc)
-    refusal = _proxy_refusal(chain)
+    refusal = next((e for e in chain if isinstance(e, ProxyError)), None)
     if refusal is not None:
-        return proxy_refused(*refusal, proxy=proxy, relay_url=relay_url)
-    if proxy is not None and any(isinstance(e, InvalidProxyMessage) for e in chain):
-        return f"the proxy {shown} sent no valid answer to CONNECT {target}: is it an HTTP proxy?"
+        return str(refusal)  # the tunnel's message names the proxy, the cause and the fix
     problem = _cert_problem(chain)
     if problem is not None:
         return untrusted(problem, proxy=proxy, relay_url=relay_url)
-    if proxy is not None and (
-        any(isinstance(e, aiohttp.ClientProxyConnectionError) for e in chain)
-        or (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError))
-    ):
-        # websockets opens no other TCP connection than the one to the proxy.
+    if proxy is not None and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+        # Through a proxy, the only TCP connections the agent opens are to the proxy.
         reason = next((e.strerror for e in chain if isinstance(e, OSError) and e.strerror),
                       str(exc) or type(exc).__name__)
         return f"cannot connect to the proxy {shown}: {reason}"
