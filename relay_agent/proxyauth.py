@@ -164,7 +164,7 @@ class Authenticator:
                     credentials.password if credentials else None,
                     hostname=proxy_host, service="HTTP", protocol=scheme)
             except Exception as exc:  # pyspnego raises several unrelated types here
-                raise AuthUnavailable(_spnego_reason(exc)) from exc
+                raise AuthUnavailable(_spnego_reason(exc, credentials)) from exc
 
     @property
     def name(self) -> str:
@@ -184,15 +184,19 @@ class Authenticator:
         try:
             token = self._context.step(challenge.token if challenge else None)
         except Exception as exc:  # SpnegoError, FeatureMissingError, ValueError, ...
-            raise AuthUnavailable(_spnego_reason(exc)) from exc
+            raise AuthUnavailable(_spnego_reason(exc, self.credentials)) from exc
         if not token:
             raise AuthUnavailable(f"{self.name} produced no token to send")
         return f"{self.name} {base64.b64encode(token).decode('ascii')}"
 
 
-def _spnego_reason(exc: BaseException) -> str:
+def _spnego_reason(exc: BaseException, credentials: ProxyCredentials | None) -> str:
+    if credentials is None and isinstance(exc, spnego.exceptions.SpnegoError):
+        # Typically "No username or password was specified and the credential cache did
+        # not exist": said shortly, the explanation names what to set.
+        return "no credentials found"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return text[:100]
 
 
 # -- explanations --------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ bytes both ways until either side closes. Options:
 
 ``connects`` lists every CONNECT target it accepted, ``refused`` every status it answered
 instead (a challenge that invites the next leg is counted in ``challenges``, not there),
-``users`` who authenticated. Every connection ends when the proxy does: :meth:`ConnectProxy.close` aborts them.
+``users`` who authenticated. Every connection ends when the proxy does:
+:meth:`ConnectProxy.close` aborts them.
 """
 
 from __future__ import annotations
