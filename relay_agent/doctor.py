@@ -242,10 +242,10 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
 def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str]) -> Check:
     """The proxy the agent uses (net.resolve_proxy), and the TLS trust it adds (ca_file)."""
     try:
-        choice = net.resolve_proxy(config.proxy, config.relay_url, env)
         if relay.tls:
             relay.context = net.ssl_context(config.ca_file)
-    except ConfigError as exc:
+        choice = net.resolve_proxy(config.proxy, config.relay_url, env, ca_file=config.ca_file)
+    except ConfigError as exc:  # a PAC file that cannot be fetched or run, too
         return Check("proxy", "fail", str(exc))
     relay.proxy = choice.url
     trust = f"; also trusting {config.ca_file}" if config.ca_file and relay.tls else ""

@@ -21,9 +21,11 @@ and ``doctor`` (blocking sockets) all ask this module, so the three agree:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,17 @@ from aiohttp.tracing import Trace
 from shared.config import AgentConfig
 from shared.errors import ConfigError
 
+from . import pac, winproxy
 from .proxyauth import ProxyCredentials
 from .tunnel import ProxyEndpoint, ProxyError, open_tunnel
 
 __all__ = [
     "DIRECT",
+    "AUTO",
+    "PAC_PREFIX",
+    "pac_proxy",
+    "link_proxy",
+    "wpad_urls",
     "ProxyChoice",
     "is_loopback_host",
     "check_proxy_url",
@@ -61,6 +69,12 @@ __all__ = [
 
 DIRECT = "direct"
 """The ``proxy`` value that turns proxies off, whatever the environment says."""
+AUTO = "auto"
+"""The ``proxy`` value that adds WPAD discovery to the default (module docstring)."""
+PAC_PREFIX = "pac:"
+"""``proxy = "pac:URL"``: the PAC file at URL chooses."""
+PAC_TIMEOUT = 10.0
+"""Seconds to fetch a PAC file."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -82,6 +96,8 @@ class ProxyChoice:
     """Why, for ``doctor`` and the logs: ``proxy setting``, ``HTTPS_PROXY``, ..."""
     loopback_bypass: bool = False
     """The environment names a proxy, left unused because the relay is on loopback."""
+    pac: str | None = None
+    """The PAC file the choice came from (the link runs it again at each connection)."""
 
     def describe(self) -> str:
         """One line without the proxy's password."""
@@ -151,23 +167,72 @@ def bypassed(host: str, port: int, no_proxy: str) -> bool:
     return False
 
 
-def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> ProxyChoice:
+def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str], *,
+                  system: Callable[[], winproxy.SystemSettings | None] = winproxy.read,
+                  wpad: Callable[[], list[str]] | None = None, ca_file: Path | None = None,
+                  timeout: float = PAC_TIMEOUT) -> ProxyChoice:
     """The proxy for ``relay_url`` (module docstring, Proxy).
 
     Args:
-        setting: the ``proxy`` setting (empty: the environment; ``direct``: none).
+        setting: the ``proxy`` setting: a URL, ``direct``, ``pac:URL``, ``auto`` or empty.
         relay_url: the relay's base URL.
         env: the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``).
+        system: the Windows system proxy settings (:func:`relay_agent.winproxy.read`).
+        wpad: the WPAD URLs to try (default: :func:`wpad_urls` of this computer's name).
+        ca_file: extra trust for an https PAC URL.
+        timeout: seconds to fetch a PAC file.
 
     Raises:
         ConfigError: the chosen proxy URL is unusable (naming where it came from).
+        pac.PacError: the PAC file named by the setting or the system settings cannot be
+            fetched or run (its ``url`` says which).
     """
     setting = setting.strip()
-    if setting.lower() == DIRECT:
+    kind = setting.lower()
+    if kind == DIRECT:
         return ProxyChoice(None, "proxy = direct")
-    if setting:
+    if kind.startswith(PAC_PREFIX):
+        return _from_pac(setting[len(PAC_PREFIX):].strip(), relay_url, "proxy = pac:",
+                         ca_file=ca_file, timeout=timeout)
+    if setting and kind != AUTO:
         check_proxy_url(setting)
         return ProxyChoice(setting, "proxy setting")
+    from_env = _from_environment(relay_url, env)
+    if from_env is not None:
+        return from_env
+    parts = urlsplit(relay_url)
+    host = parts.hostname or ""
+    if is_loopback_host(host):
+        return ProxyChoice(None, "the relay is on loopback")
+    settings = system()
+    if settings is not None:
+        for candidate in winproxy.candidates(settings, host=host, scheme=parts.scheme):
+            if candidate.kind == "wpad":
+                found = _from_wpad(relay_url, wpad, candidate.source, ca_file=ca_file,
+                                   timeout=timeout)
+                if found is not None:
+                    return found
+            elif candidate.kind == "pac":
+                return _from_pac(candidate.value, relay_url, candidate.source,
+                                 ca_file=ca_file, timeout=timeout)
+            elif candidate.kind == "proxy":
+                check_proxy_url(candidate.value, source=candidate.source)
+                return ProxyChoice(candidate.value, candidate.source)
+            else:
+                return ProxyChoice(None, candidate.source)
+    if kind == AUTO:
+        found = _from_wpad(relay_url, wpad, "proxy = auto", ca_file=ca_file, timeout=timeout)
+        if found is not None:
+            return found
+        return ProxyChoice(None, "proxy = auto: no HTTPS_PROXY, no system proxy settings, no "
+                           "WPAD file found")
+    if settings is not None:
+        return ProxyChoice(None, "no HTTPS_PROXY set, no Windows proxy settings")
+    return ProxyChoice(None, "no HTTPS_PROXY set")
+
+
+def _from_environment(relay_url: str, env: Mapping[str, str]) -> ProxyChoice | None:
+    """The environment's proxy for the relay; None when it names none."""
     parts = urlsplit(relay_url)
     host = parts.hostname or ""
     # The link is a CONNECT tunnel whatever the relay's scheme, so HTTPS_PROXY comes first even
@@ -178,7 +243,7 @@ def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> Proxy
         name = "http_proxy"
         found = _env(env, name)
     if not found:
-        return ProxyChoice(None, "no HTTPS_PROXY set")
+        return None
     if bypassed(host, parts.port or (443 if parts.scheme == "https" else 80),
                 _env(env, "no_proxy")):
         return ProxyChoice(None, f"{name.upper()} is set, but NO_PROXY covers {host}")
@@ -190,16 +255,91 @@ def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> Proxy
     return ProxyChoice(found, name.upper())
 
 
+def _pac_target(relay_url: str) -> str:
+    # What browsers pass for an https URL: scheme, host and port, no path (a PAC file must
+    # not see paths, which may carry secrets).
+    parts = urlsplit(relay_url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+
+
+def pac_proxy(pac_url: str, relay_url: str, *, ca_file: Path | None = None,
+              timeout: float = PAC_TIMEOUT) -> tuple[str | None, str]:
+    """Fetch and run the PAC file at ``pac_url`` for the relay: the proxy URL it chooses
+    (None: direct) and its whole answer.
+
+    Raises:
+        pac.PacError: the file cannot be fetched or run, or it names no usable entry.
+        ConfigError: the proxy it names is not a usable URL.
+    """
+    source = f"the PAC file {pac_url}"
+    try:
+        context = ssl_context(ca_file) if pac_url.lower().startswith("https:") else None
+        script = pac.fetch(pac_url, timeout=timeout, context=context)
+        answer = pac.evaluate(script, _pac_target(relay_url), source=source)
+        chosen = pac.first_usable(pac.parse_result(answer), source=source)
+        if chosen is not None:
+            check_proxy_url(chosen, source=source)
+    except pac.PacError as exc:
+        exc.url = pac_url
+        raise
+    return chosen, answer
+
+
+def _from_pac(pac_url: str, relay_url: str, source: str, *, ca_file: Path | None,
+              timeout: float) -> ProxyChoice:
+    if not pac_url:
+        raise ConfigError("proxy = pac:URL needs the PAC file's URL (http://, https:// or "
+                          "file://)")
+    chosen, answer = pac_proxy(pac_url, relay_url, ca_file=ca_file, timeout=timeout)
+    return ProxyChoice(chosen, f"{source} {pac_url}, which answered {answer!r}", pac=pac_url)
+
+
+def wpad_urls(fqdn: str) -> list[str]:
+    """Where WPAD by DNS looks for this computer (``pc.branch.corp.example``):
+    ``http://wpad.branch.corp.example/wpad.dat``, then each parent domain down to two labels
+    (a ``wpad`` host directly under a public suffix is not looked for)."""
+    labels = fqdn.lower().rstrip(".").split(".")[1:]
+    urls: list[str] = []
+    while len(labels) >= 2 and len(urls) < 3:
+        urls.append(f"http://wpad.{'.'.join(labels)}/wpad.dat")
+        labels = labels[1:]
+    return urls
+
+
+def _from_wpad(relay_url: str, wpad: Callable[[], list[str]] | None, source: str, *,
+               ca_file: Path | None, timeout: float) -> ProxyChoice | None:
+    urls = wpad() if wpad is not None else wpad_urls(socket.getfqdn())
+    for url in urls:
+        try:
+            return _from_pac(url, relay_url, f"{source}: WPAD found", ca_file=ca_file,
+                             timeout=timeout)
+        except pac.PacError:
+            continue  # no WPAD server there: the next domain, then direct
+    return None
+
+
 def config_proxy(config: AgentConfig) -> str | None:
-    """The proxy a config resolved by the CLI names; None: direct.
+    """The proxy a config resolved by the CLI names; None: direct, or a PAC file's choice
+    (:func:`link_proxy` runs it).
 
     An empty setting reads as direct here: the environment is the CLI's to read.
     """
     setting = config.proxy.strip()
-    if not setting or setting.lower() == DIRECT:
+    if not setting or setting.lower() in (DIRECT, AUTO) or setting.lower().startswith(PAC_PREFIX):
         return None
     check_proxy_url(setting)
     return setting
+
+
+async def link_proxy(config: AgentConfig) -> str | None:
+    """:func:`config_proxy`, with a ``pac:URL`` setting run now (in a worker thread), so that
+    each connection attempt follows the PAC file as it is then."""
+    setting = config.proxy.strip()
+    if setting.lower().startswith(PAC_PREFIX):
+        chosen, _ = await asyncio.to_thread(pac_proxy, setting[len(PAC_PREFIX):].strip(),
+                                            config.relay_url, ca_file=config.ca_file)
+        return chosen
+    return config_proxy(config)
 
 
 def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -250,7 +390,7 @@ async def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"proxy": None}
     if urlsplit(config.relay_url).scheme == "https":
         kwargs["ssl"] = ssl_context(config.ca_file)
-    proxy = config_proxy(config)
+    proxy = await link_proxy(config)
     if proxy is not None:
         host, port = _relay_address(config.relay_url)
         kwargs["sock"] = await open_tunnel(proxy_endpoint(proxy), host, port,
