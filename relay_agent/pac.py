@@ -10,8 +10,8 @@ run, at most 16 distinct host names looked up, each lookup given 2 s.
 QuickJS refuses calls into Python while a time limit is set, so the script cannot resolve
 names itself. It runs against a table of names already resolved; a name missing there is
 recorded and answered "unresolvable", then resolved here and the script run again from the
-start (``FindProxyForURL`` is a function of its inputs; at most four runs). The relay's host
-and this computer's address are resolved before the first run.
+start (``FindProxyForURL`` is a function of its inputs; at most four runs). The same goes for
+``myIpAddress()``. A script that only matches names costs no lookup at all.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ MEMORY_LIMIT = 32 * 1024 * 1024
 MAX_NAMES = 16
 LOOKUP_TIMEOUT = 2.0
 _MAX_RUNS = 4
+_MY_ADDRESS = "\x00myIpAddress"
+"""Recorded in the wanted names when the script asks for this computer's address."""
 _MAX_RESULT = 4096
 
 Resolver = Callable[[str], str | None]
@@ -183,22 +185,28 @@ def evaluate(script: str, url: str, *, resolve: Resolver = _lookup,
         raise PacError(f"{source} is over {MAX_SCRIPT // 1024} KiB: not a PAC file?")
     host = (urlsplit(url).hostname or "").lower()
     lookups = _Lookups(resolve)
+    address = my_address
     try:
-        lookups.add([host])
-        address = my_address or _my_address(lookups.table.get(host))
         for _ in range(_MAX_RUNS):
             answer, wanted = _run(script, url, host, lookups.table, address,
                                   now or datetime.datetime.now(), source)
-            wanted = [name for name in wanted if name not in lookups.table]
-            if not wanted or lookups.full:
+            again = False
+            if _MY_ADDRESS in wanted and address is None:
+                lookups.add([host])
+                address = _my_address(lookups.table.get(host))
+                again = True
+            names = [n for n in wanted if n != _MY_ADDRESS and n not in lookups.table]
+            if names and not lookups.full:
+                lookups.add(names)
+                again = True
+            if not again:
                 return answer
-            lookups.add(wanted)
         return answer
     finally:
         lookups.close()
 
 
-def _run(script: str, url: str, host: str, table: dict[str, str | None], address: str,
+def _run(script: str, url: str, host: str, table: dict[str, str | None], address: str | None,
          now: datetime.datetime, source: str) -> tuple[str, list[str]]:
     context = quickjs.Context()
     context.set_memory_limit(MEMORY_LIMIT)
@@ -282,8 +290,11 @@ function dnsResolve(host) {
 function dnsResolveEx(host) { return dnsResolve(host) || ""; }
 function isResolvable(host) { return dnsResolve(host) !== null; }
 function isResolvableEx(host) { return isResolvable(host); }
-function myIpAddress() { return __in.my; }
-function myIpAddressEx() { return __in.my; }
+function myIpAddress() {
+    if (__in.my === null) { __wanted.push("\u0000myIpAddress"); return "127.0.0.1"; }
+    return __in.my;
+}
+function myIpAddressEx() { return myIpAddress(); }
 function isPlainHostName(host) { return String(host).indexOf(".") < 0; }
 function dnsDomainIs(host, domain) {
     host = String(host).toLowerCase(); domain = String(domain).toLowerCase();

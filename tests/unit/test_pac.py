@@ -72,14 +72,28 @@ def test_the_url_is_passed_as_given_with_its_lower_case_host() -> None:
 
 
 def test_names_the_script_asks_for_are_resolved_then_it_runs_again() -> None:
-    """A name missing from the table is resolved once and the script run again with it; the
-    relay's host is resolved before the first run."""
+    """A name missing from the table is resolved once and the script run again with it;
+    nothing else is looked up, not even the relay's host."""
     lookups: list[str] = []
     table: dict[str, str | None] = {**TABLE, "wpad-check.corp.example": "10.0.0.1"}
     answer = run('if (isResolvable("wpad-check.corp.example")) return "PROXY inside:3128";'
                  ' return "DIRECT";', table=table, lookups=lookups)
     assert answer == "PROXY inside:3128"
-    assert lookups == ["relay.example.com", "wpad-check.corp.example"]
+    assert lookups == ["wpad-check.corp.example"]
+
+
+def test_my_address_is_the_route_to_the_relay_when_asked_for() -> None:
+    """myIpAddress() without a given address: this computer's address towards the relay's
+    (here loopback), found only because the script asked."""
+    lookups: list[str] = []
+    answer = pac.evaluate('function FindProxyForURL(u, h) { return "PROXY " + myIpAddress(); }',
+                          "https://relay.example.com/", resolve=lambda n: lookups.append(n)
+                          or "127.0.0.1")
+    assert answer == "PROXY 127.0.0.1" and lookups == ["relay.example.com"]
+    assert pac.evaluate('function FindProxyForURL(u, h) { return "DIRECT"; }',
+                        "https://relay.example.com/", resolve=lambda n: lookups.append(n)
+                        or None) == "DIRECT"
+    assert lookups == ["relay.example.com"]
 
 
 def test_lookups_are_bounded_in_number() -> None:
