@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import quickjs  # type: ignore[import-untyped]  # no type information shipped
-
 from shared.errors import ConfigError
 
 __all__ = [
@@ -208,6 +206,8 @@ def evaluate(script: str, url: str, *, resolve: Resolver = _lookup,
 
 def _run(script: str, url: str, host: str, table: dict[str, str | None], address: str | None,
          now: datetime.datetime, source: str) -> tuple[str, list[str]]:
+    import quickjs  # type: ignore[import-untyped]  # imported when a PAC file is run
+
     context = quickjs.Context()
     context.set_memory_limit(MEMORY_LIMIT)
     context.set_max_stack_size(1024 * 1024)

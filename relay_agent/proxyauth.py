@@ -22,9 +22,11 @@ import base64
 import importlib.util
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import spnego
+if TYPE_CHECKING:
+    import spnego
 
 __all__ = [
     "Challenge",
@@ -158,6 +160,10 @@ class Authenticator:
         self.credentials = credentials
         self._context: spnego.ContextProxy | None = None
         if scheme in ("negotiate", "ntlm"):
+            # Imported here: pyspnego brings cryptography, which the running agent otherwise
+            # does without (its footprint) unless a proxy asks for NTLM or Negotiate.
+            import spnego
+
             try:
                 self._context = spnego.client(
                     credentials.user if credentials else None,
@@ -191,6 +197,8 @@ class Authenticator:
 
 
 def _spnego_reason(exc: BaseException, credentials: ProxyCredentials | None) -> str:
+    import spnego.exceptions
+
     if credentials is None and isinstance(exc, spnego.exceptions.SpnegoError):
         # Typically "No username or password was specified and the credential cache did
         # not exist": said shortly, the explanation names what to set.
