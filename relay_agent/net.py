@@ -1,22 +1,29 @@
 """Reaching the relay from a corporate network: which proxy, which certificates, which error.
 
-Issue 8 (Agent on office PCs, corporate networks). Enrollment (aiohttp), the link (websockets)
-and ``doctor`` (blocking sockets) all ask this module, so the three agree:
+Enrollment (aiohttp), the link (websockets) and ``doctor`` (blocking sockets) all ask this
+module, so the three agree (docs/corporate-networks.md):
 
-- **Proxy** (:func:`resolve_proxy`): the ``proxy`` setting when set (``direct`` means none);
-  otherwise ``HTTPS_PROXY`` (``HTTP_PROXY`` for an ``http://`` relay), lower-case names first
-  as curl and urllib do, unless ``NO_PROXY`` covers the relay host or the relay is on
-  loopback (a proxy cannot reach this PC's loopback). Only HTTP CONNECT proxies, optionally
-  with basic auth in the URL. Only ``cli.py`` reads the environment: it resolves the choice
-  once and hands the layers below a config whose ``proxy`` is explicit (a URL or ``direct``),
-  so neither library consults the environment behind our back.
+- **Proxy** (:func:`resolve_proxy`): the ``proxy`` setting when it names a proxy (``direct``
+  means none; ``pac:URL`` runs that PAC file, :mod:`.pac`); otherwise ``HTTPS_PROXY``
+  (``HTTP_PROXY`` for an ``http://`` relay), lower-case names first as curl and urllib do,
+  unless ``NO_PROXY`` covers the relay host; otherwise the Windows proxy settings
+  (:mod:`.winproxy`: WPAD, a PAC file, a manual proxy); ``auto`` adds WPAD by DNS
+  (:func:`wpad_urls`). A relay on loopback is never proxied by these automatic sources (a
+  proxy cannot reach this PC's loopback). Only ``cli.py`` reads the environment: it resolves
+  the choice once and hands the layers below a config whose ``proxy`` is explicit (a URL,
+  ``direct``, or ``pac:URL``, which the link runs again at each connection), so neither
+  library consults the environment behind our back.
+- **Tunnel**: through a proxy the agent opens the CONNECT tunnel itself (:mod:`.tunnel`),
+  answering Negotiate, NTLM or Basic challenges (:mod:`.proxyauth`), and hands the socket to
+  websockets (``sock=``) or aiohttp (:class:`TunnelConnector`); neither library's own proxy
+  support can answer NTLM.
 - **Trust** (:func:`ssl_context`): the operating system's certificate store through
   ``truststore`` (the one a corporate IT department manages, e.g. by group policy on
   Windows), plus the ``ca_file`` bundle for a TLS-inspecting proxy's CA.
-- **Errors** (:func:`explain`): a proxy that wants credentials (407), a proxy that refuses
-  the CONNECT, a proxy that cannot be reached and a certificate that is not trusted each get
-  a sentence naming the cause and the setting that fixes it. Proxy passwords never appear in
-  messages or logs (:func:`redact`).
+- **Errors** (:func:`explain`): a proxy that wants credentials (407, explained from the
+  schemes it offers), a proxy that refuses the CONNECT, a proxy that cannot be reached and a
+  certificate that is not trusted each get a sentence naming the cause and the setting that
+  fixes it. Proxy passwords never appear in messages or logs (:func:`redact`).
 """
 
 from __future__ import annotations
@@ -119,8 +126,9 @@ def check_proxy_url(url: str, *, source: str = "proxy") -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: {shown!r} is not a URL ({exc})") from exc
     if parts.scheme != "http" or not parts.hostname:
+        others = ", or pac:URL, auto or direct" if source == "proxy" else ""
         raise ConfigError(f"{source} must be http://[USER:PASSWORD@]HOST:PORT (an HTTP CONNECT "
-                          f"proxy), got {shown!r}")
+                          f"proxy){others}, got {shown!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(f"{source} must not have a path, query or fragment, got {shown!r}")
     if parts.username is not None and parts.password is None:
