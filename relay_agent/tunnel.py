@@ -39,6 +39,7 @@ __all__ = [
     "ProxyError",
     "ProxyRefused",
     "ProxyAnswerInvalid",
+    "ProxyUnreachable",
     "Handshake",
     "Send",
     "ESTABLISHED",
@@ -80,6 +81,10 @@ class ProxyRefused(ProxyError):
         self.status = status
         self.reason = reason
         self.offered = offered
+
+
+class ProxyUnreachable(ProxyError):
+    """No connection to the proxy could be made."""
 
 
 class ProxyAnswerInvalid(ProxyError):
@@ -317,7 +322,13 @@ class Handshake:
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, proxy: ProxyEndpoint) -> socket.socket:
-    infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    """A connection to the proxy; a failure names it (the proxy may come from a PAC file or
+    the Windows settings, which the caller's message would not show)."""
+    try:
+        infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ProxyUnreachable(f"cannot connect to the proxy {proxy.shown}: cannot resolve "
+                               f"{proxy.host} ({exc.strerror or exc})") from exc
     error: OSError = OSError(f"cannot resolve {proxy.host}")
     for family, kind, protocol, _, address in infos:
         sock = socket.socket(family, kind, protocol)
@@ -332,7 +343,8 @@ async def _connect(loop: asyncio.AbstractEventLoop, proxy: ProxyEndpoint) -> soc
             sock.close()
             raise
         return sock
-    raise error
+    raise ProxyUnreachable(f"cannot connect to the proxy {proxy.shown}: "
+                           f"{error.strerror or error}") from error
 
 
 async def open_tunnel(proxy: ProxyEndpoint, host: str, port: int, *,
@@ -341,7 +353,7 @@ async def open_tunnel(proxy: ProxyEndpoint, host: str, port: int, *,
 
     Raises:
         ProxyRefused, ProxyAnswerInvalid: as :class:`Handshake`.
-        OSError: the proxy cannot be reached.
+        ProxyUnreachable: the proxy cannot be reached.
         TimeoutError: no tunnel within ``timeout`` seconds.
     """
     loop = asyncio.get_running_loop()
