@@ -7,7 +7,13 @@ import base64
 
 import pytest
 
-from relay_agent.proxyauth import Challenge, ProxyCredentials, choose_scheme, parse_challenges
+from relay_agent.proxyauth import (
+    Challenge,
+    ProxyCredentials,
+    choose_scheme,
+    explain_407,
+    parse_challenges,
+)
 from relay_agent.tunnel import (
     ESTABLISHED,
     MAX_BODY,
@@ -171,3 +177,22 @@ def test_the_scheme_follows_what_this_computer_can_do() -> None:
     assert choose_scheme(["basic"], credentials=None, windows=True, kerberos=True) is None
     assert choose_scheme(["basic"], credentials=ALICE, windows=False, kerberos=False) == "basic"
     assert choose_scheme(["digest"], credentials=ALICE, windows=True, kerberos=True) is None
+
+
+def test_407_explanations_on_windows_speak_of_the_logon() -> None:
+    """On Windows, with no credentials in the URL, a rejection is of the account's logon and
+    the fix names the service account; a failing SSPI says to run as a domain account."""
+    common = {"shown_proxy": "http://proxy.corp:8080", "answer": "HTTP 407 Denied",
+              "offered": ["negotiate", "ntlm"], "credentials": None, "windows": True}
+    rejected = explain_407(tried="negotiate", **common)
+    assert "it offers Negotiate, NTLM" in rejected
+    assert "rejected Negotiate with the Windows logon of the account the agent runs as" \
+        in rejected and "run the service as a domain user" in rejected
+    failed = explain_407(tried="negotiate", problem="no logon session", **common)
+    assert "cannot answer Negotiate (no logon session)" in failed
+    assert "run the agent as an account that can log on to the domain" in failed
+    elsewhere = explain_407(**{**common, "windows": False}, tried="ntlm")
+    assert "NTLM_USER_FILE" in elsewhere
+    kerberos_only = explain_407(**{**common, "windows": False, "offered": ["negotiate"]},
+                                tried="negotiate", problem="no credentials found")
+    assert "kinit" in kerberos_only and "pyspnego[kerberos]" in kerberos_only

@@ -209,3 +209,18 @@ async def test_the_windows_script_setting_is_followed(
                                      system=lambda: settings)
     assert choice.url == f"http://127.0.0.1:{proxy.port}" and choice.pac == pac_server.url
     assert pac_server.hits == 1
+
+
+async def test_run_starts_when_the_pac_file_is_down_and_keeps_it_for_the_link(
+    pac_server: PacServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At start the PAC server answers 503 (it may come up after the PC): run does not stop,
+    it warns naming the file and hands the link the PAC file to fetch again at each attempt."""
+    pac_server.status = 503
+    config = AgentConfig(relay_url="https://relay.test:1", proxy=f"pac:{pac_server.url}")
+    with caplog.at_level("WARNING", logger="relay_agent.cli"):
+        resolved = await asyncio.to_thread(cli._resolve_network, config)
+    assert resolved.proxy == f"pac:{pac_server.url}"
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert "cannot be fetched: HTTP 503" in warning.__dict__["error"]
+    assert net.config_proxy(resolved) is None  # the link runs the file itself (link_proxy)
