@@ -82,6 +82,8 @@ PAC_PREFIX = "pac:"
 """``proxy = "pac:URL"``: the PAC file at URL chooses."""
 PAC_TIMEOUT = 10.0
 """Seconds to fetch a PAC file."""
+WPAD_TIMEOUT = 3.0
+"""Seconds to fetch each WPAD candidate (:func:`wpad_urls`)."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -319,8 +321,10 @@ def _from_wpad(relay_url: str, wpad: Callable[[], list[str]] | None, source: str
     urls = wpad() if wpad is not None else wpad_urls(socket.getfqdn())
     for url in urls:
         try:
+            # A short wait each: a WPAD name that resolves but does not answer must not hold
+            # the start of a service (which Windows gives 30 s) for the full PAC timeout.
             return _from_pac(url, relay_url, f"{source}: WPAD found", ca_file=ca_file,
-                             timeout=timeout)
+                             timeout=min(timeout, WPAD_TIMEOUT))
         except pac.PacError:
             continue  # no WPAD server there: the next domain, then direct
     return None
