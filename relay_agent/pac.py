@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
 
@@ -84,9 +84,11 @@ def fetch(url: str, *, timeout: float, context: ssl.SSLContext | None = None) ->
     parts = urlsplit(url)
     try:
         if parts.scheme == "file":
-            path = Path(unquote(parts.path))
-            if parts.netloc and parts.netloc != "localhost":
-                path = Path(f"//{parts.netloc}{unquote(parts.path)}")  # a UNC share on Windows
+            # url2pathname: file:///C:/corp/proxy.pac is C:\corp\proxy.pac on Windows, and
+            # file://server/share/proxy.pac a UNC path there.
+            remote = parts.netloc not in ("", "localhost")
+            path = Path(urllib.request.url2pathname(
+                f"//{parts.netloc}{parts.path}" if remote else parts.path))
             with path.open("rb") as file:
                 data = file.read(MAX_SCRIPT + 1)
         elif parts.scheme in ("http", "https"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from relay_agent import cli, net
+from relay_agent import cli, net, pac
 from relay_agent.doctor import run_checks
 from relay_agent.link import LinkState
 from relay_agent.winproxy import SystemSettings, UserSettings
@@ -151,15 +151,19 @@ async def test_a_pac_file_saying_direct_goes_direct(
     ("missing", "cannot be fetched: HTTP 404"),
     ("syntax", "failed: SyntaxError"),
     ("socks", "answered 'SOCKS5 127.0.0.1:1080': the agent can use only PROXY"),
+    ("huge", "is over 1024 KiB: not a PAC file?"),
 ])
 async def test_a_broken_pac_file_is_a_clear_doctor_failure(
     tmp_path: Path, tls_relay: TlsRelay, pac_server: PacServer, case: str, expected: str,
 ) -> None:
-    """Not served, not JavaScript, or naming only a SOCKS proxy: the proxy line fails naming
-    the PAC file and the cause; the network checks after it are skipped, not run direct."""
+    """Not served, not JavaScript, naming only a SOCKS proxy, or too big to be one (not read
+    past the bound): the proxy line fails naming the PAC file and the cause; the network
+    checks after it are skipped, not run direct."""
     pac_server.status = 404 if case == "missing" else 200
-    pac_server.script = ("function FindProxyForURL(url, host) { return (; }" if case == "syntax"
-                         else 'function FindProxyForURL(u, h) { return "SOCKS5 127.0.0.1:1080"; }')
+    pac_server.script = {
+        "syntax": "function FindProxyForURL(url, host) { return (; }",
+        "huge": "//" + "x" * pac.MAX_SCRIPT,
+    }.get(case, 'function FindProxyForURL(u, h) { return "SOCKS5 127.0.0.1:1080"; }')
     config = tmp_path / "config.toml"
     config.write_text(f'relay_url = "{tls_relay.url()}"\nagent_id = "a"\nrelay_id = "r"\n'
                       f'listen = "127.0.0.1:0"\nproxy = "pac:{pac_server.url}"\n')
