@@ -243,8 +243,7 @@ def explain_407(*, shown_proxy: str, answer: str, offered: list[str], tried: str
     name = SCHEME_NAMES[tried]
     if problem is not None:
         if windows:
-            fix = ("run the agent as an account that can log on to the domain, or put a user "
-                   f"and password in the proxy setting: {url_form}")
+            fix = f"run the service as a domain user, or set {url_form}"
         elif tried == "negotiate" and "ntlm" not in offered:
             fix = (f"put the user and password in the proxy setting ({url_form}), or get a "
                    "Kerberos ticket (kinit) with pyspnego[kerberos] installed")
@@ -258,6 +257,6 @@ def explain_407(*, shown_proxy: str, answer: str, offered: list[str], tried: str
         return (f"{head}: it rejected {name} with the credentials from NTLM_USER_FILE or the "
                 f"Kerberos ticket cache: fix those, or put the user and password in the proxy "
                 f"setting: {url_form}")
-    return (f"{head}: it rejected {name} with the Windows logon of the account the agent runs "
-            "as: allow that account through the proxy, run the service as a domain user that "
-            f"may use it, or put a user and password in the proxy setting: {url_form}")
+    # Kept short: the link's last error (status page) holds about 300 characters.
+    return (f"{head}: it rejected {name} for the Windows logon the agent runs as: run the "
+            f"service as a domain user that may use the proxy, or set {url_form}")

@@ -186,11 +186,12 @@ def test_407_explanations_on_windows_speak_of_the_logon() -> None:
               "offered": ["negotiate", "ntlm"], "credentials": None, "windows": True}
     rejected = explain_407(tried="negotiate", **common)
     assert "it offers Negotiate, NTLM" in rejected
-    assert "rejected Negotiate with the Windows logon of the account the agent runs as" \
-        in rejected and "run the service as a domain user" in rejected
+    assert "rejected Negotiate for the Windows logon the agent runs as" in rejected
+    assert "run the service as a domain user that may use the proxy" in rejected
+    assert len(rejected) < 300  # the link's last error keeps about that much
     failed = explain_407(tried="negotiate", problem="no logon session", **common)
     assert "cannot answer Negotiate (no logon session)" in failed
-    assert "run the agent as an account that can log on to the domain" in failed
+    assert "run the service as a domain user, or set proxy = " in failed
     elsewhere = explain_407(**{**common, "windows": False}, tried="ntlm")
     assert "NTLM_USER_FILE" in elsewhere
     kerberos_only = explain_407(**{**common, "windows": False, "offered": ["negotiate"]},
