@@ -6,7 +6,8 @@ bytes both ways until either side closes. Options:
 - ``user``/``password``: authentication; a CONNECT without credentials gets a ``407``
   challenge (``Proxy-Authenticate`` from ``offer``) on a kept-alive connection, wrong
   credentials a final ``407`` that closes it.
-- ``scheme``: ``basic`` (the default) or ``ntlm``: the proxy side of NTLM is pyspnego's
+- ``scheme``: ``basic`` (the default), ``ntlm`` or ``negotiate`` (SPNEGO; with no Kerberos
+  here, NTLM inside it): the proxy side is pyspnego's
   acceptor, which checks the client against the file named by ``NTLM_USER_FILE`` (written
   by :meth:`ConnectProxy.start` from ``user``/``password`` as ``DOMAIN:USER:PASSWORD``, and
   put in the environment only while the acceptor runs). The negotiate, challenge and
@@ -78,7 +79,7 @@ class ConnectProxy:
         return f"http://{DOMAIN}%5C{self.user}:{self.password}@127.0.0.1:{self.port}"
 
     async def start(self) -> ConnectProxy:
-        if self.scheme == "ntlm":
+        if self.scheme in ("ntlm", "negotiate"):
             handle, name = tempfile.mkstemp(prefix="ntlm-users-", text=True)
             with os.fdopen(handle, "w") as file:
                 file.write(f"{DOMAIN}:{self.user}:{self.password}\n")
@@ -114,7 +115,8 @@ class ConnectProxy:
     def _challenge_values(self) -> list[str]:
         if self.offer is not None:
             return self.offer
-        return ["NTLM"] if self.scheme == "ntlm" else ['Basic realm="test"']
+        return {"ntlm": ["NTLM"], "negotiate": ["Negotiate"]}.get(self.scheme,
+                                                                   ['Basic realm="test"'])
 
     @contextlib.contextmanager
     def _user_file_env(self) -> Iterator[None]:
@@ -145,19 +147,19 @@ class ConnectProxy:
                 self.users.append(self.user)
                 return True, None
             return False, None
-        if self.scheme == "ntlm" and scheme.lower() == "ntlm":
+        if self.scheme in ("ntlm", "negotiate") and scheme.lower() == self.scheme:
             try:
                 token = base64.b64decode(value, validate=True)
                 with self._user_file_env():
-                    if "ntlm" not in state:
-                        state["ntlm"] = spnego.server(protocol="ntlm")
-                    answer = state["ntlm"].step(token)
+                    if "context" not in state:
+                        state["context"] = spnego.server(protocol=self.scheme)
+                    answer = state["context"].step(token)
             except (ValueError, spnego.exceptions.SpnegoError):
                 return False, None
-            if state["ntlm"].complete:
-                self.users.append(str(state["ntlm"].client_principal))
+            if state["context"].complete:
+                self.users.append(str(state["context"].client_principal))
                 return True, None
-            return False, "NTLM " + base64.b64encode(answer or b"").decode()
+            return False, f"{scheme} " + base64.b64encode(answer or b"").decode()
         return False, None
 
     async def _answer(self, writer: asyncio.StreamWriter, status: int, reason: str,

@@ -154,3 +154,18 @@ async def test_schemes_are_chosen_from_what_the_proxy_offers(
         else:
             assert code == 1 and expected in err and err.count("\n") == 1
             assert proxy.connects == [] and proxy.challenges == 1
+
+
+async def test_a_negotiate_only_proxy_is_answered_with_spnego(
+    tmp_path: Path, tls_relay: TlsRelay,
+) -> None:
+    """A proxy offering only Negotiate (SPNEGO; NTLM inside it, as without a Kerberos realm):
+    the link answers it over several legs and receives events."""
+    async with ConnectProxy(user="alice", password="s3cret", scheme="negotiate",
+                            hosts={"relay.test": "127.0.0.1"}) as proxy:
+        config, key = await link_config(tls_relay, tmp_path, proxy=proxy.ntlm_url,
+                                        ca_file=tls_relay.ca_file)
+        async with running_link(config, key, tmp_path) as (link, inbox):
+            seqs = await tls_relay.append(1)
+            await eventually(lambda: inbox.last_seq() == seqs[-1], what="events by Negotiate")
+        assert proxy.users == ["CORP\\alice"] and proxy.refused == []
