@@ -216,7 +216,7 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
                       "encrypted (insecure = true)")
     else:
         first = Check("relay_url", "ok", config.relay_url)
-    proxy = _proxy(config, relay, env)
+    proxy = _proxy(config, relay, env, timeout)
     checks = [first, proxy]
     if proxy.status == "fail":
         return [*checks, *(Check(name, "skip", "proxy unusable") for name in names)]
@@ -239,12 +239,13 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float)
     return checks
 
 
-def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str]) -> Check:
+def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str], timeout: float) -> Check:
     """The proxy the agent uses (net.resolve_proxy), and the TLS trust it adds (ca_file)."""
     try:
         if relay.tls:
             relay.context = net.ssl_context(config.ca_file)
-        choice = net.resolve_proxy(config.proxy, config.relay_url, env, ca_file=config.ca_file)
+        choice = net.resolve_proxy(config.proxy, config.relay_url, env, ca_file=config.ca_file,
+                                   timeout=timeout)
     except ConfigError as exc:  # a PAC file that cannot be fetched or run, too
         return Check("proxy", "fail", str(exc))
     relay.proxy = choice.url
