@@ -40,6 +40,7 @@ __all__ = [
     "ProxyRefused",
     "ProxyAnswerInvalid",
     "ProxyUnreachable",
+    "ProxyTimeout",
     "Handshake",
     "Send",
     "ESTABLISHED",
@@ -85,6 +86,10 @@ class ProxyRefused(ProxyError):
 
 class ProxyUnreachable(ProxyError):
     """No connection to the proxy could be made."""
+
+
+class ProxyTimeout(ProxyError, TimeoutError):
+    """No tunnel within the time allowed."""
 
 
 class ProxyAnswerInvalid(ProxyError):
@@ -354,29 +359,40 @@ async def open_tunnel(proxy: ProxyEndpoint, host: str, port: int, *,
     Raises:
         ProxyRefused, ProxyAnswerInvalid: as :class:`Handshake`.
         ProxyUnreachable: the proxy cannot be reached.
-        TimeoutError: no tunnel within ``timeout`` seconds.
+        ProxyTimeout: no tunnel within ``timeout`` seconds.
     """
+    try:
+        async with asyncio.timeout(timeout):
+            return await _open(proxy, host, port)
+    except TimeoutError as exc:
+        if isinstance(exc, ProxyError):
+            raise
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ProxyTimeout(f"the proxy {proxy.shown} opened no tunnel to {target} within "
+                           f"{timeout or 0:g} s") from exc
+
+
+async def _open(proxy: ProxyEndpoint, host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
     handshake = Handshake(proxy, host, port)
-    async with asyncio.timeout(timeout):
-        sock = await _connect(loop, proxy)
-        try:
-            data = handshake.start()
-            for _ in range(MAX_REQUESTS):
-                await loop.sock_sendall(sock, data)
-                step = None
-                while step is None:  # bounded: the reader refuses an oversized answer
-                    step = handshake.receive_data(await loop.sock_recv(sock, _CHUNK))
-                if isinstance(step, _Established):
-                    return sock
-                if step.reconnect:
-                    sock.close()
-                    sock = await _connect(loop, proxy)
-                data = step.data
-            raise AssertionError("the handshake ends within MAX_REQUESTS")  # pragma: no cover
-        except BaseException:
-            sock.close()
-            raise
+    sock = await _connect(loop, proxy)
+    try:
+        data = handshake.start()
+        for _ in range(MAX_REQUESTS):
+            await loop.sock_sendall(sock, data)
+            step = None
+            while step is None:  # bounded: the reader refuses an oversized answer
+                step = handshake.receive_data(await loop.sock_recv(sock, _CHUNK))
+            if isinstance(step, _Established):
+                return sock
+            if step.reconnect:
+                sock.close()
+                sock = await _connect(loop, proxy)
+            data = step.data
+        raise AssertionError("the handshake ends within MAX_REQUESTS")  # pragma: no cover
+    except BaseException:
+        sock.close()
+        raise
 
 
 def open_tunnel_sync(connect: Callable[[], socket.socket], proxy: ProxyEndpoint, host: str,

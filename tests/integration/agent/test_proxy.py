@@ -21,6 +21,7 @@ from relay_agent.doctor import run_checks
 from relay_agent.inbox import Inbox
 from relay_agent.link import AgentLink, LinkState
 from relay_agent.proxyauth import ProxyCredentials
+from relay_agent.tunnel import ProxyTimeout, open_tunnel
 from relay_server.app import create_public_app
 from relay_server.services import Services, open_services
 from shared import crypto
@@ -425,3 +426,27 @@ async def test_websocket_kwargs_direct_pass_no_proxy_and_the_trust() -> None:
     plain = await net.websocket_kwargs(AgentConfig(relay_url="http://127.0.0.1:1",
                                                    proxy="direct"))
     assert plain == {"proxy": None}
+
+
+async def test_a_proxy_that_never_answers_is_named_after_the_timeout() -> None:
+    """A proxy that takes the connection and says nothing: the tunnel gives up at its timeout
+    with a line naming the proxy and the target, not a bare TimeoutError."""
+    taken: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProxyTimeout) as timed_out:
+            await open_tunnel(net.proxy_endpoint(f"http://127.0.0.1:{port}"), "relay.test", 443,
+                              timeout=200 * MS)
+        assert str(timed_out.value).startswith(
+            f"the proxy http://127.0.0.1:{port} opened no tunnel to relay.test:443 within")
+        assert taken  # it did connect: the wait was for the answer
+    finally:
+        for writer in taken:
+            writer.close()
+        server.close()
+        await server.wait_closed()
