@@ -462,7 +462,7 @@ def _resolve_network(config: AgentConfig) -> AgentConfig:
         # The PAC server may come up after this PC (docs/corporate-networks.md): the link
         # fetches it again at each attempt, and its last error says why it cannot.
         log.warning("agent.network", extra={"proxy": f"PAC file {exc.url}", "error": str(exc)})
-        choice = net.ProxyChoice(None, str(exc), pac=exc.url)
+        return dataclasses.replace(config, proxy=f"{net.PAC_PREFIX}{exc.url}")
     except ConfigError as exc:
         raise _Fail(str(exc), EXIT_CONFIG) from exc
     trust = {"ca_file": str(config.ca_file)} if config.ca_file else {}
