@@ -54,6 +54,7 @@ from .enroll import (
     write_enrollment,
 )
 from .inbox import offline_stats
+from .pac import PacError
 from .system import AddressInUse, pid_alive
 
 __all__ = ["main", "run_hosted", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_REFUSED"]
@@ -91,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--allow-non-loopback", action="store_true", default=None,
                         help="let --listen name a non-loopback address (written to the config)")
     enroll.add_argument("--proxy", metavar="URL",
-                        help="HTTP CONNECT proxy http://[USER:PASSWORD@]HOST:PORT, or direct "
-                             "(default: HTTPS_PROXY/NO_PROXY; written to the config)")
+                        help="HTTP CONNECT proxy http://[USER:PASSWORD@]HOST:PORT, pac:URL, "
+                             "auto or direct (default: HTTPS_PROXY/NO_PROXY, then the Windows "
+                             "proxy settings; written to the config)")
     enroll.add_argument("--ca-file", type=Path, metavar="FILE",
                         help="PEM CA certificates to trust besides the OS store (written to "
                              "the config)")
@@ -221,9 +223,10 @@ def _enroll_network(args: argparse.Namespace, previous: dict[str, Any]
     ca_text = _setting(args.ca_file, previous, "ca_file").strip()
     ca_file = Path(ca_text).expanduser() if ca_text.lower() not in ("", "none") else None
     try:
+        context = net.ssl_context(ca_file)
         choice = net.resolve_proxy(_setting(args.proxy, previous, "proxy"), args.relay,
-                                   os.environ)
-        return choice, net.ssl_context(ca_file)
+                                   os.environ, ca_file=ca_file)
+        return choice, context
     except ConfigError as exc:
         raise _Fail(str(exc), EXIT_CONFIG) from exc
 
@@ -474,14 +477,24 @@ def _running_agent(data_dir: Path, pid: int | None) -> str:
 def _resolve_network(config: AgentConfig) -> AgentConfig:
     """Settle the proxy (the environment is read here only) and check ``ca_file`` loads."""
     try:
-        choice = net.resolve_proxy(config.proxy, config.relay_url, os.environ)
         net.ssl_context(config.ca_file)
+        choice = net.resolve_proxy(config.proxy, config.relay_url, os.environ,
+                                   ca_file=config.ca_file)
+    except PacError as exc:
+        if exc.url is None:
+            raise _Fail(str(exc), EXIT_CONFIG) from exc
+        # The PAC server may come up after this PC (docs/corporate-networks.md): the link
+        # fetches it again at each attempt, and its last error says why it cannot.
+        log.warning("agent.network", extra={"proxy": f"PAC file {exc.url}", "error": str(exc)})
+        return dataclasses.replace(config, proxy=f"{net.PAC_PREFIX}{exc.url}")
     except ConfigError as exc:
         raise _Fail(str(exc), EXIT_CONFIG) from exc
     trust = {"ca_file": str(config.ca_file)} if config.ca_file else {}
     log.info("agent.network", extra={"proxy": choice.describe(), **trust})
-    # The layers below never read the environment: they get an explicit proxy or "direct".
-    return dataclasses.replace(config, proxy=choice.url or net.DIRECT)
+    # The layers below never read the environment: they get an explicit proxy, "direct", or
+    # the PAC file to run at each connection.
+    proxy = f"{net.PAC_PREFIX}{choice.pac}" if choice.pac else (choice.url or net.DIRECT)
+    return dataclasses.replace(config, proxy=proxy)
 
 
 async def _serve(config: AgentConfig, token: str, key: crypto.SigningKey,

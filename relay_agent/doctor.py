@@ -30,15 +30,13 @@ from shared import crypto
 from shared.config import AGENT_ENV_PREFIX, AgentConfig, load, parse_hostport
 from shared.errors import ConfigError, UpstreamError
 
-from . import acl, net, refusal
+from . import acl, net, refusal, tunnel
 from .acl import AclApi
 from .enroll import KEY_FILE, STATE_FILE, TOKEN_FILE, check_relay_url, is_loopback_host
 from .system import bind_local, pid_alive
 from .winacl import system_api
 
 __all__ = ["Check", "Status", "run_checks", "format_text", "format_json", "all_ok"]
-
-_MAX_PROXY_ANSWER = 16384
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -239,15 +237,6 @@ def _local_port(config: AgentConfig | None, data_dir: Path) -> Check:
 # -- network -------------------------------------------------------------------------------------
 
 
-class _ProxyRefused(UpstreamError):
-    """The proxy answered the CONNECT with something else than 2xx."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"CONNECT answered HTTP {status} {reason}")
-        self.status = status
-        self.reason = reason
-
-
 def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float,
              clock: Callable[[], float]) -> list[Check]:
     names = ("dns", "tcp", "tls", "relay_health", "relay_auth")
@@ -271,7 +260,7 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float,
                       "encrypted (insecure = true)")
     else:
         first = Check("relay_url", "ok", config.relay_url)
-    proxy = _proxy(config, relay, env)
+    proxy = _proxy(config, relay, env, timeout)
     checks = [first, proxy]
     if proxy.status == "fail":
         return [*checks, *(Check(name, "skip", "proxy unusable") for name in names)]
@@ -295,13 +284,14 @@ def _network(config: AgentConfig | None, env: Mapping[str, str], timeout: float,
     return checks
 
 
-def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str]) -> Check:
+def _proxy(config: AgentConfig, relay: _Relay, env: Mapping[str, str], timeout: float) -> Check:
     """The proxy the agent uses (net.resolve_proxy), and the TLS trust it adds (ca_file)."""
     try:
-        choice = net.resolve_proxy(config.proxy, config.relay_url, env)
         if relay.tls:
             relay.context = net.ssl_context(config.ca_file)
-    except ConfigError as exc:
+        choice = net.resolve_proxy(config.proxy, config.relay_url, env, ca_file=config.ca_file,
+                                   timeout=timeout)
+    except ConfigError as exc:  # a PAC file that cannot be fetched or run, too
         return Check("proxy", "fail", str(exc))
     relay.proxy = choice.url
     trust = f"; also trusting {config.ca_file}" if config.ca_file and relay.tls else ""
@@ -338,12 +328,8 @@ def _tcp(relay: _Relay, timeout: float) -> Check:
         try:
             sock.connect(address)
             if relay.proxy:
-                _tunnel(sock, relay)
-        except _ProxyRefused as exc:
-            return Check("tcp", "fail", net.proxy_refused(exc.status, exc.reason,
-                                                          proxy=relay.proxy,
-                                                          relay_url=relay.url))
-        except UpstreamError as exc:
+                sock = _tunnel(sock, relay, timeout)
+        except UpstreamError as exc:  # the proxy refused (the message says why) or is not HTTP
             return Check("tcp", "fail", str(exc))
         except TimeoutError:
             errors.append(f"{address[0]}: no answer within {timeout:g} s (a firewall dropping "
@@ -368,35 +354,35 @@ def _tcp(relay: _Relay, timeout: float) -> Check:
     return Check("tcp", "fail", f"cannot connect to {what}{host}:{port}: " + "; ".join(errors))
 
 
-def _tunnel(sock: socket.socket, relay: _Relay) -> None:
-    """Ask the proxy for a tunnel to the relay (RFC 9110 §9.3.6, CONNECT) on ``sock``.
+def _tunnel(sock: socket.socket, relay: _Relay, timeout: float) -> socket.socket:
+    """The tunnel to the relay through the proxy ``sock`` is connected to, as the agent opens
+    it (:mod:`.tunnel`: NTLM, Negotiate and Basic challenges answered).
 
     Raises:
-        _ProxyRefused: a non-2xx answer.
-        UpstreamError: no HTTP answer.
+        tunnel.ProxyRefused: a non-2xx answer (its message explains it).
+        tunnel.ProxyAnswerInvalid: no HTTP answer.
         OSError: the connection failed.
     """
     assert relay.proxy is not None
-    target = f"[{relay.host}]:{relay.port}" if ":" in relay.host else f"{relay.host}:{relay.port}"
-    auth = net.proxy_authorization(relay.proxy)
-    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-    if auth is not None:
-        head += f"Proxy-Authorization: {auth}\r\n"
-    sock.sendall((head + "\r\n").encode("latin-1"))
-    answer = b""
-    # The proxy says nothing more before the client speaks, so this reads the answer only.
-    while b"\r\n\r\n" not in answer and len(answer) < _MAX_PROXY_ANSWER:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    fields = answer.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-        raise UpstreamError(f"the proxy {net.redact(relay.proxy)} sent no valid answer to "
-                            f"CONNECT {target}: is it an HTTP proxy?")
-    status = int(fields[1])
-    if not 200 <= status < 300:
-        raise _ProxyRefused(status, fields[2] if len(fields) > 2 else "")
+    first: list[socket.socket] = [sock]
+    address = sock.getpeername()
+
+    def connect() -> socket.socket:
+        # The first leg uses the connection already made; a leg the proxy wants on a fresh
+        # connection goes to the same address.
+        if first:
+            return first.pop()
+        fresh = socket.socket(sock.family, socket.SOCK_STREAM)
+        fresh.settimeout(timeout)
+        try:
+            fresh.connect(address)
+        except BaseException:
+            fresh.close()
+            raise
+        return fresh
+
+    return tunnel.open_tunnel_sync(connect, net.proxy_endpoint(relay.proxy), relay.host,
+                                   relay.port)
 
 
 def _open(relay: _Relay, timeout: float) -> socket.socket:
@@ -408,7 +394,7 @@ def _open(relay: _Relay, timeout: float) -> socket.socket:
         raw.settimeout(timeout)
         raw.connect(address)
         if relay.proxy:
-            _tunnel(raw, relay)
+            raw = _tunnel(raw, relay, timeout)
         if relay.context is None:
             return raw
         return relay.context.wrap_socket(raw, server_hostname=relay.host)

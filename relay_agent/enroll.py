@@ -25,7 +25,7 @@ from shared.files import ensure_private_dir, write_private_file
 
 from . import acl, refusal
 from .acl import AclApi
-from .net import aiohttp_proxy_kwargs, explain, is_loopback_host
+from .net import TunnelConnector, explain, is_loopback_host
 from .winacl import system_api
 
 __all__ = [
@@ -117,16 +117,19 @@ async def register(
     if name:
         body["name"] = name
     url = relay_url.rstrip("/") + "/v1/enroll"
+    # Through a proxy, the connector opens the CONNECT tunnel (NTLM, Negotiate or Basic).
+    connector = (None if proxy is None else
+                 TunnelConnector(proxy, context=ssl_context, timeout=timeout))
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.post(url, json=body, ssl=ssl_context or True,
-                                 **aiohttp_proxy_kwargs(proxy)) as response:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout),
+                                         connector=connector) as http:
+            async with http.post(url, json=body, ssl=ssl_context or True) as response:
                 status = response.status
                 try:
                     data = await response.json(content_type=None)
                 except ValueError:
                     data = None
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:  # OSError: the tunnel, TLS, timeouts
         detail = explain(exc, proxy=proxy, relay_url=relay_url)
         raise UpstreamError(f"cannot reach the relay at {relay_url}: {detail}") from exc
     if status >= 400:

@@ -350,7 +350,7 @@ class AgentLink:
                 max_size=link.max_message_size,
                 open_timeout=link.auth_timeout,
                 compression=None,  # small JSON frames: deflate costs more memory than it saves
-                **net.websocket_kwargs(self.config),  # proxy and TLS trust (corporate networks)
+                **await net.websocket_kwargs(self.config),  # proxy tunnel and TLS trust
             ) as ws:
                 return await self._pump(ws), None
         except InvalidStatus as exc:

@@ -1,44 +1,63 @@
 """Reaching the relay from a corporate network: which proxy, which certificates, which error.
 
-Issue 8 (Agent on office PCs, corporate networks). Enrollment (aiohttp), the link (websockets)
-and ``doctor`` (blocking sockets) all ask this module, so the three agree:
+Enrollment (aiohttp), the link (websockets) and ``doctor`` (blocking sockets) all ask this
+module, so the three agree (docs/corporate-networks.md):
 
-- **Proxy** (:func:`resolve_proxy`): the ``proxy`` setting when set (``direct`` means none);
-  otherwise ``HTTPS_PROXY`` (``HTTP_PROXY`` for an ``http://`` relay), lower-case names first
-  as curl and urllib do, unless ``NO_PROXY`` covers the relay host or the relay is on
-  loopback (a proxy cannot reach this PC's loopback). Only HTTP CONNECT proxies, optionally
-  with basic auth in the URL. Only ``cli.py`` reads the environment: it resolves the choice
-  once and hands the layers below a config whose ``proxy`` is explicit (a URL or ``direct``),
-  so neither library consults the environment behind our back.
+- **Proxy** (:func:`resolve_proxy`): the ``proxy`` setting when it names a proxy (``direct``
+  means none; ``pac:URL`` runs that PAC file, :mod:`.pac`); otherwise ``HTTPS_PROXY``
+  (``HTTP_PROXY`` for an ``http://`` relay), lower-case names first as curl and urllib do,
+  unless ``NO_PROXY`` covers the relay host; otherwise the Windows proxy settings
+  (:mod:`.winproxy`: WPAD, a PAC file, a manual proxy); ``auto`` adds WPAD by DNS
+  (:func:`wpad_urls`). A relay on loopback is never proxied by these automatic sources (a
+  proxy cannot reach this PC's loopback). Only ``cli.py`` reads the environment: it resolves
+  the choice once and hands the layers below a config whose ``proxy`` is explicit (a URL,
+  ``direct``, or ``pac:URL``, which the link runs again at each connection), so neither
+  library consults the environment behind our back.
+- **Tunnel**: through a proxy the agent opens the CONNECT tunnel itself (:mod:`.tunnel`),
+  answering Negotiate, NTLM or Basic challenges (:mod:`.proxyauth`), and hands the socket to
+  websockets (``sock=``) or aiohttp (:class:`TunnelConnector`); neither library's own proxy
+  support can answer NTLM.
 - **Trust** (:func:`ssl_context`): the operating system's certificate store through
   ``truststore`` (the one a corporate IT department manages, e.g. by group policy on
   Windows), plus the ``ca_file`` bundle for a TLS-inspecting proxy's CA.
-- **Errors** (:func:`explain`): a proxy that wants credentials (407), a proxy that refuses
-  the CONNECT, a proxy that cannot be reached and a certificate that is not trusted each get
-  a sentence naming the cause and the setting that fixes it. Proxy passwords never appear in
-  messages or logs (:func:`redact`).
+- **Errors** (:func:`explain`): a proxy that wants credentials (407, explained from the
+  schemes it offers), a proxy that refuses the CONNECT, a proxy that cannot be reached and a
+  certificate that is not trusted each get a sentence naming the cause and the setting that
+  fixes it. Proxy passwords never appear in messages or logs (:func:`redact`).
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import ipaddress
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import truststore
-from websockets.exceptions import InvalidProxyMessage, InvalidProxyStatus
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 
 from shared.config import AgentConfig
 from shared.errors import ConfigError
 
+from . import pac, winproxy
+from .proxyauth import ProxyCredentials
+from .tunnel import ProxyEndpoint, ProxyError, open_tunnel
+
 __all__ = [
     "DIRECT",
+    "AUTO",
+    "PAC_PREFIX",
+    "pac_proxy",
+    "link_proxy",
+    "wpad_urls",
     "ProxyChoice",
     "is_loopback_host",
     "check_proxy_url",
@@ -47,17 +66,24 @@ __all__ = [
     "config_proxy",
     "ssl_context",
     "websocket_kwargs",
-    "aiohttp_proxy_kwargs",
-    "proxy_authorization",
+    "proxy_endpoint",
+    "TunnelConnector",
     "redact",
     "explain",
-    "proxy_refused",
     "untrusted",
     "link_error",
 ]
 
 DIRECT = "direct"
 """The ``proxy`` value that turns proxies off, whatever the environment says."""
+AUTO = "auto"
+"""The ``proxy`` value that adds WPAD discovery to the default (module docstring)."""
+PAC_PREFIX = "pac:"
+"""``proxy = "pac:URL"``: the PAC file at URL chooses."""
+PAC_TIMEOUT = 10.0
+"""Seconds to fetch a PAC file."""
+WPAD_TIMEOUT = 3.0
+"""Seconds to fetch each WPAD candidate (:func:`wpad_urls`)."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -79,6 +105,8 @@ class ProxyChoice:
     """Why, for ``doctor`` and the logs: ``proxy setting``, ``HTTPS_PROXY``, ..."""
     loopback_bypass: bool = False
     """The environment names a proxy, left unused because the relay is on loopback."""
+    pac: str | None = None
+    """The PAC file the choice came from (the link runs it again at each connection)."""
 
     def describe(self) -> str:
         """One line without the proxy's password."""
@@ -100,8 +128,9 @@ def check_proxy_url(url: str, *, source: str = "proxy") -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: {shown!r} is not a URL ({exc})") from exc
     if parts.scheme != "http" or not parts.hostname:
+        others = ", or pac:URL, auto or direct" if source == "proxy" else ""
         raise ConfigError(f"{source} must be http://[USER:PASSWORD@]HOST:PORT (an HTTP CONNECT "
-                          f"proxy), got {shown!r}")
+                          f"proxy){others}, got {shown!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(f"{source} must not have a path, query or fragment, got {shown!r}")
     if parts.username is not None and parts.password is None:
@@ -148,23 +177,72 @@ def bypassed(host: str, port: int, no_proxy: str) -> bool:
     return False
 
 
-def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> ProxyChoice:
+def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str], *,
+                  system: Callable[[], winproxy.SystemSettings | None] = winproxy.read,
+                  wpad: Callable[[], list[str]] | None = None, ca_file: Path | None = None,
+                  timeout: float = PAC_TIMEOUT) -> ProxyChoice:
     """The proxy for ``relay_url`` (module docstring, Proxy).
 
     Args:
-        setting: the ``proxy`` setting (empty: the environment; ``direct``: none).
+        setting: the ``proxy`` setting: a URL, ``direct``, ``pac:URL``, ``auto`` or empty.
         relay_url: the relay's base URL.
         env: the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``).
+        system: the Windows system proxy settings (:func:`relay_agent.winproxy.read`).
+        wpad: the WPAD URLs to try (default: :func:`wpad_urls` of this computer's name).
+        ca_file: extra trust for an https PAC URL.
+        timeout: seconds to fetch a PAC file.
 
     Raises:
         ConfigError: the chosen proxy URL is unusable (naming where it came from).
+        pac.PacError: the PAC file named by the setting or the system settings cannot be
+            fetched or run (its ``url`` says which).
     """
     setting = setting.strip()
-    if setting.lower() == DIRECT:
+    kind = setting.lower()
+    if kind == DIRECT:
         return ProxyChoice(None, "proxy = direct")
-    if setting:
+    if kind.startswith(PAC_PREFIX):
+        return _from_pac(setting[len(PAC_PREFIX):].strip(), relay_url, "proxy = pac:",
+                         ca_file=ca_file, timeout=timeout)
+    if setting and kind != AUTO:
         check_proxy_url(setting)
         return ProxyChoice(setting, "proxy setting")
+    from_env = _from_environment(relay_url, env)
+    if from_env is not None:
+        return from_env
+    parts = urlsplit(relay_url)
+    host = parts.hostname or ""
+    if is_loopback_host(host):
+        return ProxyChoice(None, "the relay is on loopback")
+    settings = system()
+    if settings is not None:
+        for candidate in winproxy.candidates(settings, host=host, scheme=parts.scheme):
+            if candidate.kind == "wpad":
+                found = _from_wpad(relay_url, wpad, candidate.source, ca_file=ca_file,
+                                   timeout=timeout)
+                if found is not None:
+                    return found
+            elif candidate.kind == "pac":
+                return _from_pac(candidate.value, relay_url, candidate.source,
+                                 ca_file=ca_file, timeout=timeout)
+            elif candidate.kind == "proxy":
+                check_proxy_url(candidate.value, source=candidate.source)
+                return ProxyChoice(candidate.value, candidate.source)
+            else:
+                return ProxyChoice(None, candidate.source)
+    if kind == AUTO:
+        found = _from_wpad(relay_url, wpad, "proxy = auto", ca_file=ca_file, timeout=timeout)
+        if found is not None:
+            return found
+        return ProxyChoice(None, "proxy = auto: no HTTPS_PROXY, no system proxy settings, no "
+                           "WPAD file found")
+    if settings is not None:
+        return ProxyChoice(None, "no HTTPS_PROXY set, no Windows proxy settings")
+    return ProxyChoice(None, "no HTTPS_PROXY set")
+
+
+def _from_environment(relay_url: str, env: Mapping[str, str]) -> ProxyChoice | None:
+    """The environment's proxy for the relay; None when it names none."""
     parts = urlsplit(relay_url)
     host = parts.hostname or ""
     # The link is a CONNECT tunnel whatever the relay's scheme, so HTTPS_PROXY comes first even
@@ -175,7 +253,7 @@ def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> Proxy
         name = "http_proxy"
         found = _env(env, name)
     if not found:
-        return ProxyChoice(None, "no HTTPS_PROXY set")
+        return None
     if bypassed(host, parts.port or (443 if parts.scheme == "https" else 80),
                 _env(env, "no_proxy")):
         return ProxyChoice(None, f"{name.upper()} is set, but NO_PROXY covers {host}")
@@ -187,16 +265,93 @@ def resolve_proxy(setting: str, relay_url: str, env: Mapping[str, str]) -> Proxy
     return ProxyChoice(found, name.upper())
 
 
+def _pac_target(relay_url: str) -> str:
+    # What browsers pass for an https URL: scheme, host and port, no path (a PAC file must
+    # not see paths, which may carry secrets).
+    parts = urlsplit(relay_url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+
+
+def pac_proxy(pac_url: str, relay_url: str, *, ca_file: Path | None = None,
+              timeout: float = PAC_TIMEOUT) -> tuple[str | None, str]:
+    """Fetch and run the PAC file at ``pac_url`` for the relay: the proxy URL it chooses
+    (None: direct) and its whole answer.
+
+    Raises:
+        pac.PacError: the file cannot be fetched or run, or it names no usable entry.
+        ConfigError: the proxy it names is not a usable URL.
+    """
+    source = f"the PAC file {pac_url}"
+    try:
+        context = ssl_context(ca_file) if pac_url.lower().startswith("https:") else None
+        script = pac.fetch(pac_url, timeout=timeout, context=context)
+        answer = pac.evaluate(script, _pac_target(relay_url), source=source)
+        chosen = pac.first_usable(pac.parse_result(answer), source=source)
+        if chosen is not None:
+            check_proxy_url(chosen, source=source)
+    except pac.PacError as exc:
+        exc.url = pac_url
+        raise
+    return chosen, answer
+
+
+def _from_pac(pac_url: str, relay_url: str, source: str, *, ca_file: Path | None,
+              timeout: float) -> ProxyChoice:
+    if not pac_url:
+        raise ConfigError("proxy = pac:URL needs the PAC file's URL (http://, https:// or "
+                          "file://)")
+    chosen, answer = pac_proxy(pac_url, relay_url, ca_file=ca_file, timeout=timeout)
+    return ProxyChoice(chosen, f"{source} {pac_url}, which answered {answer!r}", pac=pac_url)
+
+
+def wpad_urls(fqdn: str) -> list[str]:
+    """Where WPAD by DNS looks for this computer (``pc.branch.corp.example``):
+    ``http://wpad.branch.corp.example/wpad.dat``, then each parent domain down to two labels
+    (a ``wpad`` host directly under a public suffix is not looked for)."""
+    labels = fqdn.lower().rstrip(".").split(".")[1:]
+    urls: list[str] = []
+    while len(labels) >= 2 and len(urls) < 3:
+        urls.append(f"http://wpad.{'.'.join(labels)}/wpad.dat")
+        labels = labels[1:]
+    return urls
+
+
+def _from_wpad(relay_url: str, wpad: Callable[[], list[str]] | None, source: str, *,
+               ca_file: Path | None, timeout: float) -> ProxyChoice | None:
+    urls = wpad() if wpad is not None else wpad_urls(socket.getfqdn())
+    for url in urls:
+        try:
+            # A short wait each: a WPAD name that resolves but does not answer must not hold
+            # the start of a service (which Windows gives 30 s) for the full PAC timeout.
+            return _from_pac(url, relay_url, f"{source}: WPAD found", ca_file=ca_file,
+                             timeout=min(timeout, WPAD_TIMEOUT))
+        except pac.PacError:
+            continue  # no WPAD server there: the next domain, then direct
+    return None
+
+
 def config_proxy(config: AgentConfig) -> str | None:
-    """The proxy a config resolved by the CLI names; None: direct.
+    """The proxy a config resolved by the CLI names; None: direct, or a PAC file's choice
+    (:func:`link_proxy` runs it).
 
     An empty setting reads as direct here: the environment is the CLI's to read.
     """
     setting = config.proxy.strip()
-    if not setting or setting.lower() == DIRECT:
+    if not setting or setting.lower() in (DIRECT, AUTO) or setting.lower().startswith(PAC_PREFIX):
         return None
     check_proxy_url(setting)
     return setting
+
+
+async def link_proxy(config: AgentConfig) -> str | None:
+    """:func:`config_proxy`, with a ``pac:URL`` setting run now (in a worker thread), so that
+    each connection attempt follows the PAC file as it is then."""
+    setting = config.proxy.strip()
+    if setting.lower().startswith(PAC_PREFIX):
+        chosen, _ = await asyncio.to_thread(pac_proxy, setting[len(PAC_PREFIX):].strip(),
+                                            config.relay_url, ca_file=config.ca_file)
+        return chosen
+    return config_proxy(config)
 
 
 def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -219,49 +374,71 @@ def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
-def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
+def proxy_endpoint(url: str) -> ProxyEndpoint:
+    """The proxy ``url`` names, with its credentials (:mod:`.tunnel`)."""
+    parts = urlsplit(url)
+    return ProxyEndpoint(host=parts.hostname or "", port=parts.port or 80,
+                         credentials=ProxyCredentials.from_url(url), shown=redact(url))
+
+
+def _relay_address(relay_url: str) -> tuple[str, int]:
+    parts = urlsplit(relay_url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+async def websocket_kwargs(config: AgentConfig) -> dict[str, Any]:
     """Keyword arguments for ``websockets.asyncio.client.connect`` to reach the relay.
 
-    ``proxy`` is always passed: None keeps websockets from reading the environment itself.
-    ``ssl`` is passed for an https relay only (websockets refuses it for ``ws://``).
+    Through a proxy, the tunnel is opened here (:func:`relay_agent.tunnel.open_tunnel`, which
+    answers NTLM, Negotiate and Basic challenges) and handed over as ``sock``: websockets'
+    own proxy support does Basic only. ``proxy=None`` keeps websockets from reading the
+    environment itself. ``ssl`` is passed for an https relay only (websockets refuses it for
+    ``ws://``).
 
     Raises:
         ConfigError: an unusable proxy or ``ca_file``.
+        ProxyError, OSError, TimeoutError: the tunnel could not be opened.
     """
-    kwargs: dict[str, Any] = {"proxy": config_proxy(config)}
+    kwargs: dict[str, Any] = {"proxy": None}
     if urlsplit(config.relay_url).scheme == "https":
         kwargs["ssl"] = ssl_context(config.ca_file)
+    proxy = await link_proxy(config)
+    if proxy is not None:
+        host, port = _relay_address(config.relay_url)
+        kwargs["sock"] = await open_tunnel(proxy_endpoint(proxy), host, port,
+                                           timeout=config.link.auth_timeout)
     return kwargs
 
 
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+class TunnelConnector(aiohttp.BaseConnector):
+    """An aiohttp connector whose connections go through the CONNECT tunnel of
+    :func:`relay_agent.tunnel.open_tunnel`, TLS on top with ``context``.
 
-
-def proxy_authorization(url: str) -> str | None:
-    """The ``Proxy-Authorization`` value for the credentials in ``url``; None without any."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return None
-    # UTF-8, as websockets encodes the same credentials for the link.
-    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
-
-
-def aiohttp_proxy_kwargs(proxy: str | None) -> dict[str, Any]:
-    """Keyword arguments for an aiohttp request through ``proxy`` (None: directly).
-
-    The credentials travel as a header: aiohttp's ``proxy_auth`` is deprecated.
+    aiohttp's own proxy support sends one CONNECT and gives up on a 407, so NTLM's second leg
+    could never be sent; like aiohttp's Unix-socket connector, this one only says how a
+    connection is made.
     """
-    if proxy is None:
-        return {}
-    kwargs: dict[str, Any] = {"proxy": _without_credentials(proxy)}
-    auth = proxy_authorization(proxy)
-    if auth is not None:
-        kwargs["proxy_headers"] = {"Proxy-Authorization": auth}
-    return kwargs
+
+    def __init__(self, proxy: str, *, context: ssl.SSLContext | None,
+                 timeout: float | None) -> None:
+        super().__init__(force_close=True)
+        self._endpoint = proxy_endpoint(proxy)
+        self._context = context
+        self._timeout = timeout
+
+    async def _create_connection(self, req: ClientRequest, traces: list[Trace],
+                                 timeout: aiohttp.ClientTimeout) -> ResponseHandler:
+        host, port = req.url.host or "", req.url.port or 443
+        sock = await open_tunnel(self._endpoint, host, port, timeout=self._timeout)
+        tls = req.url.scheme == "https"
+        try:
+            _, protocol = await self._loop.create_connection(
+                self._factory, sock=sock, ssl=(self._context or True) if tls else None,
+                server_hostname=host if tls else None)
+        except BaseException:
+            sock.close()
+            raise
+        return protocol
 
 
 def redact(url: str) -> str:
@@ -301,34 +478,11 @@ def _cert_problem(chain: list[BaseException]) -> str | None:
     return None
 
 
-def _proxy_refusal(chain: list[BaseException]) -> tuple[int, str] | None:
-    for exc in chain:
-        if isinstance(exc, aiohttp.ClientHttpProxyError):
-            return exc.status, str(exc.message or "")
-        if isinstance(exc, InvalidProxyStatus):
-            return exc.response.status_code, exc.response.reason_phrase
-    return None
-
-
 def _target(relay_url: str) -> tuple[str, str]:
     parts = urlsplit(relay_url)
     host = parts.hostname or relay_url
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-
-
-def proxy_refused(status: int, reason: str, *, proxy: str | None, relay_url: str) -> str:
-    """The proxy answered the CONNECT to the relay with ``status``: why, and what to do."""
-    shown = redact(proxy) if proxy else "proxy"
-    answer = f"HTTP {status}" + (f" {reason}" if reason else "")
-    if status == 407:
-        given = proxy is not None and urlsplit(proxy).username is not None
-        fix = ("the user or password in the proxy setting is wrong" if given else
-               'put the user and password in the proxy setting: '
-               'proxy = "http://USER:PASSWORD@HOST:PORT"')
-        return f"the proxy {shown} requires authentication ({answer}): {fix}"
-    return (f"the proxy {shown} refused to connect to {_target(relay_url)[1]} (CONNECT answered "
-            f"{answer}): ask the network administrator to allow it, or use another proxy")
 
 
 def untrusted(problem: str, *, proxy: str | None, relay_url: str) -> str:
@@ -354,22 +508,16 @@ def explain(exc: BaseException, *, proxy: str | None, relay_url: str) -> str:
 
 
 def _cause(exc: BaseException, *, proxy: str | None, relay_url: str) -> str | None:
-    target = _target(relay_url)[1]
     shown = redact(proxy) if proxy else ""
     chain = _chain(exc)
-    refusal = _proxy_refusal(chain)
+    refusal = next((e for e in chain if isinstance(e, ProxyError)), None)
     if refusal is not None:
-        return proxy_refused(*refusal, proxy=proxy, relay_url=relay_url)
-    if proxy is not None and any(isinstance(e, InvalidProxyMessage) for e in chain):
-        return f"the proxy {shown} sent no valid answer to CONNECT {target}: is it an HTTP proxy?"
+        return str(refusal)  # the tunnel's message names the proxy, the cause and the fix
     problem = _cert_problem(chain)
     if problem is not None:
         return untrusted(problem, proxy=proxy, relay_url=relay_url)
-    if proxy is not None and (
-        any(isinstance(e, aiohttp.ClientProxyConnectionError) for e in chain)
-        or (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError))
-    ):
-        # websockets opens no other TCP connection than the one to the proxy.
+    if proxy is not None and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+        # Through a proxy, the only TCP connections the agent opens are to the proxy.
         reason = next((e.strerror for e in chain if isinstance(e, OSError) and e.strerror),
                       str(exc) or type(exc).__name__)
         return f"cannot connect to the proxy {shown}: {reason}"

@@ -531,8 +531,9 @@ class AgentConfig:
     """Allow plain http/ws to a non-loopback relay (logs a warning at every start)."""
     proxy: str = ""
     """HTTP CONNECT proxy for the link and enrollment: ``http://[USER:PASSWORD@]HOST:PORT``;
-    ``direct``: never a proxy; empty: ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http relay)
-    unless ``NO_PROXY`` covers the relay (docs/corporate-networks.md)."""
+    ``pac:URL``: a PAC file chooses; ``direct``: never a proxy; empty: ``HTTPS_PROXY``
+    (``HTTP_PROXY`` for an http relay) unless ``NO_PROXY`` covers the relay, else the Windows
+    proxy settings; ``auto``: as empty, plus WPAD (docs/corporate-networks.md)."""
     ca_file: Path | None = None
     """PEM file of extra CA certificates to trust besides the OS store (e.g. a TLS-inspecting
     proxy's CA); ``None``: the OS store only."""

@@ -20,6 +20,8 @@ from relay_agent import cli, net
 from relay_agent.doctor import run_checks
 from relay_agent.inbox import Inbox
 from relay_agent.link import AgentLink, LinkState
+from relay_agent.proxyauth import ProxyCredentials
+from relay_agent.tunnel import ProxyTimeout, open_tunnel
 from relay_server.app import create_public_app
 from relay_server.services import Services, open_services
 from shared import crypto
@@ -184,11 +186,15 @@ async def test_proxy_authentication_failure_is_a_clear_407_line(
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"the proxy http://{credentials.replace('wrong', '***')}127.0.0.1:{proxy.port} " \
         "requires authentication (HTTP 407" in err
+    assert "it offers Basic" in err
     if credentials:
         assert "password in the proxy setting is wrong" in err and "alice:***@" in err
+        # The challenge, then the final refusal of the password sent in answer to it.
+        assert proxy.challenges == 1 and proxy.refused == [407]
     else:
         assert "USER:PASSWORD@HOST:PORT" in err
-    assert proxy.refused == [407] and proxy.connects == []
+        assert proxy.challenges == 1 and proxy.refused == []
+    assert proxy.connects == []
 
 
 async def test_a_proxy_refusing_the_connect_is_named(
@@ -400,20 +406,47 @@ def test_unusable_proxy_urls_are_refused(url: str) -> None:
 
 
 def test_proxy_passwords_are_redacted_everywhere() -> None:
-    """redact, describe and websocket kwargs' error text never show the password."""
-    url = "http://alice:p%40ss@proxy.example:3128"
-    assert net.redact(url) == "http://alice:***@proxy.example:3128"
+    """redact, describe and the tunnel's name for the proxy never show the password; the
+    credentials reach the tunnel decoded."""
+    url = "http://CORP%5Calice:p%40ss@proxy.example:3128"
+    assert net.redact(url) == "http://CORP%5Calice:***@proxy.example:3128"
     assert "p%40ss" not in net.ProxyChoice(url, "proxy setting").describe()
-    assert net.aiohttp_proxy_kwargs(url) == {
-        "proxy": "http://proxy.example:3128",
-        "proxy_headers": {"Proxy-Authorization": "Basic YWxpY2U6cEBzcw=="}}
+    endpoint = net.proxy_endpoint(url)
+    assert (endpoint.host, endpoint.port, endpoint.shown) == (
+        "proxy.example", 3128, "http://CORP%5Calice:***@proxy.example:3128")
+    assert endpoint.credentials == ProxyCredentials("CORP\\alice", "p@ss")
 
 
-def test_websocket_kwargs_pass_the_resolved_proxy_and_trust(tmp_path: Path) -> None:
-    """The link gets the explicit proxy (None for direct, so websockets reads no environment)
-    and, for an https relay, the truststore context."""
-    wss = net.websocket_kwargs(AgentConfig(relay_url="https://relay.example",
-                                           proxy="http://p:3128"))
-    assert wss["proxy"] == "http://p:3128" and isinstance(wss["ssl"], ssl.SSLContext)
-    plain = net.websocket_kwargs(AgentConfig(relay_url="http://127.0.0.1:1", proxy="direct"))
+async def test_websocket_kwargs_direct_pass_no_proxy_and_the_trust() -> None:
+    """Direct, the link gets proxy=None (so websockets reads no environment) and, for an https
+    relay, the truststore context; no socket is opened."""
+    wss = await net.websocket_kwargs(AgentConfig(relay_url="https://relay.example",
+                                                 proxy="direct"))
+    assert wss["proxy"] is None and isinstance(wss["ssl"], ssl.SSLContext) and "sock" not in wss
+    plain = await net.websocket_kwargs(AgentConfig(relay_url="http://127.0.0.1:1",
+                                                   proxy="direct"))
     assert plain == {"proxy": None}
+
+
+async def test_a_proxy_that_never_answers_is_named_after_the_timeout() -> None:
+    """A proxy that takes the connection and says nothing: the tunnel gives up at its timeout
+    with a line naming the proxy and the target, not a bare TimeoutError."""
+    taken: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProxyTimeout) as timed_out:
+            await open_tunnel(net.proxy_endpoint(f"http://127.0.0.1:{port}"), "relay.test", 443,
+                              timeout=200 * MS)
+        assert str(timed_out.value).startswith(
+            f"the proxy http://127.0.0.1:{port} opened no tunnel to relay.test:443 within")
+        assert taken  # it did connect: the wait was for the answer
+    finally:
+        for writer in taken:
+            writer.close()
+        server.close()
+        await server.wait_closed()
