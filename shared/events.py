@@ -300,11 +300,12 @@ class _Budget:
         self.count += 1
         if self.count > limits.max_params:
             raise ApiError(413, "too_many_params", f"more than {limits.max_params} params")
-        if _utf8_over(key, limits.max_key_size):
+        # The usual short pair is settled by its length alone (4 bytes per character at most).
+        if len(key) * 4 > limits.max_key_size and _utf8_over(key, limits.max_key_size):
             raise ApiError(
                 413, "param_too_large", f"a param name exceeds {limits.max_key_size} bytes"
             )
-        if _utf8_over(value, limits.max_value_size):
+        if len(value) * 4 > limits.max_value_size and _utf8_over(value, limits.max_value_size):
             raise ApiError(
                 413, "param_too_large", f"a param value exceeds {limits.max_value_size} bytes"
             )
@@ -423,9 +424,7 @@ def _parse_json(body: bytes, charset: str | None, budget: _Budget) -> dict[str, 
     if text.startswith("\ufeff"):
         text = text[1:]  # a UTF-8 BOM (RFC 8259 §8.1: a parser may ignore it)
     try:
-        # Numbers keep their own spelling, as strings: no float or big-integer conversion
-        # (whose cost grows faster than the digits) and no respelling ("1e5", not "100000.0").
-        data = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+        data = _json_decode(text)
     except RecursionError as exc:
         raise _too_deep(budget.limits) from exc
     except ValueError as exc:
@@ -445,6 +444,11 @@ def _parse_json(body: bytes, charset: str | None, budget: _Budget) -> dict[str, 
     else:
         flat.walk(data, "", 1)
     return flat.out
+
+
+# Numbers keep their own spelling, as strings: no float or big-integer conversion (whose cost
+# grows faster than the digits) and no respelling ("1e5", not "100000.0").
+_json_decode = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str).decode
 
 
 def _too_deep(limits: IngressLimits) -> ApiError:
@@ -475,7 +479,7 @@ class _Flattener:
             name = f"{prefix}.{key}" if prefix else str(key)
             if self.clean:
                 name = _SURROGATE.sub("\ufffd", name)
-            if isinstance(item, dict | list):
+            if isinstance(item, (dict, list)):
                 if _utf8_over(name, limits.max_key_size):
                     raise ApiError(
                         413, "param_too_large", f"a param name exceeds {limits.max_key_size} bytes"
