@@ -4,7 +4,10 @@ The request is kept losslessly (DESIGN principle 2) and answered 2xx only after 
 committed it (principle 1); then the hub is told so connected agents get it at once. A status
 event (``ServerConfig.status``) also updates the account's status cache, and a changed item is
 pushed to the connected agents (DESIGN §Link protocol, Status). Abuse limits (issue 6):
-per-account rate, body size, body deadline, identity encoding only (relay_server/limits.py).
+per-account rate, body size, body deadline, identity encoding only (relay_server/limits.py);
+what the body may turn into is bounded by ``LimitsConfig`` (README, Ingress limits): params,
+names, values, nesting, charsets and the stored event's size. A path suffix that could climb
+above a forward target's path is refused (docs/delivery.md, Forward).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from aiohttp import web
 
 from shared import crypto
 from shared.errors import ApiError, StoreError
-from shared.events import RawRequest, XonEvent, format_time, parse_ingress
+from shared.events import RawRequest, XonEvent, check_event_size, format_time, parse_ingress
 
 from .appkeys import config_key, hub_key, store_key
 from .hub import AgentHub
-from .limits import limits_key, read_body
+from .limits import check_target, limits_key, read_body
 from .status import status_item
 from .store.base import Store, StoredEvent
 
@@ -54,11 +57,17 @@ def new_event_id(now: float) -> str:
     return f"ev_{int(now * 1000):012x}{count:04x}{_id_random.getrandbits(48):012x}"
 
 
-def _split_raw_path(raw_path: str) -> tuple[str, str]:
-    """``/xon/KEY/sms?a=%41`` → (``"/sms"``, ``"a=%41"``), byte-exact as sent."""
-    path, _, query = raw_path.partition("?")
-    _, slash, suffix = path[len(_PREFIX) :].partition("/")
-    return slash + suffix, query
+def _split_target(request: web.Request) -> tuple[str, str]:
+    """``/xon/KEY/sms?a=%41`` → (``"/sms"``, ``"a=%41"``), byte-exact as sent.
+
+    Read from the target's path and query (``rel_url``), never by offset into the request
+    line: an absolute-form target (``POST http://host/xon/KEY/sms``, RFC 9112 §3.2.2) would
+    otherwise put the ingress key into the event's path and type. The whole first segment
+    after ``/xon/`` is the key, however it was spelled (``%4B…`` included).
+    """
+    url = request.rel_url
+    _, slash, suffix = url.raw_path[len(_PREFIX) :].partition("/")
+    return slash + suffix, url.raw_query_string
 
 
 async def ingress(request: web.Request) -> web.Response:
@@ -69,20 +78,19 @@ async def ingress(request: web.Request) -> web.Response:
     if account is None or not crypto.constant_time_equal(account.ingress_key_hash, key_hash):
         # Never say more: an unknown key and a revoked one look the same.
         raise ApiError(404, "unknown_ingress_key", "unknown ingress key")
-    app[limits_key].check_account(account.id)
+    limits = app[limits_key]
+    limits.check_account(account.id)
+    path, query = _split_target(request)
+    content_type = request.headers.get("Content-Type", "")
+    check_target(path, query, content_type)
     config = app[config_key]
     body = await read_body(
         request, limit=config.max_body_size, timeout=config.limits.body_timeout
     )
-    path, query = _split_raw_path(request.raw_path)
     raw = RawRequest(
-        method=request.method,
-        path=path,
-        query=query,
-        content_type=request.headers.get("Content-Type", ""),
-        body=body,
+        method=request.method, path=path, query=query, content_type=content_type, body=body
     )
-    parsed = parse_ingress(raw, id_params=config.xon_id_params)
+    parsed = parse_ingress(raw, limits.ingress, id_params=config.xon_id_params)
     now = time.time()
     event = XonEvent(
         id=new_event_id(now),
@@ -92,6 +100,7 @@ async def ingress(request: web.Request) -> web.Response:
         params=parsed.params,
         request=raw,
     )
+    check_event_size(event, limits.ingress.max_event_size)
     result = await store.append_event(event, xon_id=parsed.xon_id)
     app[hub_key].metrics.event_appended(
         duplicate=result.duplicate,

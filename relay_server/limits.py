@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from shared.config import LimitsConfig
 from shared.errors import ApiError
+from shared.events import IngressLimits, plain_suffix
 
 __all__ = [
     "RateLimited",
@@ -32,6 +34,7 @@ __all__ = [
     "Limits",
     "limits_key",
     "read_body",
+    "check_target",
 ]
 
 Clock = Callable[[], float]
@@ -139,6 +142,8 @@ class Limits:
     sources: TokenBuckets | None
     accounts: TokenBuckets | None
     enroll: FailureLockout | None
+    ingress: IngressLimits
+    """What one ingress request may turn into (``shared.events.parse_ingress``)."""
 
     @classmethod
     def build(cls, config: LimitsConfig, *, clock: Clock = time.monotonic) -> Limits:
@@ -161,6 +166,7 @@ class Limits:
             sources=buckets(config.source_rate, config.source_burst),
             accounts=buckets(config.account_rate, config.account_burst),
             enroll=enroll,
+            ingress=config.ingress,
         )
 
     def source(self, request: web.BaseRequest) -> str:
@@ -240,3 +246,30 @@ async def read_body(request: web.Request, *, limit: int, timeout: float) -> byte
     except TimeoutError as exc:
         message = f"request body not received within {timeout:g} s"
         raise ApiError(408, "body_timeout", message) from exc
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_target(path: str, query: str, content_type: str) -> None:
+    """Refuse an ingress target or content type that an event could not carry safely.
+
+    Raises:
+        ApiError: 400 ``bad_path`` for a path suffix that could climb above a forward
+            target's path (``shared.events.plain_suffix``; docs/delivery.md, Forward); 400
+            ``bad_path`` / ``bad_content_type`` for text that is not Unicode (aiohttp keeps a
+            header's undecodable bytes as lone surrogates, which no JSON encoder can write).
+    """
+    if not plain_suffix(path):
+        raise ApiError(
+            400, "bad_path",
+            "path suffix has a dot segment, a backslash or an encoded '.', '/' or '\\'",
+        )
+    if _unencodable(path) or _unencodable(query):
+        raise ApiError(400, "bad_path", "request target is not valid UTF-8")
+    if _unencodable(content_type):
+        raise ApiError(400, "bad_content_type", "Content-Type is not valid UTF-8")
+
+
+def _unencodable(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .events import IngressLimits
 from .subscription import Subscription
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ClusterConfig",
     "RetentionConfig",
     "LimitsConfig",
+    "EVENT_FRAME_ALLOWANCE",
     "ServerConfig",
     "AgentConfig",
     "SubscriptionConfig",
@@ -211,7 +213,8 @@ class StatusConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
-    """Abuse limits of the public listener (issue 6): rates, enrollment lockout, deadlines."""
+    """Abuse limits of the public listener (issue 6): rates, enrollment lockout, deadlines,
+    and what one ingress request may turn into (README, Ingress limits)."""
 
     source_rate: float | None = 1000.0
     """Requests per second one source address may make on the public listener (429 beyond);
@@ -237,6 +240,32 @@ class LimitsConfig:
     source; requests from anywhere else are keyed by their own address."""
     max_tracked: int = 100_000
     """Most sources (or accounts) each limiter remembers; the least recently seen go first."""
+    max_params: int = 1000
+    """Name/value pairs one ingress request may carry: query, form fields, JSON and XML
+    leaves, repeats included (413 ``too_many_params`` beyond)."""
+    max_key_size: int = 512
+    """Longest param name (a flattened JSON name with its dots) and event type, in UTF-8
+    bytes (413 ``param_too_large`` / ``type_too_large`` beyond)."""
+    max_value_size: int = 64 * 1024
+    """Longest param value, in UTF-8 bytes (413 ``param_too_large`` beyond)."""
+    max_depth: int = 32
+    """Deepest nesting of JSON objects and arrays, or of XML elements, in an ingress body
+    (413 ``nesting_too_deep`` beyond); at most 100."""
+    max_event_size: int = 1024 * 1024
+    """Largest event the relay stores, as its JSON form with the body in base64 (413
+    ``event_too_large`` beyond). ``link.max_message_size`` must carry it with the frame
+    around it: at least this plus ``EVENT_FRAME_ALLOWANCE``."""
+
+    @property
+    def ingress(self) -> IngressLimits:
+        """The limits ``shared.events.parse_ingress`` applies."""
+        return IngressLimits(
+            max_params=self.max_params,
+            max_key_size=self.max_key_size,
+            max_value_size=self.max_value_size,
+            max_depth=self.max_depth,
+            max_event_size=self.max_event_size,
+        )
 
     def __post_init__(self) -> None:
         for name, rate in (("source_rate", self.source_rate), ("account_rate", self.account_rate)):
@@ -254,6 +283,18 @@ class LimitsConfig:
         ):
             if not value > 0:
                 raise ConfigError(f"limits.{name} must be positive")
+        for name in ("max_params", "max_key_size", "max_value_size", "max_event_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} must be at least 1")
+        if not 1 <= self.max_depth <= 100:
+            # The JSON walk recurses once per level; 100 keeps it far from Python's limit.
+            raise ConfigError("limits.max_depth must be between 1 and 100")
+
+
+EVENT_FRAME_ALLOWANCE = 1024
+"""Bytes an ``events`` frame adds around one event's JSON form: ``{"v":1,"type":"events",
+"items":[{"seq":N,"event":`` … ``}]}`` is under 80 with a 19-digit seq; the rest is room for
+fields the frame may gain. tests/unit/test_ingress_limits.py encodes a frame to check it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -370,6 +411,14 @@ class ServerConfig:
             raise ConfigError("enrollment_ttl must be positive")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace must not be negative")
+        if self.limits.max_event_size + EVENT_FRAME_ALLOWANCE > self.link.max_message_size:
+            # The link must carry the largest event the relay accepts: one it cannot would
+            # close the account's link on every attempt to send it.
+            raise ConfigError(
+                f"limits.max_event_size ({self.limits.max_event_size}) must be at most"
+                f" link.max_message_size ({self.link.max_message_size}) minus"
+                f" {EVENT_FRAME_ALLOWANCE} bytes for the frame around the event"
+            )
         if self.store and not self.store.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ConfigError(
                 f"store must be sqlite:///PATH or redis://HOST:PORT/DB, got {self.store!r}"

@@ -22,7 +22,7 @@ from yarl import URL
 
 from shared.config import ForwardTarget
 from shared.errors import UpstreamError, UpstreamTimeout
-from shared.events import RawRequest
+from shared.events import RawRequest, confined_suffix, plain_suffix
 
 from ..inbox import Inbox, InboxEvent
 from ..link import CLIENT
@@ -34,8 +34,14 @@ _BODYLESS_METHODS = frozenset({"GET", "HEAD"})
 
 
 def forward_url(base: str, request: RawRequest) -> URL:
-    """The target URL with X-on's path suffix and raw query (kept encoded, byte-exact)."""
-    text = (base.rstrip("/") if request.path else base) + request.path
+    """The target URL with X-on's path suffix and raw query (kept encoded, byte-exact).
+
+    The suffix never climbs above the target's path (docs/delivery.md, Forward): the relay
+    refuses any that could, and one stored by an older relay is re-encoded here with its dot
+    segments resolved inside the target's path.
+    """
+    path = request.path if plain_suffix(request.path) else confined_suffix(request.path)
+    text = (base.rstrip("/") if path else base) + path
     if request.query:
         text += "?" + request.query
     return URL(text, encoded=True)

@@ -54,7 +54,8 @@ async def relay(tmp_path: Path) -> AsyncIterator[PublicRelay]:
         # closed link (~250 KB of deflate state) alive for one interval, which would swamp
         # the memory figure of the long variant (docs/reliability.md, findings).
         link=LinkConfig(auth_timeout=5000 * MS, max_message_size=64 * 1024, ping_interval=None),
-        limits=LimitsConfig(source_rate=None, account_rate=None),
+        # The link must carry the largest event (limits.max_event_size) with its frame.
+        limits=LimitsConfig(source_rate=None, account_rate=None, max_event_size=32 * 1024),
     )
     async with serve_public(config) as running:
         yield running

@@ -72,8 +72,10 @@ def test_form_body_with_bad_utf8_is_refused() -> None:
 
 
 def test_form_body_with_unknown_charset_is_refused() -> None:
-    """An unknown charset cannot be decoded: 400 bad_body."""
-    refused("application/x-www-form-urlencoded; charset=klingon", b"a=1")
+    """A charset outside the allow-list is 415 unsupported_charset."""
+    with pytest.raises(ApiError) as info:
+        parse("application/x-www-form-urlencoded; charset=klingon", b"a=1")
+    assert (info.value.http_status, info.value.code) == (415, "unsupported_charset")
 
 
 # -- JSON ------------------------------------------------------------------------------------
@@ -118,9 +120,7 @@ def test_json_event_string_is_a_type_param() -> None:
     assert parse("application/json", b'{"event": "call.ended"}').type == "call.ended"
 
 
-@pytest.mark.parametrize(
-    "body", [b"{", b"[1, 2]", b'"text"', b"\xff\xfe{", b"[" * 100_000], ids=str
-)
+@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b'"text"', b"\xff\xfe{"], ids=str)
 def test_undecodable_json_is_refused(body: bytes) -> None:
     """Bad JSON, JSON that is not an object and bad UTF-8 are 400 bad_body."""
     refused("application/json", body)
