@@ -68,6 +68,7 @@ from shared.subscription import Subscription
 from .appkeys import config_key, hub_key
 from .ctox import refusal
 from .hub import AgentHub
+from .limits import client_address
 from .middleware import error_response
 from .store.base import AgentRecord, StatusItem, StoredEvent
 
@@ -106,9 +107,15 @@ class HandshakeGate:
     waiter is an open connection that leaves within ``queue_timeout``.
     """
 
-    def __init__(self, limit: int | None, queue_timeout: float) -> None:
+    def __init__(
+        self, limit: int | None, queue_timeout: float, *, per_source: int | None = None
+    ) -> None:
         self.limit = limit
         self.queue_timeout = queue_timeout
+        self.per_source = per_source
+        """Most slots and queue places one source holds at once; ``None``: no cap."""
+        self._sources: dict[str, int] = {}
+        """Source → slots plus queue places it holds (only sources holding some)."""
         self.running = 0
         """Slots out: handshakes between their upgrade and their end."""
         self.waiting = 0
@@ -117,13 +124,30 @@ class HandshakeGate:
         self.rate = HandshakeRate()
         self._schedule = RetrySchedule()
 
-    async def enter(self, request: web.Request) -> HandshakeSlot | None:
-        """A slot for ``request``, or ``None``: none freed within ``queue_timeout``, or the
-        client went away while it waited."""
+    def source_full(self, source: str) -> bool:
+        """Whether ``source`` already holds its share (``per_source``): one address must not
+        take the slots from everybody else (docs/protocol.md, Reconnecting)."""
+        return self.per_source is not None and self._sources.get(source, 0) >= self.per_source
+
+    def _hold(self, source: str) -> None:
+        self._sources[source] = self._sources.get(source, 0) + 1
+
+    def _unhold(self, source: str) -> None:
+        left = self._sources[source] - 1
+        if left:
+            self._sources[source] = left
+        else:
+            del self._sources[source]
+
+    async def enter(self, request: web.Request, source: str = "") -> HandshakeSlot | None:
+        """A slot for ``request`` from ``source``, or ``None``: none freed within
+        ``queue_timeout``, or the client went away while it waited. The caller checks
+        :meth:`source_full` first."""
         if self.limit is None or self.running < self.limit:
             # While slots are free nobody waits: a released slot goes to a waiter first.
             self.running += 1
-            return HandshakeSlot(self)
+            self._hold(source)
+            return HandshakeSlot(self, source)
         if self.queue_timeout <= 0:
             return None
         rate = self.rate.per_second(time.monotonic())
@@ -132,9 +156,10 @@ class HandshakeGate:
             # the whole timeout and be refused anyway. The estimate alone refused too early:
             # a relay serving a queue it has only just been handed is often faster.
             return None
-        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(request, source, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self.waiting += 1
+        self._hold(source)
         try:
             await asyncio.wait((waiter.granted,), timeout=self.queue_timeout)
         except BaseException:
@@ -143,21 +168,30 @@ class HandshakeGate:
                 slot = waiter.granted.result()
                 if slot is not None:
                     slot.release()
+                else:
+                    self._unhold(source)
             else:
                 self._stop_waiting(waiter)
+                self._unhold(source)
             raise
         if not waiter.granted.done():
             self._stop_waiting(waiter)
+            self._unhold(source)
             return None
-        return waiter.granted.result()
+        granted = waiter.granted.result()
+        if granted is None:
+            self._unhold(source)
+        return granted
 
     def _stop_waiting(self, waiter: _Waiter) -> None:
         # Left in the queue (removing from the middle is O(n)); leave() skips it.
         waiter.granted.cancel()
         self.waiting -= 1
 
-    def leave(self) -> None:
-        """A handshake ended: hand its slot to the next waiter still connected, if any."""
+    def leave(self, source: str) -> None:
+        """A handshake of ``source`` ended: hand its slot to the next waiter still
+        connected, if any."""
+        self._unhold(source)
         self.rate.finished(time.monotonic(), busy=self.waiting > 0)
         while self._queue:
             waiter = self._queue.popleft()
@@ -167,7 +201,7 @@ class HandshakeGate:
             if _client_gone(waiter.request):
                 waiter.granted.set_result(None)
                 continue
-            waiter.granted.set_result(HandshakeSlot(self))
+            waiter.granted.set_result(HandshakeSlot(self, waiter.source))
             return
         self.running -= 1
 
@@ -275,6 +309,7 @@ class RetrySchedule:
 @dataclass(slots=True)
 class _Waiter:
     request: web.Request
+    source: str
     granted: asyncio.Future[HandshakeSlot | None]
     """A slot, ``None`` when skipped (client gone), cancelled when the waiter gave up."""
 
@@ -292,8 +327,12 @@ def handshake_gate(hub: AgentHub) -> HandshakeGate:
     """The hub's gate, made from its ``link`` settings on first use."""
     gate = _gates.get(hub)
     if gate is None:
+        link = hub.link
+        per_source = None
+        if link.max_handshakes is not None and link.handshake_share is not None:
+            per_source = max(2, int(link.max_handshakes * link.handshake_share))
         gate = _gates[hub] = HandshakeGate(
-            hub.link.max_handshakes, hub.link.handshake_queue_timeout
+            link.max_handshakes, link.handshake_queue_timeout, per_source=per_source
         )
     return gate
 
@@ -302,13 +341,14 @@ class HandshakeSlot:
     """One of the handshakes a hub runs at once (``link.max_handshakes``); released exactly
     once, which passes it on to the next waiter (:meth:`HandshakeGate.leave`)."""
 
-    def __init__(self, gate: HandshakeGate) -> None:
+    def __init__(self, gate: HandshakeGate, source: str) -> None:
         self._gate: HandshakeGate | None = gate
+        self._source = source
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.leave()
+            gate.leave(self._source)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -317,7 +357,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hub = request.app[hub_key]
     config = request.app[config_key]
     gate = handshake_gate(hub)
-    slot = await gate.enter(request)
+    source = client_address(request, config.limits.trusted_proxies)
+    if gate.source_full(source):
+        # Books no place in the retry schedule: one address's flood must not push back the
+        # agents of others. Its slots free within link.hello_timeout at the latest.
+        log.debug("agent.upgrade_source_busy", extra={"peer": request.remote, "source": source})
+        response = error_response(
+            429, "busy", "too many agent handshakes from this address; retry"
+        )
+        response.headers["Retry-After"] = str(max(1, math.ceil(config.link.hello_timeout)))
+        return response
+    slot = await gate.enter(request, source)
     if slot is None:
         response = error_response(503, "busy", "too many agent handshakes in progress; retry")
         if _client_gone(request):
@@ -410,6 +460,8 @@ class AgentLink:
             now=self._loop.time(),
             logger=self.log,
         )
+        self._hello_by = self._loop.time() + hub.link.hello_timeout
+        """An upgrade silent until then is closed and frees its slot (link.hello_timeout)."""
         self._send_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -585,11 +637,20 @@ class AgentLink:
     async def _pump(self) -> None:
         session = self.session
         while True:
+            deadline = session.next_deadline()
+            if session.state is LinkState.CONNECTING:
+                deadline = min(deadline or math.inf, self._hello_by)
             try:
-                async with asyncio.timeout_at(session.next_deadline()):
+                async with asyncio.timeout_at(deadline):
                     msg = await self.ws.receive()
             except TimeoutError:
-                session.handle_timer(self._loop.time())
+                now = self._loop.time()
+                if session.state is LinkState.CONNECTING and now >= self._hello_by:
+                    # docs/protocol.md, Reconnecting: a silent upgrade must not hold a slot.
+                    self.log.warning("agent.hello_timeout")
+                    session.close(CloseCode.AUTH_TIMEOUT, "no hello in time")
+                else:
+                    session.handle_timer(now)
             else:
                 if msg.type is WSMsgType.TEXT:
                     session.receive_message(msg.data, self._loop.time())
