@@ -67,7 +67,7 @@ from shared.subscription import Subscription
 
 from .appkeys import config_key, hub_key
 from .ctox import refusal
-from .hub import AgentHub
+from .hub import AgentHub, PassedOver
 from .limits import client_address
 from .middleware import error_response
 from .store.base import AgentRecord, StatusItem, StoredEvent
@@ -436,6 +436,8 @@ class AgentLink:
         """The retention hole this link's welcome already announced (docs/protocol.md)."""
         self._subscription: Subscription | None = None
         """The routing filter of the agent's hello, for the life of this link; None: all."""
+        self._digest = b""
+        """Its :meth:`~shared.subscription.Subscription.digest` (empty without one)."""
         self._scan = 0
         """Scan position: every event up to here was offered or passed over on this link."""
         self._cursor_before = 0
@@ -676,6 +678,8 @@ class AgentLink:
         match event:
             case HelloReceived(agent_id=agent_id, subscription=subscription):
                 self._subscription = subscription
+                if subscription is not None and not subscription.is_everything:
+                    self._digest = subscription.digest()
                 await self._lookup(agent_id)
             case Authenticated(
                 agent_id=agent_id, account_id=account_id, resume_after=resume, replay_after=replay
@@ -968,11 +972,13 @@ class AgentLink:
         assert self.account_id is not None
         scanned = 0
         while session.can_offer:
+            self._skip_passed_over()
             limit = self._read_limit()
             batch = await store.read_events(self.account_id, after=self._scan, limit=limit)
             if batch and batch[0].seq > self._scan + 1 and await self._behind_retention():
                 return
             offered = self._offer_batch(batch)
+            self._remember_passed_over()
             await self._flush()
             if not offered and not session.in_flight:
                 # docs/protocol.md, Routing: an idle routed agent shows no lag and does not
@@ -1001,6 +1007,22 @@ class AgentLink:
                 self.hub.metrics.deliveries.inc()
             self._scan = stored.seq
         return offered
+
+    def _skip_passed_over(self) -> None:
+        """Jump over a run of the log an earlier link with this subscription found no match
+        in: a reconnect does not read and match it again (docs/protocol.md, Routing)."""
+        known = self.hub.passed_over.get(self.agent_id or "") if self._digest else None
+        if known is not None:
+            self._scan = known.skip(self._digest, self._scan)
+
+    def _remember_passed_over(self) -> None:
+        """Everything after the last event offered up to the scan position was passed over."""
+        after = self.session.last_offered
+        if not self._digest or self._scan <= after or self.agent_id is None:
+            return
+        run = PassedOver(self._digest, after, self._scan)
+        known = self.hub.passed_over.get(self.agent_id)
+        self.hub.passed_over[self.agent_id] = run if known is None else known.joined(run)
 
     def _wants(self, stored: StoredEvent) -> bool:
         if self._subscription is None:

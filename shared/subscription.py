@@ -26,6 +26,8 @@ that one rule reads the same everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +150,12 @@ class Subscription:
         if chars > MAX_CHARS:
             raise ValueError(f"subscription is longer than {MAX_CHARS} characters in all")
         return cls(types, tuple(params))
+
+    def digest(self) -> bytes:
+        """A fingerprint of what this subscription matches (equal subscriptions, equal
+        digests), to recognise it again on a later link without keeping it whole."""
+        wire = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(wire.encode("utf-8", "surrogatepass")).digest()
 
     @property
     def is_everything(self) -> bool:

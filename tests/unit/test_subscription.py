@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay_server.hub import PassedOver
 from shared import crypto
 from shared.config import (
     AGENT_ENV_PREFIX,
@@ -332,3 +333,24 @@ def test_bad_delivery_settings_are_config_errors(kwargs: dict[str, Any], message
     """Non-positive TTLs, unknown stale actions and duplicate target names are refused."""
     with pytest.raises(ConfigError, match=message):
         AgentConfig(**kwargs)
+
+
+def test_equal_subscriptions_have_equal_digests() -> None:
+    """The digest recognises a subscription again; any difference changes it."""
+    one = Subscription.from_wire({"types": ["a"], "params": {"x": ["1", "2"]}})
+    same = Subscription.from_wire({"params": {"x": ["1", "2", "1"]}, "types": ["a"]})
+    other = Subscription.from_wire({"types": ["a"], "params": {"x": ["1"]}})
+    assert one.digest() == same.digest() != other.digest()
+
+
+def test_a_passed_over_run_is_skipped_only_by_its_subscription_and_joins_a_touching_one() -> None:
+    """PassedOver: the scan jumps from inside the run to its end, with the same digest only."""
+    run = PassedOver(b"s", 10, 100)
+    assert run.skip(b"s", 10) == 100
+    assert run.skip(b"s", 50) == 100
+    assert run.skip(b"s", 9) == 9  # before the run: events 10 and below are not known
+    assert run.skip(b"s", 100) == 100
+    assert run.skip(b"t", 50) == 50
+    assert run.joined(PassedOver(b"s", 60, 150)) == PassedOver(b"s", 10, 150)
+    assert run.joined(PassedOver(b"s", 120, 150)) == PassedOver(b"s", 120, 150)
+    assert run.joined(PassedOver(b"t", 60, 150)) == PassedOver(b"t", 60, 150)
