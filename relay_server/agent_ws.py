@@ -71,6 +71,7 @@ from .hub import AgentHub, PassedOver
 from .limits import client_address
 from .middleware import error_response
 from .store.base import AgentRecord, StatusItem, StoredEvent
+from .withhold import Withheld, stand_in, status_runs, withheld
 
 __all__ = ["handle", "AgentLink"]
 
@@ -506,8 +507,19 @@ class AgentLink:
             return
         newer = self._newer_status(items)
         if newer:
-            self.session.send_status([item.to_json() for item in newer])
+            self._send_status(newer)
             self._wake.set()
+
+    def _send_status(self, items: list[StatusItem], *, snapshot: bool = False) -> None:
+        """Status in frames the link can carry: a snapshot too large for one frame goes out
+        as a snapshot frame and change frames after it (docs/protocol.md, Status)."""
+        limit = self.hub.link.max_message_size
+        runs, dropped = status_runs([item.to_json() for item in items], limit)
+        if dropped:
+            self.log.warning("agent.status_withheld", extra={"items": dropped})
+        for n, run in enumerate(runs):
+            if run or (snapshot and n == 0):
+                self.session.send_status(run, snapshot=snapshot and n == 0)
 
     def _newer_status(self, items: list[StatusItem]) -> list[StatusItem]:
         newer = [item for item in items if item.seq > self._status_seqs.get(item.key, 0)]
@@ -844,13 +856,13 @@ class AgentLink:
     async def _send_snapshot(self, account_id: str) -> None:
         """The account's whole status before any event (DESIGN §Link protocol, Status)."""
         items = await self.hub.store.status_snapshot(account_id)
-        self.session.send_status([item.to_json() for item in items], snapshot=True)
+        self._send_status(items, snapshot=True)
         self._newer_status(items)
         early, self._early_status = self._early_status or {}, None
         # A change pushed while the snapshot was being read may be missing from it.
         newer = self._newer_status(list(early.values()))
         if newer:
-            self.session.send_status([item.to_json() for item in newer])
+            self._send_status(newer)
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -999,14 +1011,33 @@ class AgentLink:
         matching one the window refused (it is read again after the next ack).
         """
         offered = 0
+        limit = self.hub.link.max_message_size
         for stored in batch:
             if self._wants(stored):
-                if not self.session.offer(stored.seq, stored.event.to_json()):
+                why = withheld(stored.event, limit)
+                event = stored.event.to_json() if why is None else stand_in(stored.event, why)
+                if not self.session.offer(stored.seq, event):
                     break
                 offered += 1
                 self.hub.metrics.deliveries.inc()
+                if why is not None:
+                    self._withheld(stored, why)
             self._scan = stored.seq
         return offered
+
+    def _withheld(self, stored: StoredEvent, why: Withheld) -> None:
+        """docs/delivery.md, Withheld events: counted and logged, never a reason to close."""
+        assert self.agent_id is not None
+        self.hub.metrics.event_withheld(self.agent_id, why.reason)
+        self.log.warning(
+            "agent.event_withheld",
+            extra={
+                "seq": stored.seq,
+                "event_id": stored.event.id,
+                "reason": why.reason,
+                "bytes": why.bytes,
+            },
+        )
 
     def _skip_passed_over(self) -> None:
         """Jump over a run of the log an earlier link with this subscription found no match
