@@ -512,7 +512,7 @@ class AgentLink:
 
     def _send_status(self, items: list[StatusItem], *, snapshot: bool = False) -> None:
         """Status in frames the link can carry: a snapshot too large for one frame goes out
-        as a snapshot frame and change frames after it (docs/protocol.md, Status)."""
+        as a snapshot frame and change frames after it (docs/ctox.md, Status items)."""
         limit = self.hub.link.max_message_size
         runs, dropped = status_runs([item.to_json() for item in items], limit)
         if dropped:

@@ -9,7 +9,7 @@ small stand-in with the same ``id``, ``account``, ``type`` and ``received_at`` a
 ``seq``, no params and no request body, and a ``withheld`` object saying why, so that the seq
 chain stays intact and delivery goes on.
 
-Status frames follow the same rule (docs/protocol.md, Status): items that do not fit one frame
+Status frames follow the same rule (docs/ctox.md, Status items): items that do not fit one frame
 are split over several, and an item that cannot travel even alone is left out.
 
 The check costs a few additions per event: only an event whose worst-case size could reach the
