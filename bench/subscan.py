@@ -7,8 +7,10 @@ log holds ``--events`` events that pass the subscription's type list but miss it
 parameter, and one agent (the real ``AgentSession`` over websockets) that reconnects
 ``--connects`` times with ``resume_after = 0`` (it never received anything), each time until
 the relay's link has scanned to the log head. Prints, per connect, the process CPU seconds
-(relay and agent; the agent's share is a welcome and a status frame) and the wall time.
-The first connect scans the whole log; later ones show what a reconnect costs.
+(relay and agent; the agent's share is a welcome and a status frame), the wall time, and the
+longest the event loop went without running a 1 ms ticker meanwhile (what every other link and
+ingress request on the relay would have waited at worst). The first connect scans the whole
+log; later ones show what a reconnect costs.
 """
 
 from __future__ import annotations
@@ -95,8 +97,20 @@ async def _run(data: Path, events: int, connects: int, params: int, values: int)
     url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/agent"
     subscription = _subscription(params, values)
     print(f"log: {events} events, head {head}; subscription: 256 types, {params} x {values}")
+    stall = 0.0
+
+    async def ticker() -> None:
+        nonlocal stall
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stall, last = max(stall, now - last), now
+
+    ticking = asyncio.create_task(ticker())
     try:
         for n in range(connects):
+            stall = 0.0
             cpu, wall = time.process_time(), time.perf_counter()
             ws = await connect(url, subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=None)
             session = AgentSession(
@@ -127,13 +141,17 @@ async def _run(data: Path, events: int, connects: int, params: int, values: int)
             else:
                 raise SystemExit("the relay never scanned to the head")
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            print(f"connect {n + 1}: relay+agent CPU {cpu:.3f} s, wall {wall:.3f} s")
+            print(
+                f"connect {n + 1}: relay+agent CPU {cpu:.3f} s, wall {wall:.3f} s,"
+                f" longest loop stall {stall * 1000:.0f} ms"
+            )
             await ws.close()
             for _ in range(10_000):
                 if not hub._conns:
                     break
                 await asyncio.sleep(0.001)
     finally:
+        ticking.cancel()
         await hub.shutdown()
         await runner.cleanup()
         await store.close()
