@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from relay_server.agent_ws import handshake_gate
+from relay_server.agent_ws import HandshakeGate, handshake_gate
 from shared import crypto
 from shared.config import LimitsConfig, LinkConfig
 from shared.errors import ConfigError
@@ -90,6 +91,46 @@ async def test_one_source_holds_only_its_share_and_a_real_agent_gets_in_at_once(
         await agent.close()
         for ws in held:
             await ws.close()
+
+        async def released() -> bool:
+            return gate.running == 0 and not gate.source_full(ATTACKER)
+
+        await eventually(released)
+
+
+async def test_queued_upgrades_count_against_their_source_too(tmp_path: Path) -> None:
+    """With every slot taken, a source may queue up to its share and is refused beyond it
+    while the queue stays open to others; the queued ones are served as slots free."""
+    link = LinkConfig(max_handshakes=4, handshake_queue_timeout=WAIT, hello_timeout=10 * WAIT)
+    limits = LimitsConfig(trusted_proxies=["127.0.0.1"])
+    async with running_relay(tmp_path, link=link, limits=limits) as relay:
+        gate = handshake_gate(relay.hub)
+        assert gate.per_source == 2
+        holders = [await upgrade_from(relay, f"198.51.100.{n // 2}") for n in range(4)]
+        queued = [asyncio.create_task(upgrade_from(relay, ATTACKER)) for _ in range(2)]
+        await eventually(waiting(gate, 2))
+        with pytest.raises(InvalidStatus) as refused:
+            await upgrade_from(relay, ATTACKER)
+        assert refused.value.response.status_code == 429
+        other = asyncio.create_task(upgrade_from(relay, "192.0.2.1"))  # not refused: queued
+        await eventually(waiting(gate, 3))
+        for ws in holders[:3]:
+            await ws.close()
+        served = [await task for task in (*queued, other)]
+        for ws in (*served, holders[3]):
+            await ws.close()
+
+        async def released() -> bool:
+            return gate.running == 0 and gate.waiting == 0 and not gate.source_full(ATTACKER)
+
+        await eventually(released)
+
+
+def waiting(gate: HandshakeGate, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return gate.waiting == count
+
+    return check
 
 
 async def test_silent_upgrades_are_closed_after_the_hello_timeout_and_free_their_slots(
