@@ -23,6 +23,11 @@ relay's handshake rate (:class:`HandshakeGate`, :class:`RetrySchedule`), and the
 back then (docs/protocol.md, Reconnecting). Admitting a whole storm at once would make every
 handshake slower than the agents' open timeout, so none would finish; a relay that keeps up
 refuses nobody. A waiter whose client left is skipped without a WebSocket upgrade.
+
+Hostile upgrades (docs/protocol.md, Reconnecting): an upgrade that sends no ``hello`` within
+``link.hello_timeout`` is closed, which frees its slot, and one source address may hold only
+``link.handshake_share`` of the slots and queue places; beyond it the upgrade is refused 429
+``busy`` at once, without a place in the retry schedule.
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ class HandshakeGate:
     the oldest waiter whose client is still connected, so a newcomer never overtakes the
     queue; waiters whose client left are skipped. The queue needs no bound of its own: each
     waiter is an open connection that leaves within ``queue_timeout``.
+
+    One source (``limits.client_address``) holds at most ``per_source`` slots and queue
+    places together, so that one address cannot keep every other agent out; and a slot held
+    by an upgrade that stays silent is freed by ``link.hello_timeout`` (:meth:`AgentLink._pump`).
     """
 
     def __init__(
