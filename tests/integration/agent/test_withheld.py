@@ -17,13 +17,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from relay_agent.inbox import Inbox
 from relay_server.app import create_admin_app
 from relay_server.store.base import StatusItem
 from shared import crypto
 from shared.events import format_time
 from tests.helpers.relay_app import Agent
 
-from .support import TOKEN, RelayUnderTest, eventually, serve_relay
+from .support import TOKEN, RelayUnderTest, eventually, make_event, serve_relay
 from .test_ctox_local import run_agent_under_test
 
 TOO_LARGE = 3 * 1024 * 1024
@@ -164,3 +165,24 @@ async def test_a_status_snapshot_too_large_for_one_frame_arrives_whole_in_severa
 
             await eventually(whole, what="every status item")
             assert agent.link.status.last_error is None
+
+
+async def test_the_inbox_counts_new_stand_ins_and_keeps_the_count(tmp_path: Path) -> None:
+    """Stand-ins above the resume point count (a replayed one does not count again); the
+    count and the last reason survive a restart; an unknown reason counts as ``other``."""
+    def stand_in(n: int, reason: str) -> dict[str, Any]:
+        return {**make_event(n), "params": {}, "withheld": {"reason": reason, "bytes": 9}}
+
+    box = await Inbox.open(tmp_path / "inbox.db")
+    await box.commit([(1, make_event(1)), (2, stand_in(2, "too_large"))])
+    await box.commit([(2, stand_in(2, "too_large"))])  # resent: a duplicate
+    await box.commit([(3, stand_in(3, "not_encodable"))])
+    stats = await box.stats()
+    assert (stats.withheld, stats.withheld_reason) == (2, "not_encodable")
+    await box.close()
+    box = await Inbox.open(tmp_path / "inbox.db")
+    stats = await box.stats()
+    assert (stats.withheld, stats.withheld_reason) == (2, "not_encodable")
+    await box.commit([(4, stand_in(4, "from_the_future"))])
+    assert (await box.stats()).withheld_reason == "other"
+    await box.close()
