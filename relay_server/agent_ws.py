@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import math
 import time
@@ -78,7 +79,7 @@ from .middleware import error_response
 from .store.base import AgentRecord, StatusItem, StoredEvent
 from .withhold import Withheld, stand_in, status_runs, withheld
 
-__all__ = ["handle", "AgentLink"]
+__all__ = ["handle", "handshake_source", "AgentLink"]
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,20 @@ class _Waiter:
     """A slot, ``None`` when skipped (client gone), cancelled when the waiter gave up."""
 
 
+def handshake_source(address: str) -> str:
+    """What shares one source's handshake allowance: the IPv4 address, or the /64 network of
+    an IPv6 one (one host or LAN usually holds a whole /64, so single addresses are free)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport  # None once the connection is lost
     return transport is None or transport.is_closing()
@@ -367,7 +382,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hub = request.app[hub_key]
     config = request.app[config_key]
     gate = handshake_gate(hub)
-    source = client_address(request, config.limits.trusted_proxies)
+    source = handshake_source(client_address(request, config.limits.trusted_proxies))
     if gate.source_full(source):
         # Books no place in the retry schedule: one address's flood must not push back the
         # agents of others. Its slots free within link.hello_timeout at the latest.

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from relay_server.agent_ws import HandshakeGate, handshake_gate
+from relay_server.agent_ws import HandshakeGate, handshake_gate, handshake_source
 from shared import crypto
 from shared.config import LimitsConfig, LinkConfig
 from shared.errors import ConfigError
@@ -175,6 +175,17 @@ async def test_a_hello_in_time_is_not_cut_by_the_hello_timeout(tmp_path: Path) -
         (seq,) = await relay.append(1)
         assert await agent.events(1) == [seq]
         await agent.close()
+
+
+def test_an_ipv6_source_is_its_64_network() -> None:
+    """Addresses of one IPv6 /64 share one allowance; an IPv4 address (mapped or not) has its
+    own."""
+    assert handshake_source("2001:db8:1:2::1") == handshake_source("2001:db8:1:2:ffff::9")
+    assert handshake_source("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert handshake_source("2001:db8:1:3::1") != handshake_source("2001:db8:1:2::1")
+    assert handshake_source("192.0.2.1") != handshake_source("192.0.2.2")
+    assert handshake_source("::ffff:192.0.2.1") == "192.0.2.1"
+    assert handshake_source("") == ""
 
 
 def test_hello_timeout_and_share_are_validated() -> None:
