@@ -59,6 +59,11 @@ __all__ = [
 
 T = TypeVar("T")
 
+WITHHELD_REASONS = ("other", "too_large", "not_encodable")
+"""The reasons a stand-in may give (docs/delivery.md, Withheld events), by the code the
+``meta`` table keeps for the last one; a reason this version does not know counts as
+``other``."""
+
 TAIL_EVENTS = 256
 """Newest events kept in memory after their commit (as their stored JSON text), so that a
 reader keeping up (a long-poll, a push target) is answered without a trip to the worker thread,
@@ -128,6 +133,10 @@ class InboxStats:
     last_cursor: int
     last_seq: int
     pruned_cursor: int
+    withheld: int = 0
+    """Stand-ins received for events the relay could not send (docs/delivery.md)."""
+    withheld_reason: str | None = None
+    """The reason of the last one (``None``: none yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +184,8 @@ class Inbox:
         self._last_seq = 0
         self._last_cursor = 0
         self._pruned_cursor = 0
+        self._withheld = 0
+        self._withheld_reason: int | None = None
         self._changed = asyncio.Event()
         self._released = False
         # (cursor, event JSON) of the newest committed events, consecutive cursors. Appended by
@@ -331,7 +342,11 @@ class Inbox:
 
     async def stats(self) -> InboxStats:
         count = await self._run(self._count_sync)
-        return InboxStats(count, self._last_cursor, self._last_seq, self._pruned_cursor)
+        reason = self._withheld_reason
+        return InboxStats(
+            count, self._last_cursor, self._last_seq, self._pruned_cursor, self._withheld,
+            None if reason is None else WITHHELD_REASONS[reason],
+        )
 
     # -- worker-thread side --------------------------------------------------------------------
 
@@ -362,6 +377,9 @@ class Inbox:
         self._last_seq = int(meta.get("last_seq", 0))
         self._pruned_cursor = int(meta.get("pruned_cursor", 0))
         self._last_cursor = int(row[0]) if row else 0
+        self._withheld = int(meta.get("withheld", 0))
+        reason = meta.get("withheld_reason")
+        self._withheld_reason = None if reason is None else int(reason)
 
     def _commit_sync(self, items: list[tuple[int, dict[str, Any]]]) -> CommitResult:
         db = self._conn()
@@ -379,6 +397,11 @@ class Inbox:
         # A duplicate's seq counts too: the relay must not send it again.
         last_seq = max((seq for seq, _ in items), default=self._last_seq)
         last_seq = max(last_seq, self._last_seq)
+        # Stand-ins above the resume point are new ones (a replay's resends are not).
+        withheld = [
+            _withheld_code(event) for seq, event in items
+            if seq > self._last_seq and "withheld" in event
+        ]
         last_cursor = self._last_cursor
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -396,10 +419,14 @@ class Inbox:
                     "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
                 ).fetchone()
                 last_cursor = max(last_cursor, int(row[0]))
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('last_seq', ?)"
+            meta = [("last_seq", last_seq)]
+            if withheld:
+                meta += [("withheld", self._withheld + len(withheld)),
+                         ("withheld_reason", withheld[-1])]
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (last_seq,),
+                meta,
             )
             db.execute("COMMIT")
         except BaseException:
@@ -408,6 +435,9 @@ class Inbox:
         self._remember(rows, stored, last_cursor)
         self._last_seq = last_seq
         self._last_cursor = last_cursor
+        if withheld:
+            self._withheld += len(withheld)
+            self._withheld_reason = withheld[-1]
         return CommitResult(stored, last_seq)
 
     def _remember(self, rows: list[tuple[str, int, str, float, str]], stored: int,
@@ -553,6 +583,12 @@ class Inbox:
         # One Event per generation: waiters of this generation wake, later ones wait anew.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+def _withheld_code(event: dict[str, Any]) -> int:
+    withheld = event.get("withheld")
+    reason = withheld.get("reason") if isinstance(withheld, dict) else None
+    return WITHHELD_REASONS.index(reason) if reason in WITHHELD_REASONS else 0
 
 
 def _positions(db: sqlite3.Connection, prefix: str) -> dict[str, int]:

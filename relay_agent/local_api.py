@@ -156,6 +156,8 @@ async def get_health(request: web.Request) -> web.Response:
             "events": stats.events,
             "last_cursor": str(stats.last_cursor),
             "last_seq": stats.last_seq,
+            "withheld": stats.withheld,
+            "withheld_reason": stats.withheld_reason,
         },
     }
     body.update(await request.app[delivery_key].report())  # forward, tcp, consumers

@@ -26,7 +26,7 @@ from shared.events import format_time, parse_time
 from shared.link.frames import CloseCode
 
 from .enroll import read_json_object, string_field
-from .metrics import CONTENT_TYPE_LATEST
+from .metrics import CONTENT_TYPE_LATEST, WithheldTally
 from .services import Services, services_key
 from .store import AccountRecord, AgentRecord
 from .store.base import StoredEvent
@@ -122,6 +122,8 @@ class AgentState:
     cursor: int
     backlog: int
     """Events of its account's log after its cursor."""
+    withheld: WithheldTally | None = None
+    """Events set aside for it on this instance (docs/delivery.md, Withheld events)."""
 
     @property
     def state(self) -> str:
@@ -146,6 +148,8 @@ class AgentState:
             "last_seen": None if agent.last_seen is None else format_time(agent.last_seen),
             "cursor": self.cursor,
             "backlog": self.backlog,
+            "withheld": 0 if self.withheld is None else self.withheld.count,
+            "withheld_reason": None if self.withheld is None else self.withheld.last_reason,
         }
 
 
@@ -163,8 +167,9 @@ async def agent_states(services: Services, account_id: str | None = None) -> lis
         backlog = 0
         if agent.public_key is not None and not agent.revoked:
             backlog = await services.store.count_after(agent.account_id, cursor)
-        return AgentState(agent, online.get(agent.id), cursor, backlog)
+        return AgentState(agent, online.get(agent.id), cursor, backlog, withheld.get(agent.id))
 
+    withheld = services.hub.metrics.withheld
     states: list[AgentState] = []
     for start in range(0, len(agents), _CONCURRENCY):
         chunk = agents[start : start + _CONCURRENCY]
@@ -179,7 +184,8 @@ async def _agent(services: Services, agent_id: str) -> AgentState:
     online = services.hub.online()
     cursor = await services.store.get_cursor(agent.id)
     backlog = await services.store.count_after(agent.account_id, cursor)
-    return AgentState(agent, online.get(agent.id), cursor, backlog)
+    withheld = services.hub.metrics.withheld.get(agent.id)
+    return AgentState(agent, online.get(agent.id), cursor, backlog, withheld)
 
 
 @routes.post("/v1/accounts")

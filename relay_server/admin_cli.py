@@ -248,6 +248,8 @@ def _agent_show(args: argparse.Namespace, res: dict[str, Any]) -> int:
     print(f"agent {res['name']} ({res['agent_id']}) of account {res['account_id']}: {res['state']}")
     print(f"  last seen: {res['last_seen'] or '-'}; online since: {res['online_since'] or '-'}")
     print(f"  cursor: {res['cursor']}; backlog: {res['backlog']} event(s)")
+    if res.get("withheld"):
+        print(f"  withheld: {res['withheld']} event(s), last: {res['withheld_reason']}")
     return 0
 
 

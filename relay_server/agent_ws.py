@@ -23,12 +23,18 @@ relay's handshake rate (:class:`HandshakeGate`, :class:`RetrySchedule`), and the
 back then (docs/protocol.md, Reconnecting). Admitting a whole storm at once would make every
 handshake slower than the agents' open timeout, so none would finish; a relay that keeps up
 refuses nobody. A waiter whose client left is skipped without a WebSocket upgrade.
+
+Hostile upgrades (docs/protocol.md, Reconnecting): an upgrade that sends no ``hello`` within
+``link.hello_timeout`` is closed, which frees its slot, and one source address may hold only
+``link.handshake_share`` of the slots and queue places; beyond it the upgrade is refused 429
+``busy`` at once, without a place in the retry schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import math
 import time
@@ -67,11 +73,13 @@ from shared.subscription import Subscription
 
 from .appkeys import config_key, hub_key
 from .ctox import refusal
-from .hub import AgentHub
+from .hub import AgentHub, PassedOver
+from .limits import client_address
 from .middleware import error_response
 from .store.base import AgentRecord, StatusItem, StoredEvent
+from .withhold import Withheld, stand_in, status_runs, withheld
 
-__all__ = ["handle", "AgentLink"]
+__all__ = ["handle", "handshake_source", "AgentLink"]
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +112,21 @@ class HandshakeGate:
     the oldest waiter whose client is still connected, so a newcomer never overtakes the
     queue; waiters whose client left are skipped. The queue needs no bound of its own: each
     waiter is an open connection that leaves within ``queue_timeout``.
+
+    One source (``limits.client_address``) holds at most ``per_source`` slots and queue
+    places together, so that one address cannot keep every other agent out; and a slot held
+    by an upgrade that stays silent is freed by ``link.hello_timeout`` (:meth:`AgentLink._pump`).
     """
 
-    def __init__(self, limit: int | None, queue_timeout: float) -> None:
+    def __init__(
+        self, limit: int | None, queue_timeout: float, *, per_source: int | None = None
+    ) -> None:
         self.limit = limit
         self.queue_timeout = queue_timeout
+        self.per_source = per_source
+        """Most slots and queue places one source holds at once; ``None``: no cap."""
+        self._sources: dict[str, int] = {}
+        """Source → slots plus queue places it holds (only sources holding some)."""
         self.running = 0
         """Slots out: handshakes between their upgrade and their end."""
         self.waiting = 0
@@ -117,13 +135,30 @@ class HandshakeGate:
         self.rate = HandshakeRate()
         self._schedule = RetrySchedule()
 
-    async def enter(self, request: web.Request) -> HandshakeSlot | None:
-        """A slot for ``request``, or ``None``: none freed within ``queue_timeout``, or the
-        client went away while it waited."""
+    def source_full(self, source: str) -> bool:
+        """Whether ``source`` already holds its share (``per_source``): one address must not
+        take the slots from everybody else (docs/protocol.md, Reconnecting)."""
+        return self.per_source is not None and self._sources.get(source, 0) >= self.per_source
+
+    def _hold(self, source: str) -> None:
+        self._sources[source] = self._sources.get(source, 0) + 1
+
+    def _unhold(self, source: str) -> None:
+        left = self._sources[source] - 1
+        if left:
+            self._sources[source] = left
+        else:
+            del self._sources[source]
+
+    async def enter(self, request: web.Request, source: str = "") -> HandshakeSlot | None:
+        """A slot for ``request`` from ``source``, or ``None``: none freed within
+        ``queue_timeout``, or the client went away while it waited. The caller checks
+        :meth:`source_full` first."""
         if self.limit is None or self.running < self.limit:
             # While slots are free nobody waits: a released slot goes to a waiter first.
             self.running += 1
-            return HandshakeSlot(self)
+            self._hold(source)
+            return HandshakeSlot(self, source)
         if self.queue_timeout <= 0:
             return None
         rate = self.rate.per_second(time.monotonic())
@@ -132,9 +167,10 @@ class HandshakeGate:
             # the whole timeout and be refused anyway. The estimate alone refused too early:
             # a relay serving a queue it has only just been handed is often faster.
             return None
-        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(request, source, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self.waiting += 1
+        self._hold(source)
         try:
             await asyncio.wait((waiter.granted,), timeout=self.queue_timeout)
         except BaseException:
@@ -143,21 +179,30 @@ class HandshakeGate:
                 slot = waiter.granted.result()
                 if slot is not None:
                     slot.release()
+                else:
+                    self._unhold(source)
             else:
                 self._stop_waiting(waiter)
+                self._unhold(source)
             raise
         if not waiter.granted.done():
             self._stop_waiting(waiter)
+            self._unhold(source)
             return None
-        return waiter.granted.result()
+        granted = waiter.granted.result()
+        if granted is None:
+            self._unhold(source)
+        return granted
 
     def _stop_waiting(self, waiter: _Waiter) -> None:
         # Left in the queue (removing from the middle is O(n)); leave() skips it.
         waiter.granted.cancel()
         self.waiting -= 1
 
-    def leave(self) -> None:
-        """A handshake ended: hand its slot to the next waiter still connected, if any."""
+    def leave(self, source: str) -> None:
+        """A handshake of ``source`` ended: hand its slot to the next waiter still
+        connected, if any."""
+        self._unhold(source)
         self.rate.finished(time.monotonic(), busy=self.waiting > 0)
         while self._queue:
             waiter = self._queue.popleft()
@@ -167,7 +212,7 @@ class HandshakeGate:
             if _client_gone(waiter.request):
                 waiter.granted.set_result(None)
                 continue
-            waiter.granted.set_result(HandshakeSlot(self))
+            waiter.granted.set_result(HandshakeSlot(self, waiter.source))
             return
         self.running -= 1
 
@@ -275,8 +320,23 @@ class RetrySchedule:
 @dataclass(slots=True)
 class _Waiter:
     request: web.Request
+    source: str
     granted: asyncio.Future[HandshakeSlot | None]
     """A slot, ``None`` when skipped (client gone), cancelled when the waiter gave up."""
+
+
+def handshake_source(address: str) -> str:
+    """What shares one source's handshake allowance: the IPv4 address, or the /64 network of
+    an IPv6 one (one host or LAN usually holds a whole /64, so single addresses are free)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -292,8 +352,12 @@ def handshake_gate(hub: AgentHub) -> HandshakeGate:
     """The hub's gate, made from its ``link`` settings on first use."""
     gate = _gates.get(hub)
     if gate is None:
+        link = hub.link
+        per_source = None
+        if link.max_handshakes is not None and link.handshake_share is not None:
+            per_source = max(2, int(link.max_handshakes * link.handshake_share))
         gate = _gates[hub] = HandshakeGate(
-            hub.link.max_handshakes, hub.link.handshake_queue_timeout
+            link.max_handshakes, link.handshake_queue_timeout, per_source=per_source
         )
     return gate
 
@@ -302,13 +366,14 @@ class HandshakeSlot:
     """One of the handshakes a hub runs at once (``link.max_handshakes``); released exactly
     once, which passes it on to the next waiter (:meth:`HandshakeGate.leave`)."""
 
-    def __init__(self, gate: HandshakeGate) -> None:
+    def __init__(self, gate: HandshakeGate, source: str) -> None:
         self._gate: HandshakeGate | None = gate
+        self._source = source
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.leave()
+            gate.leave(self._source)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -317,7 +382,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hub = request.app[hub_key]
     config = request.app[config_key]
     gate = handshake_gate(hub)
-    slot = await gate.enter(request)
+    source = handshake_source(client_address(request, config.limits.trusted_proxies))
+    if gate.source_full(source):
+        # Books no place in the retry schedule: one address's flood must not push back the
+        # agents of others. Its slots free within link.hello_timeout at the latest.
+        log.debug("agent.upgrade_source_busy", extra={"peer": request.remote, "source": source})
+        response = error_response(
+            429, "busy", "too many agent handshakes from this address; retry"
+        )
+        response.headers["Retry-After"] = str(max(1, math.ceil(config.link.hello_timeout)))
+        return response
+    slot = await gate.enter(request, source)
     if slot is None:
         response = error_response(503, "busy", "too many agent handshakes in progress; retry")
         if _client_gone(request):
@@ -386,6 +461,8 @@ class AgentLink:
         """The retention hole this link's welcome already announced (docs/protocol.md)."""
         self._subscription: Subscription | None = None
         """The routing filter of the agent's hello, for the life of this link; None: all."""
+        self._digest = b""
+        """Its :meth:`~shared.subscription.Subscription.digest` (empty without one)."""
         self._scan = 0
         """Scan position: every event up to here was offered or passed over on this link."""
         self._cursor_before = 0
@@ -410,6 +487,8 @@ class AgentLink:
             now=self._loop.time(),
             logger=self.log,
         )
+        self._hello_by = self._loop.time() + hub.link.hello_timeout
+        """An upgrade silent until then is closed and frees its slot (link.hello_timeout)."""
         self._send_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -452,8 +531,19 @@ class AgentLink:
             return
         newer = self._newer_status(items)
         if newer:
-            self.session.send_status([item.to_json() for item in newer])
+            self._send_status(newer)
             self._wake.set()
+
+    def _send_status(self, items: list[StatusItem], *, snapshot: bool = False) -> None:
+        """Status in frames the link can carry: a snapshot too large for one frame goes out
+        as a snapshot frame and change frames after it (docs/ctox.md, Status items)."""
+        limit = self.hub.link.max_message_size
+        runs, dropped = status_runs([item.to_json() for item in items], limit)
+        if dropped:
+            self.log.warning("agent.status_withheld", extra={"items": dropped})
+        for n, run in enumerate(runs):
+            if run or (snapshot and n == 0):
+                self.session.send_status(run, snapshot=snapshot and n == 0)
 
     def _newer_status(self, items: list[StatusItem]) -> list[StatusItem]:
         newer = [item for item in items if item.seq > self._status_seqs.get(item.key, 0)]
@@ -585,11 +675,20 @@ class AgentLink:
     async def _pump(self) -> None:
         session = self.session
         while True:
+            deadline = session.next_deadline()
+            if session.state is LinkState.CONNECTING:
+                deadline = min(deadline or math.inf, self._hello_by)
             try:
-                async with asyncio.timeout_at(session.next_deadline()):
+                async with asyncio.timeout_at(deadline):
                     msg = await self.ws.receive()
             except TimeoutError:
-                session.handle_timer(self._loop.time())
+                now = self._loop.time()
+                if session.state is LinkState.CONNECTING and now >= self._hello_by:
+                    # docs/protocol.md, Reconnecting: a silent upgrade must not hold a slot.
+                    self.log.warning("agent.hello_timeout")
+                    session.close(CloseCode.AUTH_TIMEOUT, "no hello in time")
+                else:
+                    session.handle_timer(now)
             else:
                 if msg.type is WSMsgType.TEXT:
                     session.receive_message(msg.data, self._loop.time())
@@ -615,6 +714,8 @@ class AgentLink:
         match event:
             case HelloReceived(agent_id=agent_id, subscription=subscription):
                 self._subscription = subscription
+                if subscription is not None and not subscription.is_everything:
+                    self._digest = subscription.digest()
                 await self._lookup(agent_id)
             case Authenticated(
                 agent_id=agent_id, account_id=account_id, resume_after=resume, replay_after=replay
@@ -780,13 +881,13 @@ class AgentLink:
     async def _send_snapshot(self, account_id: str) -> None:
         """The account's whole status before any event (DESIGN §Link protocol, Status)."""
         items = await self.hub.store.status_snapshot(account_id)
-        self.session.send_status([item.to_json() for item in items], snapshot=True)
+        self._send_status(items, snapshot=True)
         self._newer_status(items)
         early, self._early_status = self._early_status or {}, None
         # A change pushed while the snapshot was being read may be missing from it.
         newer = self._newer_status(list(early.values()))
         if newer:
-            self.session.send_status([item.to_json() for item in newer])
+            self._send_status(newer)
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -908,11 +1009,13 @@ class AgentLink:
         assert self.account_id is not None
         scanned = 0
         while session.can_offer:
+            self._skip_passed_over()
             limit = self._read_limit()
             batch = await store.read_events(self.account_id, after=self._scan, limit=limit)
             if batch and batch[0].seq > self._scan + 1 and await self._behind_retention():
                 return
             offered = self._offer_batch(batch)
+            self._remember_passed_over()
             await self._flush()
             if not offered and not session.in_flight:
                 # docs/protocol.md, Routing: an idle routed agent shows no lag and does not
@@ -933,14 +1036,49 @@ class AgentLink:
         matching one the window refused (it is read again after the next ack).
         """
         offered = 0
+        limit = self.hub.link.max_message_size
         for stored in batch:
             if self._wants(stored):
-                if not self.session.offer(stored.seq, stored.event.to_json()):
+                why = withheld(stored.event, limit)
+                event = stored.event.to_json() if why is None else stand_in(stored.event, why)
+                if not self.session.offer(stored.seq, event):
                     break
                 offered += 1
                 self.hub.metrics.deliveries.inc()
+                if why is not None:
+                    self._withheld(stored, why)
             self._scan = stored.seq
         return offered
+
+    def _withheld(self, stored: StoredEvent, why: Withheld) -> None:
+        """docs/delivery.md, Withheld events: counted and logged, never a reason to close."""
+        assert self.agent_id is not None
+        self.hub.metrics.event_withheld(self.agent_id, why.reason)
+        self.log.warning(
+            "agent.event_withheld",
+            extra={
+                "seq": stored.seq,
+                "event_id": stored.event.id,
+                "reason": why.reason,
+                "bytes": why.bytes,
+            },
+        )
+
+    def _skip_passed_over(self) -> None:
+        """Jump over a run of the log an earlier link with this subscription found no match
+        in: a reconnect does not read and match it again (docs/protocol.md, Routing)."""
+        known = self.hub.passed_over.get(self.agent_id or "") if self._digest else None
+        if known is not None:
+            self._scan = known.skip(self._digest, self._scan)
+
+    def _remember_passed_over(self) -> None:
+        """Everything after the last event offered up to the scan position was passed over."""
+        after = self.session.last_offered
+        if not self._digest or self._scan <= after or self.agent_id is None:
+            return
+        run = PassedOver(self._digest, after, self._scan)
+        known = self.hub.passed_over.get(self.agent_id)
+        self.hub.passed_over[self.agent_id] = run if known is None else known.joined(run)
 
     def _wants(self, stored: StoredEvent) -> bool:
         if self._subscription is None:

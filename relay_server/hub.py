@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared import crypto
@@ -47,12 +48,40 @@ if TYPE_CHECKING:
     from .agent_ws import AgentLink
     from .ctox import CtoxService
 
-__all__ = ["AgentHub", "HeartbeatRule"]
+__all__ = ["AgentHub", "HeartbeatRule", "PassedOver"]
 
 log = logging.getLogger(__name__)
 
 _CONCURRENCY = 32
 """Store reads the poll and the heartbeat ticker run at once (one per served account)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PassedOver:
+    """A run of an agent's account log that its subscription did not match: no event with a
+    seq in (``after``, ``through``] matches the subscription whose digest is ``digest``
+    (:meth:`shared.subscription.Subscription.digest`).
+
+    Events never change, so the fact outlives the link that learnt it: the agent's next link
+    with the same subscription jumps over the run instead of reading and matching it again
+    (docs/protocol.md, Routing). Pure; the hub keeps the latest one per agent.
+    """
+
+    digest: bytes
+    after: int
+    through: int
+
+    def skip(self, digest: bytes, scan: int) -> int:
+        """Where a scan at ``scan`` with subscription ``digest`` may go on from."""
+        if digest == self.digest and self.after <= scan < self.through:
+            return self.through
+        return scan
+
+    def joined(self, later: PassedOver) -> PassedOver:
+        """``later`` extended by this run when the two touch (same subscription)."""
+        if later.digest == self.digest and self.after <= later.after <= self.through:
+            return PassedOver(self.digest, self.after, max(self.through, later.through))
+        return later
 
 
 class HeartbeatRule:
@@ -146,6 +175,9 @@ class AgentHub:
         """Heartbeat rounds finished since this hub began (tests wait on it)."""
         self.metrics = RelayMetrics()
         """Counters that ingress, the links and the admin listener update and expose."""
+        self.passed_over: dict[str, PassedOver] = {}
+        """Agent id → the latest run of its log its subscription did not match (one entry per
+        agent that authenticated here with a subscription)."""
 
     @property
     def instance_id(self) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "FailureLockout",
     "Limits",
     "limits_key",
+    "client_address",
     "read_body",
     "check_target",
 ]
@@ -170,20 +171,8 @@ class Limits:
         )
 
     def source(self, request: web.BaseRequest) -> str:
-        """The client's address: the peer, or the nearest untrusted ``X-Forwarded-For`` hop
-        when the peer is one of ``trusted_proxies`` (the TLS front of DESIGN §Relay server)."""
-        peer = request.remote or ""
-        trusted = self.config.trusted_proxies
-        if peer not in trusted:
-            return peer
-        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
-        for hop in reversed(hops):
-            if hop and hop not in trusted:
-                try:
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    return peer  # a forged or garbled header keys on the proxy itself
-        return peer
+        """The client's address (:func:`client_address`)."""
+        return client_address(request, self.config.trusted_proxies)
 
     def check_source(self, request: web.BaseRequest) -> None:
         """Raises:
@@ -203,6 +192,22 @@ class Limits:
 
 
 limits_key = web.AppKey("limits", Limits)
+
+
+def client_address(request: web.BaseRequest, trusted: list[str]) -> str:
+    """The client's address: the peer, or the nearest untrusted ``X-Forwarded-For`` hop
+    when the peer is one of ``trusted`` proxies (the TLS front of DESIGN §Relay server)."""
+    peer = request.remote or ""
+    if peer not in trusted:
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    for hop in reversed(hops):
+        if hop and hop not in trusted:
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a forged or garbled header keys on the proxy itself
+    return peer
 
 
 async def read_body(request: web.Request, *, limit: int, timeout: float) -> bytes:

@@ -30,6 +30,7 @@ __all__ = [
     "RelayMetrics",
     "CommandOutcome",
     "IngressRates",
+    "WithheldTally",
     "count_ingress",
     "CONTENT_TYPE_LATEST",
     "OTHER_AGENTS",
@@ -57,6 +58,14 @@ class CommandOutcome:
     status: int
     error: str
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class WithheldTally:
+    """Events set aside for one agent (docs/delivery.md, Withheld events)."""
+
+    count: int
+    last_reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,13 @@ class RelayMetrics:
             registry=r,
         )
         self.acks = Counter("xon_relay_acks", "Cumulative acks received from agents", registry=r)
+        self.events_withheld = Counter(
+            "xon_relay_events_withheld",
+            "Events the link could not carry, sent as a stand-in instead, by reason"
+            " (docs/delivery.md, Withheld events; a resend counts)",
+            ["reason"],
+            registry=r,
+        )
         self.commands = Counter(
             "xon_relay_commands",
             "CTOX commands answered, by status class (2xx, 4xx, 5xx)",
@@ -152,6 +168,8 @@ class RelayMetrics:
         self._minutes: deque[tuple[int, list[int]]] = deque(maxlen=_HISTORY_MINUTES)
         self.recent_commands: deque[CommandOutcome] = deque(maxlen=_RECENT_COMMANDS)
         """The latest command results on this instance, newest last."""
+        self.withheld: dict[str, WithheldTally] = {}
+        """Agent id → the events set aside for it on this instance since it started."""
 
     # -- updated where things happen ------------------------------------------------------------
 
@@ -180,6 +198,13 @@ class RelayMetrics:
         (self.events_duplicate if duplicate else self.events_stored).inc()
         if xon_id_reused:
             self.events_xon_id_reused.inc()
+
+    def event_withheld(self, agent_id: str, reason: str) -> None:
+        """A stand-in went to ``agent_id`` in place of an event the link cannot carry."""
+        self.events_withheld.labels(reason=reason).inc()
+        tally = self.withheld.get(agent_id)
+        count = 1 if tally is None else tally.count + 1
+        self.withheld[agent_id] = WithheldTally(count, reason)
 
     def command_finished(
         self, account_id: str, command: Command, result: CommandResult, seconds: float

@@ -113,6 +113,14 @@ class LinkConfig:
     pace is refused at once. ``0``: no waiting, refuse at once when every slot is taken. Keep
     it well under the agents' open timeout (their ``link.auth_timeout``, 10 s) so a refused
     agent hears so in time."""
+    hello_timeout: float = 3.0
+    """Relay: seconds an upgraded link has to send its ``hello``; one that stays silent is
+    closed (4008 ``auth_timeout``) and frees its handshake slot, so idle upgrades cannot
+    hold the slots real agents need (docs/protocol.md, Reconnecting)."""
+    handshake_share: float | None = 0.125
+    """Relay: the share of ``max_handshakes`` one source address (``limits.trusted_proxies``
+    decides what the source is) may hold, running or queued, but at least 2; an upgrade beyond
+    it is refused at once with 429 ``busy``. ``None``: no per-source cap."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -123,6 +131,10 @@ class LinkConfig:
             raise ConfigError("link.handshake_queue_timeout must be 0 or more seconds")
         if self.auth_timeout <= 0:
             raise ConfigError("link.auth_timeout must be positive")
+        if not 0 < self.hello_timeout < math.inf:
+            raise ConfigError("link.hello_timeout must be positive")
+        if self.handshake_share is not None and not 0 < self.handshake_share <= 1:
+            raise ConfigError("link.handshake_share must be above 0 and at most 1 (or none)")
         if self.max_message_size < 1024:
             raise ConfigError("link.max_message_size must be at least 1024 bytes")
         for name, value in (

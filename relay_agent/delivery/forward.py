@@ -4,8 +4,8 @@ For apps written for X-on's fixed-URL HTTP push (DESIGN §Agent local API, "forw
 receives the request X-on sent, unchanged (DESIGN principle 2): the same method, the event's
 path suffix appended to the target URL's path, X-on's query string byte for byte, the same
 ``Content-Type`` and body bytes. The agent adds ``X-Xon-Event-Id``, ``X-Xon-Received-At`` and
-``X-Xon-Cursor`` (and ``X-Xon-Stale: true`` for a stale event), so that the app can drop a
-repeat: delivery is at least once (DESIGN principle 1).
+``X-Xon-Cursor`` (and ``X-Xon-Stale: true`` for a stale event, ``X-Xon-Withheld: REASON`` for a
+stand-in), so that the app can drop a repeat: delivery is at least once (DESIGN principle 1).
 
 Any 2xx answer acknowledges the event; anything else (another status, a refused connection,
 a time-out) is retried by :class:`~relay_agent.delivery.base.PushTarget` with back-off.
@@ -82,6 +82,9 @@ class Forwarder(PushTarget):
         }
         if stale:
             headers["X-Xon-Stale"] = "true"
+        withheld = event.get("withheld")
+        if isinstance(withheld, dict):  # docs/delivery.md, Withheld events
+            headers["X-Xon-Withheld"] = str(withheld.get("reason", ""))
         skip_auto: tuple[str, ...] = ()
         if request.content_type:
             headers["Content-Type"] = request.content_type

@@ -8,7 +8,8 @@ The agent connects to the app (``[[tcp]] address = "127.0.0.1:5000"``) and, per 
 ``<type>`` is the event type percent-encoded (RFC 3986 unreserved characters stay as they are,
 so ``sms.received`` is unchanged); ``<params>`` is ``application/x-www-form-urlencoded`` UTF-8
 (space as ``+``), starting with the agent's own ``_id`` (event id), ``_cursor``,
-``_received_at`` and, for a stale event, ``_stale=1``, then the event's params in their order.
+``_received_at`` and, for a stale event, ``_stale=1`` (``_withheld=REASON`` for a stand-in),
+then the event's params in their order.
 The line is plain ASCII and holds no raw space, CR or LF other than the one separator and the
 terminator.
 
@@ -47,6 +48,9 @@ def format_line(event: Mapping[str, Any], cursor: int, *, stale: bool) -> bytes:
     ]
     if stale:
         fields.append(("_stale", "1"))
+    withheld = event.get("withheld")
+    if isinstance(withheld, Mapping):  # docs/delivery.md, Withheld events
+        fields.append(("_withheld", str(withheld.get("reason", ""))))
     params = event.get("params")
     if isinstance(params, Mapping):
         fields += [(str(name), str(value)) for name, value in params.items()]

@@ -23,7 +23,7 @@ from relay_server.hub import AgentHub
 from relay_server.store import open_store
 from relay_server.store.base import AgentRecord, Store
 from shared import crypto
-from shared.config import LinkConfig, ServerConfig
+from shared.config import LimitsConfig, LinkConfig, ServerConfig
 from shared.events import RawRequest, XonEvent, format_time
 from shared.link.frames import SUBPROTOCOL
 from shared.link.session import AgentSession, Closed, EventReceived, Welcomed
@@ -94,12 +94,18 @@ class Relay:
 
 @asynccontextmanager
 async def running_relay(
-    tmp_path: Path, *, link: LinkConfig | None = None, close_timeout: float = 10.0
+    tmp_path: Path,
+    *,
+    link: LinkConfig | None = None,
+    close_timeout: float = 10.0,
+    limits: LimitsConfig | None = None,
 ) -> AsyncIterator[Relay]:
     """Serve ``/v1/agent`` until the block ends; the hub shuts down first, as in the real app."""
     store = await open_store(f"sqlite:///{tmp_path / 'relay.db'}", exclusive=True)
     try:
-        config = ServerConfig(data_dir=tmp_path, link=link or LinkConfig())
+        config = ServerConfig(
+            data_dir=tmp_path, link=link or LinkConfig(), limits=limits or LimitsConfig()
+        )
         relay_id = await store.relay_id()
         hub = AgentHub(store, relay_id=relay_id, link=config.link, close_timeout=close_timeout)
         app = web.Application()

@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from relay_server.hub import PassedOver
 from shared import crypto
 from shared.config import (
     AGENT_ENV_PREFIX,
@@ -26,7 +29,7 @@ from shared.link.session import (
     HelloReceived,
     RelaySession,
 )
-from shared.subscription import EVERYTHING, MAX_ENTRIES, Subscription
+from shared.subscription import EVERYTHING, MAX_ENTRIES, MAX_PARAMS, Subscription
 
 
 def _event(event_type: Any = "call.arriving", **params: Any) -> dict[str, Any]:
@@ -114,13 +117,53 @@ def test_wire_form_round_trips_and_drops_duplicates() -> None:
         ({"params": {"dialled": "0201"}}, "list of strings"),
         ({"params": {"dialled": []}}, "at least one value"),
         ({"params": {"": ["1"]}}, "names must be"),
-        ({"params": {f"p{i}": ["1"] for i in range(MAX_ENTRIES + 1)}}, "more than"),
+        ({"params": {f"p{i}": ["1"] for i in range(MAX_PARAMS + 1)}}, "more than 16 param"),
+        (
+            {"params": {f"p{i}": [str(v) for v in range(MAX_ENTRIES)] for i in range(5)}},
+            "more than 1024 values in all",
+        ),
+        (
+            {"types": [f"{i:03}" + "t" * 253 for i in range(MAX_ENTRIES)], "params": {"p": ["v"]}},
+            "longer than 65536 characters",
+        ),
     ],
 )
 def test_malformed_subscriptions_are_refused(wire: Any, message: str) -> None:
     """from_wire refuses anything but the documented shape, naming the fault."""
     with pytest.raises(ValueError, match=message):
         Subscription.from_wire(wire)
+
+
+def _reference_match(sub: Subscription, event_type: str, params: dict[str, Any]) -> bool:
+    """The rules of docs/protocol.md, Routing, read literally."""
+    type_ok = not sub.types or any(
+        event_type.startswith(p[:-1]) if p.endswith(".*") else event_type == p for p in sub.types
+    )
+    return type_ok and all(params.get(name) in values for name, values in sub.params)
+
+
+_words = st.sampled_from(["a", "b", "call", "sms", "", "x.y"])
+_types = st.lists(_words, min_size=1, max_size=4).map(".".join)
+
+
+@given(
+    types=st.lists(st.one_of(_types, _types.map(lambda t: t + ".*")), max_size=5),
+    params=st.dictionaries(st.sampled_from(["n", "m"]), st.lists(_words, min_size=1, max_size=3)),
+    event_type=_types,
+    event_params=st.dictionaries(
+        st.sampled_from(["n", "m", "o"]), st.one_of(_words, st.integers(0, 2))
+    ),
+)
+def test_compiled_matching_agrees_with_the_rules(
+    types: list[str], params: dict[str, list[str]], event_type: str, event_params: dict[str, Any]
+) -> None:
+    """Set and prefix lookups decide exactly as the documented rules do."""
+    try:
+        sub = Subscription.from_wire({"types": types, "params": params})
+    except ValueError:
+        return  # an empty word makes an empty string or a bad pattern: refused, not matched
+    event = {"type": event_type, "params": event_params}
+    assert sub.matches(event) == _reference_match(sub, event_type, event_params)
 
 
 # -- the hello field -------------------------------------------------------------------------
@@ -290,3 +333,24 @@ def test_bad_delivery_settings_are_config_errors(kwargs: dict[str, Any], message
     """Non-positive TTLs, unknown stale actions and duplicate target names are refused."""
     with pytest.raises(ConfigError, match=message):
         AgentConfig(**kwargs)
+
+
+def test_equal_subscriptions_have_equal_digests() -> None:
+    """The digest recognises a subscription again; any difference changes it."""
+    one = Subscription.from_wire({"types": ["a"], "params": {"x": ["1", "2"]}})
+    same = Subscription.from_wire({"params": {"x": ["1", "2", "1"]}, "types": ["a"]})
+    other = Subscription.from_wire({"types": ["a"], "params": {"x": ["1"]}})
+    assert one.digest() == same.digest() != other.digest()
+
+
+def test_a_passed_over_run_is_skipped_only_by_its_subscription_and_joins_a_touching_one() -> None:
+    """PassedOver: the scan jumps from inside the run to its end, with the same digest only."""
+    run = PassedOver(b"s", 10, 100)
+    assert run.skip(b"s", 10) == 100
+    assert run.skip(b"s", 50) == 100
+    assert run.skip(b"s", 9) == 9  # before the run: events 10 and below are not known
+    assert run.skip(b"s", 100) == 100
+    assert run.skip(b"t", 50) == 50
+    assert run.joined(PassedOver(b"s", 60, 150)) == PassedOver(b"s", 10, 150)
+    assert run.joined(PassedOver(b"s", 120, 150)) == PassedOver(b"s", 120, 150)
+    assert run.joined(PassedOver(b"t", 60, 150)) == PassedOver(b"t", 60, 150)

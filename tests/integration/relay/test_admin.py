@@ -112,6 +112,8 @@ async def test_agent_add_list_and_revoke(
                 "state": "pending",
                 "online_since": None,
                 "backlog": 0,
+                "withheld": 0,
+                "withheld_reason": None,
             }
         ]
     }

@@ -3,7 +3,9 @@ at once per relay process; an upgrade beyond it waits in a FIFO for up to
 ``link.handshake_queue_timeout`` (or not at all when the queue is longer than the relay serves
 in that time) and is then answered 503 ``busy`` with a ``Retry-After`` booked after the queue
 and the earlier refusals (docs/protocol.md, Reconnecting). A held handshake is a raw
-connection that never sends ``hello``: it keeps its slot until it closes."""
+connection that never sends ``hello``: it keeps its slot until it closes (these relays wait
+longer for a ``hello`` than any test runs, and cap no source: tests/integration/relay/
+test_handshake_hostile.py covers both)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,20 +35,22 @@ PATIENT = 5000 * MS
 """A queue wait no test reaches: every waiter gets its slot first."""
 IMPATIENT = 50 * MS
 """A queue wait that passes while the slots stay held."""
+QUIET_OK: dict[str, Any] = {"hello_timeout": 10 * PATIENT, "handshake_share": None}
+"""Holders (silent upgrades, all from 127.0.0.1) keep their slots for the whole test."""
 BACKOFF_MAX = 50 * MS
 """The agent's ``backoff_max``: it bounds the wait a Retry-After of whole seconds asks for."""
 
 
 @pytest.fixture
 async def patient(tmp_path: Path) -> AsyncIterator[Relay]:
-    link = LinkConfig(max_handshakes=2, handshake_queue_timeout=PATIENT)
+    link = LinkConfig(max_handshakes=2, handshake_queue_timeout=PATIENT, **QUIET_OK)
     async with running_relay(tmp_path, link=link) as relay:
         yield relay
 
 
 @pytest.fixture
 async def impatient(tmp_path: Path) -> AsyncIterator[Relay]:
-    link = LinkConfig(max_handshakes=2, handshake_queue_timeout=IMPATIENT)
+    link = LinkConfig(max_handshakes=2, handshake_queue_timeout=IMPATIENT, **QUIET_OK)
     async with running_relay(tmp_path, link=link) as relay:
         yield relay
 
@@ -323,7 +328,7 @@ async def test_refusals_take_no_slot(impatient: Relay) -> None:
 
 async def test_a_zero_queue_timeout_refuses_at_once(tmp_path: Path) -> None:
     """``handshake_queue_timeout = 0``: no queue, a full relay refuses the upgrade at once."""
-    link = LinkConfig(max_handshakes=1, handshake_queue_timeout=0)
+    link = LinkConfig(max_handshakes=1, handshake_queue_timeout=0, **QUIET_OK)
     async with running_relay(tmp_path, link=link) as relay:
         (holder,) = await holding(relay, 1)
         response = (await refused(relay)).response

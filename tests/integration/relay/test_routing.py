@@ -308,3 +308,75 @@ async def test_real_agent_inbox_holds_only_its_subscription(tmp_path: Path) -> N
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await inbox.close()
+
+
+class ReadCounter:
+    """Counts the events the relay reads from the real store (a spy: reads still happen)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.events = 0
+        store = relay.store
+        read = store.read_events
+
+        async def counted(account_id: str, *, after: int, limit: int) -> Any:
+            batch = await read(account_id, after=after, limit=limit)
+            self.events += len(batch)
+            return batch
+
+        store.read_events = counted  # type: ignore[method-assign]
+
+
+async def test_a_reconnect_with_the_same_subscription_does_not_rescan_passed_over_events(
+    relay: Relay,
+) -> None:
+    """The run a link passed over is not read again by the agent's next link with the same
+    subscription (docs/protocol.md, Routing); a later match still arrives, and a changed
+    subscription reads the run again and gets what now matches."""
+    (wanted,) = await append(relay, ("call.arriving", {}))
+    passed = await append(relay, *[("sms.received", {})] * 600)
+    first = await routed(relay, CALLS)
+    await first.welcome()
+    assert await first.events(1) == [wanted]
+    await first.ack(wanted)
+    await eventually(lambda: caught_up(relay, first.agent_id))
+    await first.close()
+    await first.closed()
+
+    reads = ReadCounter(relay)
+    again = await RoutedAgent(relay, first.agent_id, first.key, subscription=CALLS,
+                              resume_after=wanted).connect()
+    await again.welcome()
+    (later,) = await append(relay, ("call.ended", {}))
+    assert await again.events(1) == [later]
+    assert reads.events < 10  # the new event, not the 600 passed over
+    await again.close()
+    await again.closed()
+
+    widened = await RoutedAgent(relay, first.agent_id, first.key,
+                                subscription={"types": ["call.*", "sms.*"]},
+                                resume_after=later).connect()
+    await widened.welcome()
+    # Events after the resume point are matched again: none of the 600 is below it, and the
+    # widened subscription is a new one, so nothing is skipped for it.
+    await append(relay, ("sms.received", {}))
+    assert len(await widened.events(1)) == 1
+    assert passed[-1] < later
+    await widened.close()
+
+
+async def test_a_lost_inbox_still_gets_its_events_again_past_a_known_run(relay: Relay) -> None:
+    """An agent that comes back from resume 0 gets its matching events again; only the run
+    after them, known to hold none, is jumped over."""
+    (wanted,) = await append(relay, ("call.arriving", {}))
+    await append(relay, *[("sms.received", {})] * 300)
+    first = await routed(relay, CALLS)
+    await first.welcome()
+    assert await first.events(1) == [wanted]
+    await first.ack(wanted)
+    await eventually(lambda: caught_up(relay, first.agent_id))
+    await first.close()
+    await first.closed()
+    wiped = await RoutedAgent(relay, first.agent_id, first.key, subscription=CALLS).connect()
+    await wiped.welcome()
+    assert await wiped.events(1) == [wanted]
+    await wiped.close()
