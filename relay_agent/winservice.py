@@ -230,7 +230,7 @@ class Registry(Protocol):
 
 
 # Settings a user may hold in their own environment that a service started at boot does not
-# see: the agent's overrides (docs/deployment.md, Configuration) and the proxy variables.
+# see: the agent's overrides and the proxy variables (docs/deployment.md, Windows).
 _USER_SETTING = re.compile(r"^(XON_RELAY_|(HTTPS?|ALL|NO)_PROXY$)", re.IGNORECASE)
 
 
