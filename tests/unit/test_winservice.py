@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 
 from relay_agent import cli, winservice
 from relay_agent.winservice import Registration, ServiceSpec
+
+# On Windows these commands would really run: their refusals are Linux behaviour.
+off_windows = pytest.mark.skipif(sys.platform == "win32", reason="would run sc.exe for real")
 
 EXE = r"C:\Program Files\xon-relay-agent\xon-relay-agent.exe"
 PYTHON = r"C:\Program Files\Python311\python.exe"
@@ -186,6 +190,7 @@ def test_winservice_does_not_import_the_cli() -> None:
     assert not {name for name in imported if name and name.endswith("cli")}
 
 
+@off_windows
 def test_service_run_refuses_off_windows(capsys: pytest.CaptureFixture[str]) -> None:
     """service run on Linux exits 2 with one line naming the console command."""
     assert cli.main(["service", "run", "--data-dir", "/tmp/x"]) == cli.EXIT_CONFIG
@@ -209,6 +214,7 @@ def test_cli_dry_run_prints_the_commands(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out.splitlines() == ["sc.exe stop Other", "sc.exe delete Other"]
 
 
+@off_windows
 def test_cli_service_commands_refuse_off_windows(capsys: pytest.CaptureFixture[str],
                                                  tmp_path: Path) -> None:
     """Without --dry-run on Linux: exit 2, one line pointing at the systemd units, and
@@ -310,7 +316,7 @@ def test_doctor_service_reads_the_registered_data_dir_and_the_system_environment
     data_dir.mkdir()
     (data_dir / "config.toml").write_text('relay_url = "https://relay.example"\n',
                                           encoding="utf-8")
-    program = Path(cli.sys.executable)
+    program = Path(sys.executable)
     registry = FakeRegistry(registered(program, data_dir),
                             {"HTTPS_PROXY": "http://127.0.0.1:9"})
     monkeypatch.setattr(winservice, "windows_registry", lambda: registry)
@@ -343,6 +349,7 @@ def test_doctor_service_fails_when_the_service_cannot_run(
     assert checks["service"].startswith("fail ") and "does not exist" in checks["service"]
 
 
+@off_windows
 def test_doctor_service_refuses_off_windows_and_with_a_data_dir(
         capsys: pytest.CaptureFixture[str]) -> None:
     """On Linux --service exits 2 with one line; with --data-dir it is a usage error."""
