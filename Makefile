@@ -1,11 +1,16 @@
 # The two commands (README): `make demo` and `make test`. Both build .venv on first use and
 # reinstall the project only when pyproject.toml is newer than the install stamp.
+# `make agent-exe` builds the single-file agent into dist/ (docs/install-agent.md); `make
+# test-floors` runs the unit and integration tests on the lowest dependency releases
+# pyproject.toml allows, in .venv-floors.
 
 VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck unit clean-demo browser
+FLOORS := .venv-floors
+
+.PHONY: test demo bench lint typecheck unit clean-demo browser agent-exe test-floors
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
@@ -30,6 +35,22 @@ unit: $(STAMP)
 
 clean-demo:
 	rm -rf demo-data
+
+# Skips the build when nothing it is made of changed (packaging/build_agent.py).
+agent-exe: $(STAMP)
+	$(BIN)/python packaging/build_agent.py
+
+# A fresh venv whenever pyproject.toml changes, so no newer release lingers from before.
+$(FLOORS)/.installed: pyproject.toml packaging/lowest_constraints.py
+	rm -rf $(FLOORS)
+	python3 -m venv $(FLOORS)
+	python3 packaging/lowest_constraints.py --extra redis --extra fast > $(FLOORS)/constraints.txt
+	$(FLOORS)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -c $(FLOORS)/constraints.txt -e '.[dev]'
+	touch $@
+
+test-floors: $(FLOORS)/.installed
+	$(FLOORS)/bin/pytest tests/unit tests/integration -p no:cacheprovider
 
 $(BIN)/python:
 	python3 -m venv $(VENV)

@@ -26,7 +26,7 @@ import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import aio, crypto, logs, oslock
 from shared.config import (
@@ -56,6 +56,9 @@ from .enroll import (
 from .inbox import offline_stats
 from .pac import PacError
 from .system import AddressInUse, pid_alive
+
+if TYPE_CHECKING:
+    from .doctor import Check
 
 __all__ = ["main", "run_hosted", "EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_REFUSED"]
 
@@ -138,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                        help="for each network step (default 5)")
     check.add_argument("--json", action="store_true")
+    check.add_argument("--service", nargs="?", const=winservice.SERVICE_NAME, metavar="NAME",
+                       help="check as the Windows service would run: the data dir and config "
+                            "of its registration, the system-wide environment (default name "
+                            f"{winservice.SERVICE_NAME})")
 
     service = sub.add_parser("service", help="the Windows service (install, uninstall, start, "
                              "stop)")
@@ -146,13 +153,21 @@ def _parser() -> argparse.ArgumentParser:
         one = service_sub.add_parser(action)
         one.add_argument("--name", default=winservice.SERVICE_NAME, help="service name")
         one.add_argument("--dry-run", action="store_true",
-                         help="print the sc.exe commands instead of running them")
+                         help="print the commands instead of running them")
         if action == "install":
             one.add_argument("--data-dir", help="default: %%PROGRAMDATA%%\\xon-relay-agent")
-            one.add_argument("--python", help="python.exe hosting the service (default: this "
-                             "one)")
+            one.add_argument("--proxy", metavar="URL",
+                             help="the proxy the service uses, written to the data dir's "
+                                  "config.toml ('' removes it)")
+            one.add_argument("--ca-file", type=Path, metavar="FILE",
+                             help=f"PEM CA certificates to trust, copied into the data dir as "
+                                  f"{winservice.CA_FILE} (the service account cannot read "
+                                  "your profile)")
             one.add_argument("--start", choices=("auto", "delayed-auto", "demand"),
                              default="auto")
+    host = service_sub.add_parser("run", help="run as the service (the service manager "
+                                  "starts this; in a console use run)")
+    host.add_argument("--data-dir", type=Path, required=True)
     return parser
 
 
@@ -657,49 +672,180 @@ def _doctor(args: argparse.Namespace) -> int:
     # (issue 7, agent footprint).
     from . import doctor
 
-    config_path: Path = args.config or _data_dir(args) / CONFIG_FILE
     if args.timeout <= 0:
         raise _Fail("--timeout must be positive", EXIT_CONFIG)
-    checks = doctor.run_checks(config_path=config_path, data_dir=args.data_dir, env=os.environ,
-                               timeout=args.timeout)
+    if args.service is not None:
+        if args.config is not None or args.data_dir is not None:
+            raise _Fail("--service reads the config and data dir of the service: give neither "
+                        "--config nor --data-dir", EXIT_CONFIG)
+        registration, data_dir, env = _service_view(args.service)
+        checks = [_service_check(registration, data_dir),
+                  *doctor.run_checks(config_path=data_dir / CONFIG_FILE, data_dir=data_dir,
+                                     env=env, timeout=args.timeout)]
+    else:
+        config_path: Path = args.config or _data_dir(args) / CONFIG_FILE
+        checks = doctor.run_checks(config_path=config_path, data_dir=args.data_dir,
+                                   env=os.environ, timeout=args.timeout)
     print(doctor.format_json(checks) if args.json else doctor.format_text(checks))
     return EXIT_OK if doctor.all_ok(checks) else EXIT_FAILURE
+
+
+def _service_view(name: str) -> tuple[winservice.Registration, Path, dict[str, str]]:
+    """The registration of service ``name``, its data dir and the environment its agent starts
+    with, so that ``doctor --service`` sees what the service sees, not what the administrator
+    sees."""
+    registry = winservice.windows_registry()
+    if registry is None:
+        raise _Fail("--service reads the Windows service registration; on Linux run doctor as "
+                    "the service's user with its --data-dir (docs/deployment.md, Linux)",
+                    EXIT_CONFIG)
+    registration = registry.service(name)
+    if registration is None:
+        raise _Fail(f"no service named {name} is installed: {APP_NAME} service install",
+                    EXIT_FAILURE)
+    if registration.data_dir is None:
+        raise _Fail(f"service {name} runs {registration.image_path!r}, which names no "
+                    f"--data-dir: reinstall it with {APP_NAME} service install", EXIT_FAILURE)
+    env = winservice.service_environment(os.environ, registry.machine_environment())
+    return registration, Path(registration.data_dir), env
+
+
+def _service_check(registration: winservice.Registration, data_dir: Path) -> Check:
+    """The ``service`` line of ``doctor --service``: what the service runs, and whether it
+    can."""
+    from .doctor import Check
+
+    program = registration.program
+    runs = f"{registration.name} runs {program} as {registration.account}, data in {data_dir}"
+    if not Path(program).exists():
+        return Check("service", "fail", f"{runs}; that program does not exist: run service "
+                     "install again from the agent's new location")
+    if getattr(sys, "frozen", False) and \
+            os.path.normcase(program) != os.path.normcase(sys.executable):
+        return Check("service", "warn", f"{runs}; this is {sys.executable}: after an upgrade, "
+                     "run service install from the new file")
+    problem = winservice.location_problem(program, os.environ)
+    return Check("service", "warn", problem) if problem else Check("service", "ok", runs)
 
 
 # -- service (Windows) -------------------------------------------------------------------------
 
 
 def _service(args: argparse.Namespace) -> int:
+    if args.action == "run":
+        try:
+            return winservice.host(args.data_dir, run_hosted)
+        except winservice.ServiceError as exc:
+            raise _Fail(str(exc), EXIT_CONFIG) from exc
     if args.action == "install":
-        spec = winservice.ServiceSpec(
-            name=args.name,
-            python=args.python or sys.executable,
-            data_dir=args.data_dir or str(winservice.program_data_dir(os.environ)),
-            start=args.start,
-        )
-        commands = winservice.install_commands(spec)
-    elif args.action == "uninstall":
+        return _service_install(args)
+    if args.action == "uninstall":
         commands = winservice.uninstall_commands(args.name)
     elif args.action == "start":
         commands = winservice.start_commands(args.name)
     else:
         commands = winservice.stop_commands(args.name)
     if args.dry_run:
-        for command in commands:
-            print(subprocess.list2cmdline(command))
+        _print_commands(commands)
         return EXIT_OK
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        return _run_sc(args, commands)
-    else:
+    _on_windows()
+    return _run_sc(args, commands)
+
+
+def _service_install(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or str(winservice.program_data_dir(os.environ))
+    frozen = bool(getattr(sys, "frozen", False))
+    spec = winservice.ServiceSpec(
+        name=args.name,
+        program=winservice.agent_program(sys.executable, frozen=frozen),
+        data_dir=data_dir,
+        start=args.start,
+    )
+    registry = winservice.windows_registry()
+    exists = registry is not None and registry.service(args.name) is not None
+    commands = winservice.install_commands(spec, exists=exists)
+    if args.dry_run:
+        for line in _service_settings_plan(Path(data_dir), args.proxy, args.ca_file):
+            print(f"# {line}")
+        _print_commands(commands)
+        return EXIT_OK
+    _on_windows()
+    problem = winservice.location_problem(sys.executable, os.environ) if frozen else None
+    if problem is not None:
+        raise _Fail(problem, EXIT_CONFIG)
+    if not frozen and importlib.util.find_spec("win32serviceutil") is None:
+        raise _Fail("pywin32 is not installed in this Python: pip install pywin32",
+                    EXIT_CONFIG)
+    _write_service_settings(Path(data_dir), proxy=args.proxy, ca_file=args.ca_file)
+    return _run_sc(args, commands)
+
+
+def _service_settings_plan(data_dir: Path, proxy: str | None, ca_file: Path | None
+                           ) -> list[str]:
+    plan = [f"creates {data_dir}"]
+    if ca_file is not None:
+        plan.append(f"copies {ca_file} to {data_dir / winservice.CA_FILE}")
+    if proxy is not None or ca_file is not None:
+        plan.append(f"writes proxy and ca_file into {data_dir / CONFIG_FILE}")
+    return plan
+
+
+def _write_service_settings(data_dir: Path, *, proxy: str | None, ca_file: Path | None) -> Path:
+    """Write what ``service install`` was given into the data dir's ``config.toml``, the file
+    the service reads: ``proxy`` (``''`` removes it) and a copy of ``ca_file`` in the data dir.
+
+    Returns:
+        The config file's path.
+
+    Raises:
+        _Fail: an unreadable or invalid CA file (exit 2), a directory that cannot be written
+            (exit 1), or a config that no longer loads (exit 2).
+    """
+    path = data_dir / CONFIG_FILE
+    previous = _read_toml(path) if path.exists() else {}
+    if previous is None:
+        raise _Fail(f"{path} is not valid TOML: fix or remove it first", EXIT_CONFIG)
+    settings: dict[str, Any] = {**previous, "data_dir": str(data_dir)}
+    ca_pem = None
+    if ca_file is not None:
+        try:
+            net.ssl_context(ca_file.expanduser())
+            ca_pem = ca_file.expanduser().read_bytes()
+        except ConfigError as exc:
+            raise _Fail(str(exc), EXIT_CONFIG) from exc
+        except OSError as exc:
+            raise _Fail(f"cannot read {ca_file}: {exc.strerror or exc}", EXIT_CONFIG) from exc
+        settings["ca_file"] = str(data_dir / winservice.CA_FILE)
+    if proxy is not None:
+        settings["proxy"] = proxy
+        if not proxy:
+            del settings["proxy"]
+    try:
+        ensure_private_dir(data_dir)
+        if ca_pem is not None:
+            write_private_file(data_dir / winservice.CA_FILE, ca_pem)
+        write_private_file(path, render_config(settings))
+    except OSError as exc:
+        raise _Fail(f"cannot write {data_dir}: {exc.strerror or exc}", EXIT_FAILURE) from exc
+    try:
+        load(AgentConfig, path=path, env={}, flags={}, env_prefix=AGENT_ENV_PREFIX)
+    except ConfigError as exc:
+        raise _Fail(f"wrote {path}, but it does not load: {exc}", EXIT_CONFIG) from exc
+    return path
+
+
+def _print_commands(commands: list[list[str]]) -> None:
+    for command in commands:
+        print(subprocess.list2cmdline(command))
+
+
+def _on_windows() -> None:
+    if sys.platform != "win32":
         raise _Fail("service commands manage a Windows service; on Linux use the systemd units "
                     "in deploy/systemd (--dry-run prints the commands)", EXIT_CONFIG)
 
 
 def _run_sc(args: argparse.Namespace, commands: list[list[str]]) -> int:
-    if args.action == "install" and not args.python \
-            and importlib.util.find_spec("win32serviceutil") is None:
-        raise _Fail("pywin32 is not installed in this Python: pip install pywin32",
-                    EXIT_CONFIG)
     for command in commands:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         # uninstall stops first; a service that is not running is not an error there.

@@ -160,13 +160,16 @@ def test_system_units_pass_systemd_analyze(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
 
 
-def test_windows_script_installs_enrolls_and_sets_recovery() -> None:
-    """The PowerShell script creates the ProgramData dir, enrolls, installs, sets recovery."""
+def test_windows_script_wraps_the_executable() -> None:
+    """The PowerShell script only runs the executable's own commands: service install (with
+    the proxy and CA), enroll, service start and doctor --service; no Python, no sc.exe."""
     text = (DEPLOY / "windows" / "install-agent-service.ps1").read_text(encoding="utf-8")
-    for needle in ("$env:ProgramData", "relay_agent enroll", "relay_agent service install",
-                   "sc.exe failure", "restart/5000/restart/10000/restart/30000",
-                   "sc.exe failureflag", "$LASTEXITCODE"):
+    for needle in ("$env:ProgramData", "xon-relay-agent.exe", '"service", "install"',
+                   '"--proxy"', '"--ca-file"', "& $Exe enroll", "service start",
+                   "doctor --service", "$LASTEXITCODE"):
         assert needle in text, needle
+    for absent in ("python", "sc.exe", "relay_agent"):
+        assert absent not in text.lower(), absent
     assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
 
 
