@@ -10,9 +10,13 @@ STAMP := $(VENV)/.installed
 
 FLOORS := .venv-floors
 
-.PHONY: test demo bench lint typecheck unit clean-demo browser agent-exe test-floors
+.PHONY: test check demo bench lint typecheck unit clean-demo browser agent-exe test-floors
 
-test: $(STAMP) browser
+# The whole check, as CI runs it: lint, types, the suite, then the unit and integration tests
+# again on the dependency floors. `make check` is the first three alone, for a quicker loop.
+test: check test-floors
+
+check: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
