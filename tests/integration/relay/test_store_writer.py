@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay_server import cli
+from relay_server.bus import Notice, RedisBus, open_bus
 from relay_server.store import Store
 from relay_server.store.base import MAX_INT, StatusItem, StoreArgumentError
 from relay_server.store.redis import RedisStore
@@ -393,3 +394,60 @@ async def test_redis_out_of_memory_fails_readiness_until_it_takes_writes(
     finally:
         await store.close()
         await admin.aclose()
+
+
+@pytest.mark.redis
+async def test_the_bus_subscriber_outlives_bad_notices_and_a_failing_handler(
+    redis_store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Notices of the wrong shape and a handler that raises are each logged and the same
+    subscription delivers the next notice; bytes that are not UTF-8 (redis-py fails to read
+    them) are logged and the bus subscribes again, re-syncing, instead of dying silently."""
+    store = await RedisStore.open(redis_store_url)
+    bus = open_bus(store, "inst-me")
+    assert isinstance(bus, RedisBus)
+    delivered: list[str] = []
+    arrived = asyncio.Event()
+    subscriptions = 0
+
+    def handle(notice: Notice) -> None:
+        if notice.subject == "boom":
+            raise RuntimeError("a bug in the handler")
+        delivered.append(notice.subject)
+        arrived.set()
+
+    def resync() -> None:
+        nonlocal subscriptions
+        subscriptions += 1
+        arrived.set()
+
+    async def publish(*messages: str | bytes) -> None:
+        arrived.clear()
+        for message in messages:
+            await store.client.publish(bus.channel, message)
+        await asyncio.wait_for(arrived.wait(), WAIT)
+
+    def wake(subject: str) -> str:
+        return Notice(kind="wake", subject=subject, origin="inst-other").encode()
+
+    try:
+        arrived.clear()
+        await bus.start(handle, resync)
+        await asyncio.wait_for(arrived.wait(), WAIT)  # subscribed
+        await publish(
+            '{"kind": "released", "subject": "agt_1", "epoch": [1]}',
+            '{"kind": "wake", "subject": "acc_1", "code": "4403"}',
+            wake("boom"),
+            wake("acc_ok"),
+        )
+        assert (delivered, subscriptions) == (["acc_ok"], 1)
+        assert len(records(caplog, "bus.bad_notice")) == 2
+        assert len(records(caplog, "bus.handler_failed")) == 1
+        await publish(b"\xff\xfe")  # wakes on the re-subscription's resync
+        assert subscriptions == 2
+        assert len(records(caplog, "bus.subscriber_failed")) == 1
+        await publish(wake("acc_after"))
+        assert delivered == ["acc_ok", "acc_after"]
+    finally:
+        await bus.close()
+        await store.close()
