@@ -482,8 +482,10 @@ class SqliteStore:
                 write.fail(error)
             return
         self._commit_succeeded()
+        # Refused values are forgotten with the committed ones: retrying them would fail
+        # every later transaction's values the same way.
         self._forget_written(cursors, touches)
-        self._drop_unbindable(dropped)
+        _log_dropped(dropped, cursors, touches)
         try:
             for write in writes:
                 if write.error is None and write.on_commit is not None:
@@ -549,6 +551,9 @@ class SqliteStore:
         error.__cause__ = cause
         self._commit_error = error
         self._failed_commits += 1
+        if isinstance(exc, _WriterBroken):
+            self._fail(exc, "the store writer failed")
+            return error
         if self._failed_commits == 1:
             # Once per run of failures (a full disk fails every batch): the next success
             # logs store.commit_recovered with the count.
@@ -559,9 +564,7 @@ class SqliteStore:
                 extra={"writes": writes, "error": str(error)},
                 exc_info=cause if unexpected else None,
             )
-        if isinstance(exc, _WriterBroken):
-            self._fail(exc, "the store writer failed")
-        elif _is_disk_fault(cause):
+        if _is_disk_fault(cause):
             now = time.monotonic()
             if self._disk_faults_since is None:
                 self._disk_faults_since = now
@@ -599,18 +602,6 @@ class SqliteStore:
         for agent_id, now in touches.items():
             if self._touches.get(agent_id) == now:
                 del self._touches[agent_id]
-
-    def _drop_unbindable(self, dropped: dict[str, set[str]]) -> None:
-        """Forget written-behind values SQLite refused, once each, so that they cannot fail
-        every later transaction (they were left out of the one that committed)."""
-        for column, agent_ids in dropped.items():
-            recorded = self._cursors if column == "cursor" else self._touches
-            for agent_id in agent_ids:
-                value = recorded.pop(agent_id, None)
-                log.warning(
-                    "store.value_dropped",
-                    extra={"agent_id": agent_id, "column": column, "value": repr(value)[:40]},
-                )
 
     async def close(self) -> None:
         """Commit what is queued, then close. Idempotent."""
@@ -1437,6 +1428,23 @@ def _write_behind(conn: sqlite3.Connection, column: str, values: dict[str, Any])
         return refused
     conn.execute("RELEASE behind")
     return set()
+
+
+def _log_dropped(
+    dropped: dict[str, set[str]], cursors: dict[str, int], touches: dict[str, float]
+) -> None:
+    """One warning per written-behind value SQLite refused (it was left out and forgotten)."""
+    for column, agent_ids in dropped.items():
+        values: dict[str, Any] = cursors if column == "cursor" else touches
+        for agent_id in sorted(agent_ids):
+            log.warning(
+                "store.value_dropped",
+                extra={
+                    "agent_id": agent_id,
+                    "column": column,
+                    "value": repr(values.get(agent_id))[:40],
+                },
+            )
 
 
 def _is_disk_fault(exc: BaseException | None) -> bool:
