@@ -31,11 +31,12 @@ The writer serves every tenant, so nothing one request does stops it (docs/opera
 Readiness): a write that raises fails alone, a failed transaction fails its batch only, and a
 written-behind value SQLite cannot bind is dropped (logged once, with the agent id) rather than
 retried in every later transaction. A failed commit fails readiness until one succeeds again;
-:meth:`SqliteStore.ping` then tries a small write itself, so readiness comes back when the disk
-does, traffic or not. Only when the writer cannot go on (its connection is left in an unknown
-state, disk faults persist, or a bug escapes it) does the store fail for good: the cause is
-logged once with its traceback, every call raises ``StoreError`` and
-:meth:`SqliteStore.wait_failed` returns, so the process can exit and be restarted.
+:meth:`SqliteStore.ping` then commits a small write itself, so readiness comes back when the
+disk does, traffic or not (it does so on a quiet store too: an old commit says little about
+now). Only when the writer cannot go on (its connection is left in an unknown state, disk
+faults persist, or a bug escapes it) does the store fail for good: the cause is logged once
+with its traceback, every call raises ``StoreError`` and :meth:`SqliteStore.wait_failed`
+returns, so the process can exit and be restarted.
 
 ``relay.db`` holds every account's X-on API key: the store creates it, its WAL, shared-memory
 and lock files owner-only (0600) and tightens looser ones it owns (docs/deployment.md, Files
@@ -104,6 +105,9 @@ _DISK_FAULTS = {
 """Primary result codes of a failed commit that a restart may cure and waiting will not (an
 I/O error, a file made read-only or replaced). A full disk (``SQLITE_FULL``) is not among them:
 it fails readiness but the writer waits for space, since a restart cannot make any."""
+_FRESH = 10.0
+"""Seconds for which a successful commit shows readiness; after that :meth:`SqliteStore.ping`
+commits a probe of its own."""
 _LOW_SPACE = 1 << 20
 """Bytes free under which a failure to open the database is blamed on a full disk."""
 _DISK_FAULT_COMMITS = 3
@@ -303,6 +307,8 @@ class SqliteStore:
         self._faults = faults
         self._commit_error: StoreError | None = None
         """Why the last commit failed; ``None`` once one succeeded (readiness)."""
+        self._last_commit_at: float | None = None
+        """Monotonic time of the last commit that succeeded (readiness)."""
         self._failed_commits = 0
         """Commits failed in a row (logged once per run of failures)."""
         self._disk_faults_since: float | None = None
@@ -534,6 +540,7 @@ class SqliteStore:
 
     def _commit_succeeded(self) -> None:
         self.commit_count += 1
+        self._last_commit_at = time.monotonic()
         if self._failed_commits:
             log.info("store.commit_recovered", extra={"failed_commits": self._failed_commits})
         self._commit_error = None
@@ -641,12 +648,14 @@ class SqliteStore:
 
     async def ping(self) -> None:
         self._check_writable()
-        if self._commit_error is None:
+        last = self._last_commit_at
+        if self._commit_error is None and last is not None and time.monotonic() - last < _FRESH:
             await self._read(lambda: self._rdb().execute("SELECT 1").fetchone())
             return
 
-        # The last commit failed: only a commit shows that one can succeed now (the disk has
-        # room again), and waiting for traffic would not do when readiness keeps it away.
+        # Only a commit shows that one can succeed now: after a failed one (the disk may have
+        # room again; waiting for traffic would not do when readiness keeps it away), and on
+        # a quiet store (a disk that filled up meanwhile, a commit that hangs).
         def probe(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)",

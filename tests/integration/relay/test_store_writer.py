@@ -283,6 +283,24 @@ async def test_a_full_disk_fails_readiness_until_a_commit_succeeds(
         assert records(caplog, "store.failed") == []
 
 
+async def test_a_quiet_store_checks_readiness_with_a_commit(tmp_path: Path) -> None:
+    """With no commit lately, ping() commits a probe: a disk that filled up while nothing was
+    written fails readiness before any ingress fails; right after a commit it only reads."""
+    faults = Faults()
+    store = await SqliteStore.open(tmp_path / "relay.db", faults=faults)
+    try:
+        faults.arm(disk_full)
+        with pytest.raises(StoreError, match="disk is full"):
+            await store.ping()
+        faults.disarm()
+        await store.ping()
+        committed = store.commit_count
+        await store.ping()
+        assert store.commit_count == committed
+    finally:
+        await store.close()
+
+
 async def test_persistent_disk_faults_fail_the_store_for_good(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
