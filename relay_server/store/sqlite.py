@@ -845,13 +845,16 @@ class SqliteStore:
             )
             return None if row is None else _agent(row)
 
+        touched = self._touches.get(agent_id)
         agent = await self._read(select)
-        return None if agent is None else self._with_touch(agent)
+        return None if agent is None else self._with_touch(agent, touched)
 
-    def _with_touch(self, agent: AgentRecord) -> AgentRecord:
-        """``agent`` with its ``last_seen`` not yet committed, if any."""
-        seen = self._touches.get(agent.id)
-        return agent if seen is None else replace(agent, last_seen=seen)
+    def _with_touch(self, agent: AgentRecord, touched: float | None) -> AgentRecord:
+        """``agent`` with its newest ``last_seen``: the row's, a value recorded before the row
+        was read (``touched``; the writer may have committed and forgotten it while the read
+        ran on an older snapshot), or one recorded since."""
+        seen = [t for t in (agent.last_seen, touched, self._touches.get(agent.id)) if t is not None]
+        return replace(agent, last_seen=max(seen)) if seen else agent
 
     async def list_agents(self, account_id: str | None = None) -> list[AgentRecord]:
         def select() -> list[AgentRecord]:
@@ -863,7 +866,9 @@ class SqliteStore:
             rows = self._rdb().execute(sql + " ORDER BY created_at, id", args)
             return [_agent(row) for row in rows]
 
-        return [self._with_touch(agent) for agent in await self._read(select)]
+        touched = dict(self._touches)
+        agents = await self._read(select)
+        return [self._with_touch(agent, touched.get(agent.id)) for agent in agents]
 
     async def revoke_agent(self, agent_id: str, *, now: float) -> AgentRecord | None:
         def revoke(conn: sqlite3.Connection) -> AgentRecord | None:
