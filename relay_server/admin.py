@@ -95,6 +95,31 @@ def _xon_api_url(data: dict[str, object]) -> str | None:
     return value
 
 
+XON_API_KEY_MAX = 4096
+"""Longest X-on API key accepted, in characters."""
+
+
+def xon_api_key_problem(key: str) -> str | None:
+    """What is wrong with ``key`` as an X-on API key, or ``None``: empty (no key) or up to
+    ``XON_API_KEY_MAX`` visible ASCII characters, since it travels in an HTTP header
+    (docs/ctox.md, X-on API settings per account) where a line break would start a header
+    of its own."""
+    if len(key) > XON_API_KEY_MAX:
+        return f"the X-on API key is longer than {XON_API_KEY_MAX} characters"
+    if not all("!" <= char <= "~" for char in key):
+        return "the X-on API key must be visible ASCII characters only (no spaces or line breaks)"
+    return None
+
+
+def _xon_api_key(data: dict[str, object]) -> str:
+    """The ``xon_api_key`` field: empty when not given (no key)."""
+    key = string_field(data, "xon_api_key", required=False)
+    problem = xon_api_key_problem(key)
+    if problem is not None:
+        raise ApiError(400, "bad_request", problem)
+    return key
+
+
 def _account_json(account: AccountRecord) -> dict[str, Any]:
     return {
         "id": account.id,
@@ -194,7 +219,7 @@ async def create_account(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     name = _name(data, "name")
     xon_api_url = _xon_api_url(data) or ""
-    xon_api_key = string_field(data, "xon_api_key", required=False)
+    xon_api_key = _xon_api_key(data)
     ingress_key = crypto.new_token(24)  # 192 bits (DESIGN: ≥128)
     account = await services.store.create_account(
         name=name,
@@ -314,9 +339,7 @@ async def update_account(request: web.Request) -> web.Response:
     if unknown or not data:
         raise ApiError(400, "bad_request", "give xon_api_url and/or xon_api_key, nothing else")
     xon_api_url = _xon_api_url(data)
-    xon_api_key = (
-        string_field(data, "xon_api_key", required=False) if "xon_api_key" in data else None
-    )
+    xon_api_key = _xon_api_key(data) if "xon_api_key" in data else None
     updated = await services.store.update_account(
         account.id, xon_api_url=xon_api_url, xon_api_key=xon_api_key
     )

@@ -79,7 +79,13 @@ class Notice:
             notice = cls(**data)
         except (ValueError, TypeError):
             return None
-        return notice if isinstance(notice.subject, str) and notice.subject else None
+        # Every field of its declared type: a notice is a hint from another process, and a
+        # list where a str belongs would raise in the handler (an unhashable key, say).
+        typed = all(
+            type(getattr(notice, name)) is (int if name in ("epoch", "code") else str)
+            for name in ("subject", "origin", "epoch", "previous", "code", "reason")
+        )
+        return notice if typed and notice.subject else None
 
 
 Handler = Callable[[Notice], None]
@@ -169,10 +175,13 @@ class RedisBus(Bus):
                     for message in messages:
                         pipe.publish(self.channel, message)
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "bus.publish_failed", extra={"notices": len(messages), "error": str(exc)}
-                )
+            except Exception as exc:  # a bug too: logged, and the publisher goes on
+                if isinstance(exc, RedisError | OSError):
+                    log.warning(
+                        "bus.publish_failed", extra={"notices": len(messages), "error": str(exc)}
+                    )
+                else:
+                    log.exception("bus.publisher_failed")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
             else:
@@ -196,6 +205,8 @@ class RedisBus(Bus):
                         self._deliver(message, handler)
             except (RedisError, OSError) as exc:
                 log.warning("bus.subscribe_failed", extra={"error": str(exc)})
+            except Exception:  # a bug: logged, and the subscriber goes on (never dies silently)
+                log.exception("bus.subscriber_failed")
             finally:
                 await _quietly_close(pubsub)
             await asyncio.sleep(delay)
@@ -203,12 +214,15 @@ class RedisBus(Bus):
 
     def _deliver(self, message: dict[str, Any], handler: Handler) -> None:
         data = message.get("data")
-        text = data.decode() if isinstance(data, bytes) else data
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data
         notice = Notice.decode(text) if isinstance(text, str) else None
         if notice is None:
             log.warning("bus.bad_notice", extra={"bytes": len(str(data))})
         elif notice.origin != self.instance_id:
-            handler(notice)
+            try:
+                handler(notice)
+            except Exception:  # one notice's fault: the next ones are still delivered
+                log.exception("bus.handler_failed", extra={"kind": notice.kind})
 
 
 async def _quietly_close(pubsub: Any) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import getpass
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ from aiohttp import web
 from shared import aio, crypto, logs
 from shared.config import SERVER_ENV_PREFIX, ServerConfig, default_data_dir, load, parse_hostport
 from shared.errors import ConfigError, RelayError
-from shared.files import ensure_private_dir, write_private_file
+from shared.files import NotOurs, ensure_private_dir, restrict_mode, write_private_file
 
 from . import admin_cli
+from .admin import xon_api_key_problem
 from .app import create_admin_app, create_public_app, server_options
 from .services import open_services
+from .store import Store
 
 __all__ = ["main"]
 
@@ -45,6 +48,9 @@ PROG = "xon-relay-server"
 ADMIN_FILE = "admin.json"
 TOKEN_FILE = "admin-token"
 ADMIN_URL_ENV = "XON_RELAY_ADMIN_URL"
+XON_API_KEY_ENV = "XON_RELAY_XON_API_KEY"
+_KEY_FILE_MAX = 64 * 1024
+"""Bytes read from an X-on API key file or standard input at most."""
 _HTTP_TIMEOUT = 30.0
 
 
@@ -85,13 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     add = account_sub.add_parser("add", parents=[admin], help="create an account")
     add.add_argument("name", metavar="NAME")
     add.add_argument("--xon-api-url", default="")
-    add.add_argument("--xon-api-key", default="")
+    _api_key_arguments(add)
     account_set = account_sub.add_parser(
         "set", parents=[admin], help="change an account's X-on API URL or key"
     )
     account_set.add_argument("account", metavar="ACCOUNT", help="account id or name")
     account_set.add_argument("--xon-api-url", default=None, help="X-on API base URL ('' clears)")
-    account_set.add_argument("--xon-api-key", default=None, help="X-on API key (never printed)")
+    _api_key_arguments(account_set, clears=True)
 
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -104,6 +110,76 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("agent_id", metavar="AGENT_ID")
     admin_cli.add_commands(sub, account_sub, agent_sub, admin)
     return parser
+
+
+def _api_key_arguments(parser: argparse.ArgumentParser, *, clears: bool = False) -> None:
+    """The X-on API key's sources (docs/deployment.md, X-on API keys): a file, standard input
+    or the environment keep it out of the process list that every local user can read."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--xon-api-key-file",
+        metavar="FILE",
+        help="read the X-on API key from FILE, or from standard input for '-'"
+        f" (or set {XON_API_KEY_ENV})",
+    )
+    source.add_argument(
+        "--xon-api-key",
+        metavar="KEY",
+        help="the X-on API key itself: other local users can see it while the command runs"
+        + (" ('' clears)" if clears else ""),
+    )
+
+
+def _xon_api_key(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """The X-on API key from ``--xon-api-key``, ``--xon-api-key-file`` or the environment, in
+    that order (``None``: none given; an empty environment variable is none).
+
+    Raises:
+        CliFailure: the file cannot be read, or the key is not one (admin.xon_api_key_problem).
+    """
+    key: str
+    source: str
+    if args.xon_api_key is not None:
+        key, source = str(args.xon_api_key), "--xon-api-key"
+    elif args.xon_api_key_file is not None:
+        source = str(args.xon_api_key_file)
+        key = _read_key_file(source)
+        if not key:
+            raise CliFailure(f"no X-on API key in {_key_source(source)}")
+    elif env.get(XON_API_KEY_ENV, "").strip():
+        key, source = env[XON_API_KEY_ENV].strip(), XON_API_KEY_ENV
+    else:
+        return None
+    problem = xon_api_key_problem(key)
+    if problem is not None:
+        raise CliFailure(f"{problem} (from {_key_source(source)})")
+    return key
+
+
+def _key_source(source: str) -> str:
+    return "standard input" if source == "-" else source
+
+
+def _read_key_file(name: str) -> str:
+    """The key in file ``name`` ('-': standard input, prompted for without echo on a
+    terminal), without surrounding whitespace."""
+    try:
+        if name == "-":
+            if sys.stdin.isatty():
+                return getpass.getpass("X-on API key: ").strip()
+            raw = sys.stdin.buffer.read(_KEY_FILE_MAX + 1)
+        else:
+            with open(name, "rb") as handle:
+                raw = handle.read(_KEY_FILE_MAX + 1)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise CliFailure(f"cannot read the X-on API key from {name}: {reason}") from exc
+    if len(raw) > _KEY_FILE_MAX:
+        raise CliFailure(f"{_key_source(name)} holds more than {_KEY_FILE_MAX} bytes: not a key")
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CliFailure(f"{_key_source(name)} is not UTF-8 text") from exc
 
 
 def _load_config(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfig:
@@ -180,15 +256,51 @@ def _admin_token(data_dir: Path) -> str:
         raise CliFailure(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not token:
         token = crypto.new_token(32)
-        write_private_file(path, token + "\n")
+        _write_private(path, token + "\n")
     return token
 
 
-async def _serve(config: ServerConfig) -> int:
+def _write_private(path: Path, text: str) -> None:
     try:
-        data_dir = ensure_private_dir(config.data_dir)
+        write_private_file(path, text)
+    except OSError as exc:  # a full disk, a read-only data dir
+        raise CliFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _private_data_dir(path: Path) -> Path:
+    """The data dir, created owner-only (0700) or tightened to it when an older version or an
+    operator left it open; one we do not own is refused (docs/deployment.md, Files and modes).
+    """
+    try:
+        data_dir = ensure_private_dir(path)
+        old = restrict_mode(data_dir, 0o700)
+    except NotOurs as exc:
+        raise CliFailure(f"data dir {exc}") from exc
     except OSError as exc:
-        raise CliFailure(f"cannot create data dir {config.data_dir}: {exc.strerror}") from exc
+        raise CliFailure(f"cannot use data dir {path}: {exc.strerror or exc}") from exc
+    if old is not None:
+        log.warning("server.data_dir_tightened", extra={"path": str(path), "mode": f"{old:04o}"})
+    return data_dir
+
+
+async def _until_stopped(
+    stop: asyncio.Event, failed: Awaitable[BaseException]
+) -> BaseException | None:
+    """Wait for a stop signal (``None``) or for the store to fail for good (why)."""
+    signalled = asyncio.ensure_future(stop.wait())
+    failure = asyncio.ensure_future(failed)
+    try:
+        await asyncio.wait({signalled, failure}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        failure.cancel()
+    return failure.result() if failure.done() and not failure.cancelled() else None
+
+
+async def _serve(config: ServerConfig, *, store: Store | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (0) or until the store fails for good (:class:`CliFailure`);
+    ``store``: an open store to serve instead of ``config.store_url``'s (tests)."""
+    data_dir = _private_data_dir(config.data_dir)
     token = _admin_token(data_dir)
     public_sock = _bind(config.listen, "listen")
     try:
@@ -209,15 +321,13 @@ async def _serve(config: ServerConfig) -> int:
             loop.add_signal_handler(signum, stop.set)
 
     admin_file = data_dir / ADMIN_FILE
-    async with open_services(config, admin_token=token) as services:
+    async with open_services(config, admin_token=token, store=store) as services:
         public_app = create_public_app(services)
         # Drain already waited for the requests in flight; this bounds any that slipped in
         # after it, before the listening socket closed.
         grace = config.shutdown_grace
         public = web.AppRunner(public_app, shutdown_timeout=grace, **server_options(config))
-        admin = web.AppRunner(
-            create_admin_app(services), access_log=None, shutdown_timeout=grace
-        )
+        admin = web.AppRunner(create_admin_app(services), access_log=None, shutdown_timeout=grace)
         await public.setup()
         await admin.setup()
         try:
@@ -226,7 +336,7 @@ async def _serve(config: ServerConfig) -> int:
             await web.SockSite(public, public_sock, backlog=socket.SOMAXCONN).start()
             await web.SockSite(admin, admin_sock, backlog=socket.SOMAXCONN).start()
             admin_url = _url(config.admin_listen)
-            write_private_file(
+            _write_private(
                 admin_file,
                 json.dumps(
                     {
@@ -247,8 +357,10 @@ async def _serve(config: ServerConfig) -> int:
                     "pid": os.getpid(),
                 },
             )
-            await stop.wait()
-            log.info("server.stopping")
+            failure = await _until_stopped(stop, services.store.wait_failed())
+            # A failed store was logged with its cause; the exit status tells the supervisor
+            # to restart the relay rather than leave it half alive (docs/operations.md).
+            log.info("server.stopping", extra={"reason": "store failed" if failure else "signal"})
             # Readiness fails first, requests in flight finish (within shutdown_grace), then
             # agents are told to go elsewhere, then the listeners stop; the store closes last
             # (leaving open_services). Issue 6: graceful shutdown, 0 lost.
@@ -259,6 +371,8 @@ async def _serve(config: ServerConfig) -> int:
             with contextlib.suppress(FileNotFoundError):
                 admin_file.unlink()
     log.info("server.stopped")
+    if failure is not None:
+        raise CliFailure(f"stopped: {failure}")
     return 0
 
 
@@ -361,8 +475,8 @@ def _print_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj))
 
 
-def _cmd_account_add(args: argparse.Namespace, admin: _Admin) -> int:
-    body = {"name": args.name, "xon_api_url": args.xon_api_url, "xon_api_key": args.xon_api_key}
+def _cmd_account_add(args: argparse.Namespace, admin: _Admin, api_key: str | None) -> int:
+    body = {"name": args.name, "xon_api_url": args.xon_api_url, "xon_api_key": api_key or ""}
     res = _call(admin, "POST", "/v1/accounts", body)
     if args.json:
         _print_json({"id": res["id"], "name": res["name"], "ingress_url": res["ingress_url"]})
@@ -373,14 +487,17 @@ def _cmd_account_add(args: argparse.Namespace, admin: _Admin) -> int:
     return 0
 
 
-def _cmd_account_set(args: argparse.Namespace, admin: _Admin) -> int:
+def _cmd_account_set(args: argparse.Namespace, admin: _Admin, api_key: str | None) -> int:
     body = {
         name: value
-        for name, value in (("xon_api_url", args.xon_api_url), ("xon_api_key", args.xon_api_key))
+        for name, value in (("xon_api_url", args.xon_api_url), ("xon_api_key", api_key))
         if value is not None
     }
     if not body:
-        raise CliFailure("nothing to change: give --xon-api-url and/or --xon-api-key")
+        raise CliFailure(
+            "nothing to change: give --xon-api-url and/or the X-on API key"
+            f" (--xon-api-key-file, {XON_API_KEY_ENV} or --xon-api-key)"
+        )
     res = _call(admin, "PATCH", f"/v1/accounts/{_quote(args.account)}", body)
     summary = {
         "id": res["id"],
@@ -461,15 +578,18 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     config = _load_config(args, env)
     if args.command == "run":
         return _cmd_run(config)
+    # Before any call: a key that cannot be read fails the command with nothing changed.
+    keyed = args.command == "account" and args.action in ("add", "set")
+    api_key = _xon_api_key(args, env) if keyed else None
     admin = _admin_endpoint(args, config, env)
     done = admin_cli.dispatch(args, lambda method, path, body: _call(admin, method, path, body))
     if done is not None:
         return done
     match (args.command, args.action):
         case ("account", "add"):
-            return _cmd_account_add(args, admin)
+            return _cmd_account_add(args, admin, api_key)
         case ("account", "set"):
-            return _cmd_account_set(args, admin)
+            return _cmd_account_set(args, admin, api_key)
         case ("agent", "add"):
             return _cmd_agent_add(args, admin)
         case ("agent", "list"):

@@ -1,6 +1,9 @@
-"""``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable and not draining)."""
+"""``GET /healthz`` (liveness) and ``GET /readyz`` (an event can be committed now, and the
+relay is not draining; docs/operations.md, Readiness)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
@@ -13,6 +16,10 @@ __all__ = ["routes"]
 
 routes = web.RouteTableDef()
 
+_READY_TIMEOUT = 5.0
+"""Seconds the store may take to show it can commit: slower is not ready (a load balancer's
+probe gives up about then, and a hung Redis would hold the probe for its socket timeout)."""
+
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
@@ -22,10 +29,12 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[services_key]
+    # The store first: a relay stopping because its store failed says so, not "draining".
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT):
+            await services.store.ping()
+    except (StoreError, TimeoutError):
+        return error_response(503, "store_unavailable", "the store cannot commit events now")
     if services.draining:
         return error_response(503, "draining", "relay is shutting down")
-    try:
-        await services.store.ping()
-    except StoreError:
-        return error_response(503, "store_unavailable", "store is not reachable")
     return web.json_response({"status": "ok"})

@@ -110,22 +110,29 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 @asynccontextmanager
-async def open_services(config: ServerConfig, *, admin_token: str) -> AsyncIterator[Services]:
+async def open_services(
+    config: ServerConfig, *, admin_token: str, store: Store | None = None
+) -> AsyncIterator[Services]:
     """Open the store, build CTOX egress and the hub; on exit drain the hub, let running X-on
     calls finish, then close the store.
+
+    Args:
+        store: an open store to use (and close) instead of opening ``config.store_url``; tests
+            pass one built with a fault seam.
 
     Raises:
         StoreError: the store cannot be opened.
     """
     async with AsyncExitStack() as stack:
         cluster = config.cluster
-        store = await open_store(
-            config.store_url,
-            exclusive=True,  # one relay process per SQLite file (docs/scaling.md)
-            wait_replicas=cluster.redis_wait_replicas,
-            wait_aof=cluster.redis_wait_aof,
-            wait_timeout=cluster.redis_wait_timeout,
-        )
+        if store is None:
+            store = await open_store(
+                config.store_url,
+                exclusive=True,  # one relay process per SQLite file (docs/scaling.md)
+                wait_replicas=cluster.redis_wait_replicas,
+                wait_aof=cluster.redis_wait_aof,
+                wait_timeout=cluster.redis_wait_timeout,
+            )
         stack.push_async_callback(store.close)
         relay_id = await store.relay_id()
         ctox = CtoxService(store, config.ctox)

@@ -3,6 +3,11 @@
 Every method is a coroutine; an implementation that cannot reach its backend raises
 ``StoreError`` (ingress answers 503, never a false 2xx). One contract test suite runs against
 every implementation (DESIGN principle 5).
+
+Integers a caller passes in (seqs, cursors, epochs, limits) must lie within
+``0..MAX_INT``, what both backends can hold; a store refuses anything else at once with
+:class:`StoreArgumentError` (:func:`check_int`), before it reaches a transaction shared with
+other tenants' writes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.errors import LocalProtocolError, StoreError
 from shared.events import ENVELOPE_DIGEST, RawRequest, XonEvent, XonId, envelope_id
 from shared.link.frames import CommandResult
 
@@ -28,7 +34,32 @@ __all__ = [
     "result_from_json",
     "stored_xon_id",
     "Store",
+    "MAX_INT",
+    "StoreArgumentError",
+    "check_int",
 ]
+
+MAX_INT = 2**63 - 1
+"""The largest seq, cursor, epoch or count a store takes (SQLite's INTEGER is 64-bit signed)."""
+
+
+class StoreArgumentError(LocalProtocolError, StoreError):
+    """A store call's argument is out of range: the caller's bug (a ``LocalProtocolError``:
+    400 at an HTTP boundary), and a store call that failed (a ``StoreError``), so every caller
+    that copes with a failed store call copes with this one."""
+
+
+def check_int(name: str, value: int | None) -> None:
+    """Refuse a store argument outside ``0..MAX_INT`` (``None`` passes: "not given").
+
+    Raises:
+        StoreArgumentError: ``value`` is not an int in range; the caller should have checked
+            what it got from outside.
+    """
+    if value is None or (type(value) is int and 0 <= value <= MAX_INT):
+        return
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise StoreArgumentError(f"store: {name} must be an integer 0..2**63-1, not {shown}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,7 +244,16 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise ``StoreError`` unless the backend answers (readiness)."""
+        """Raise ``StoreError`` unless an event can be committed now: the backend answers,
+        the writer runs, and its last commit did not fail (docs/operations.md, Readiness)."""
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the store cannot go on (its writer stopped for good) and return why.
+
+        Never returns while the store works; a failure that one request caused fails that
+        request only. The store logged the cause, with its traceback, when it happened; every
+        call after it raises ``StoreError``.
+        """
 
     async def relay_id(self) -> str:
         """This relay's stable identity (made on first use, shared by all instances)."""

@@ -27,6 +27,7 @@ The layout (``P`` is the key prefix, ``xon:`` by default)::
     P{relay}:command_accounts      set      accounts that have command records (for purging)
     P{acct:<id>}:status            hash     status item key -> StatusItem JSON
     P{acct:<id>}:status_seq        hash     status item key -> seq of the stored value
+    P{relay}:ready_probe           string   readiness' probe write after a failed append (TTL)
 
 Everything about one account shares the hash tag ``{acct:<id>}``, so a Redis Cluster keeps it in
 one slot and every hot-path step (append, read, cursor) is a single-slot command or Lua script.
@@ -40,6 +41,13 @@ X-on id with its digest: all or nothing, so seq is strictly increasing per accou
 and a repeat returns the first copy (DESIGN principle 1; docs/delivery.md, Duplicates).
 Concurrent appends are sent in one pipeline by a single writer task; each caller's coroutine
 returns only after Redis answered its script.
+
+The writer task serves every tenant (docs/operations.md, Readiness): a pipeline that fails, in
+any way, fails its own appends and the next one is sent; readiness fails while the last one
+failed (a probe write in :meth:`RedisStore.ping` clears it once Redis takes writes again).
+Only a bug that escapes the writer's own loop stops it for good, logged once with its
+traceback; every call raises ``StoreError`` from then on and :meth:`RedisStore.wait_failed`
+returns, so the process can exit and be restarted.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ from .base import (
     LinkClaim,
     StatusItem,
     StoredEvent,
+    check_int,
     result_from_json,
     result_to_json,
     stored_xon_id,
@@ -421,6 +430,12 @@ class RedisStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
+        self._append_error: StoreError | None = None
+        """Why the last append pipeline failed; ``None`` once one succeeded (readiness)."""
+        self._failed_appends = 0
+        self._failure: StoreError | None = None
+        """Set when the writer cannot go on: every call raises it from then on."""
+        self._failed = asyncio.Event()
         self._agent_accounts: dict[str, str] = {}
         """agent id -> account id; an agent never changes account, so this never goes stale."""
         self._append = client.register_script(_APPEND)
@@ -505,6 +520,8 @@ class RedisStore:
     @contextmanager
     def _calls(self) -> Iterator[None]:
         """Translate Redis failures into ``StoreError`` (ingress answers 503)."""
+        if self._failure is not None:
+            raise _as_store_error(self._failure, self.address)
         if self._closed:
             raise StoreError("store is closed")
         try:
@@ -617,8 +634,33 @@ class RedisStore:
 
     @_finish_uncancelled
     async def ping(self) -> None:
+        if self._failure is not None:
+            raise _as_store_error(self._failure, self.address)
+        # open() pings before it starts the writer.
+        if self._closing or (self._writer is not None and self._writer.done()):
+            raise StoreError("store is closed")
+        if self._append_error is None:
+            with self._calls():
+                await self._r.ping()
+            return
+        # The last append failed: only a write, as durable as an append's, shows that one
+        # can succeed now (Redis out of memory, replicas gone), traffic or not.
         with self._calls():
-            await self._r.ping()
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.set(self._global("ready_probe"), repr(time.time()), px=60_000)
+                self._wait_durable(pipe)
+                replies = list(await pipe.execute(raise_on_error=False))
+        if isinstance(replies[0], BaseException):
+            raise _as_store_error(replies[0], self.address)
+        shortfall = self._durability_shortfall(replies[1:])
+        if shortfall:
+            raise StoreError(f"redis at {self.address}: {shortfall}")
+        self._append_succeeded()
+
+    async def wait_failed(self) -> BaseException:
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
 
     @_finish_uncancelled
     async def relay_id(self) -> str:
@@ -846,6 +888,8 @@ class RedisStore:
     # -- events and cursors --------------------------------------------------------------------
 
     async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
+        if self._failure is not None:
+            raise _as_store_error(self._failure, self.address)
         if self._closing or self._writer is None or self._writer.done():
             raise StoreError("store is closed")
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
@@ -854,24 +898,88 @@ class RedisStore:
         return await done
 
     async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+        """Send what is queued, batch after batch, until :meth:`close` cancels it.
+
+        A failure of one pipeline is that batch's (:meth:`_send_batch`); anything escaping
+        here is a bug in the writer itself, which then fails every later append.
+        """
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                try:
+                    while len(batch) < self._batch_size and not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    await self._send_batch(batch)
+                finally:
+                    for _ in batch:
+                        self._queue.task_done()
+        except Exception as exc:
+            self._fail(exc)
+        while True:  # failed for good: answer whatever is queued, now and later
+            pending = await self._queue.get()
+            if not pending.done.done():
+                pending.done.set_exception(StoreError(str(self._failure)))  # one per caller
+            self._queue.task_done()
+
+    async def _send_batch(self, batch: list[_Pending]) -> None:
+        """Send one batch of appends and answer each caller; whatever fails, fails this batch
+        (or one append of it) only."""
+        try:
+            replies = await self._send_appends(batch)
+        except Exception as exc:
+            replies = [self._append_failed(exc, len(batch))] * len(batch)
+        else:
+            if any(isinstance(reply, BaseException) for reply in replies):
+                first = next(r for r in replies if isinstance(r, BaseException))
+                self._append_failed(first, len(batch))
+            else:
+                self._append_succeeded()
+        for pending, reply in zip(batch, replies, strict=True):
+            if pending.done.done():  # the caller was cancelled
+                continue
+            if isinstance(reply, BaseException):
+                pending.done.set_exception(_as_store_error(reply, self.address))
+                continue
             try:
-                replies = await self._send_appends(batch)
-            except StoreError as exc:
-                log.warning("store.append_failed", extra={"events": len(batch), "error": str(exc)})
-                replies = [exc] * len(batch)
-            for pending, reply in zip(batch, replies, strict=True):
-                if pending.done.done():  # the caller was cancelled
-                    continue
-                if isinstance(reply, BaseException):
-                    pending.done.set_exception(_as_store_error(reply, self.address))
-                else:
-                    pending.done.set_result(_append_result(pending.event, reply))
-            for _ in batch:
-                self._queue.task_done()
+                result = _append_result(pending.event, reply)
+            except Exception as exc:  # a reply this version cannot read: this append's fault
+                log.error("store.bad_reply", extra={"event_id": pending.event.id}, exc_info=exc)
+                pending.done.set_exception(StoreError(f"redis at {self.address}: bad reply"))
+            else:
+                pending.done.set_result(result)
+
+    def _append_succeeded(self) -> None:
+        if self._failed_appends:
+            log.info("store.append_recovered", extra={"failed_appends": self._failed_appends})
+        self._append_error, self._failed_appends = None, 0
+
+    def _append_failed(self, exc: BaseException, events: int) -> StoreError:
+        """Note a failed append pipeline (readiness fails until one succeeds); logged once per
+        run of failures. Returns the error for the batch's callers."""
+        error = _as_store_error(exc, self.address)
+        self._append_error = error
+        self._failed_appends += 1
+        if self._failed_appends == 1:
+            # Redis errors are expected (a restart, memory); anything else is a bug here or in
+            # redis-py, so its traceback is kept.
+            expected = isinstance(exc, StoreError | RedisError | OSError)
+            log.log(
+                logging.WARNING if expected else logging.ERROR,
+                "store.append_failed",
+                extra={"events": events, "error": str(error)},
+                exc_info=None if expected else exc,
+            )
+        return error
+
+    def _fail(self, exc: BaseException) -> None:
+        """The writer cannot go on: log the cause once with its traceback, fail readiness and
+        every later call, and wake :meth:`wait_failed`."""
+        self._failure = StoreError(
+            f"redis at {self.address}: the store writer failed: {type(exc).__name__}: {exc}"
+        )
+        self._failure.__cause__ = exc
+        log.critical("store.failed", extra={"error": str(self._failure)}, exc_info=exc)
+        self._failed.set()
 
     async def _send_appends(self, batch: list[_Pending]) -> list[Any]:
         """One pipeline of append scripts; Redis runs them in order, each atomically."""
@@ -894,11 +1002,7 @@ class RedisStore:
                         ],
                         client=pipe,
                     )
-                # WAIT/WAITAOF cover every earlier write on this connection: the whole batch.
-                if self._wait_replicas:
-                    pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
-                if self._wait_aof:
-                    pipe.execute_command("WAITAOF", 1, self._wait_replicas, self._wait_ms)
+                self._wait_durable(pipe)
                 replies = list(await pipe.execute(raise_on_error=False))
         self.pipeline_count += 1
         shortfall = self._durability_shortfall(replies[len(batch) :])
@@ -907,6 +1011,14 @@ class RedisStore:
             # the retry is a repeat that X-on's own id, when given, folds into this one).
             return [StoreError(f"redis at {self.address}: {shortfall}")] * len(batch)
         return replies[: len(batch)]
+
+    def _wait_durable(self, pipe: Any) -> None:
+        """Queue WAIT/WAITAOF as configured: they cover every earlier write on this connection,
+        so the whole pipeline."""
+        if self._wait_replicas:
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        if self._wait_aof:
+            pipe.execute_command("WAITAOF", 1, self._wait_replicas, self._wait_ms)
 
     def _durability_shortfall(self, replies: list[Any]) -> str:
         """Why the WAIT/WAITAOF replies fall short of the configuration ("" when they do not)."""
@@ -928,6 +1040,8 @@ class RedisStore:
 
     @_finish_uncancelled
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
+        check_int("after", after)
+        check_int("limit", limit)
         with self._calls():
             # Entry ids are "<seq>-0": an exclusive range start reads seq > after.
             entries = await self._r.xrange(
@@ -952,6 +1066,7 @@ class RedisStore:
 
     @_finish_uncancelled
     async def set_cursor(self, agent_id: str, seq: int) -> None:
+        check_int("seq", seq)
         await self._set_agent_field(agent_id, "cursor", str(seq))
 
     # -- link ownership (docs/scaling.md) ------------------------------------------------------
@@ -971,6 +1086,7 @@ class RedisStore:
 
     @_finish_uncancelled
     async def release_link(self, agent_id: str, *, epoch: int) -> None:
+        check_int("epoch", epoch)
         with self._calls():
             account_id = await self._account_of(agent_id)
             if account_id is not None:
@@ -1155,6 +1271,7 @@ class RedisStore:
 
     @_finish_uncancelled
     async def put_status(self, item: StatusItem) -> bool:
+        check_int("seq", item.seq)
         with self._calls():
             stored = await self._put_status(
                 keys=[
@@ -1171,7 +1288,6 @@ class RedisStore:
             rows = _pairs(await self._r.hgetall(self._acct(account_id, "status")))
         # Sorted by key like SQLite's ORDER BY key: code point order is UTF-8 byte order.
         return [StatusItem.from_json(account_id, json.loads(rows[key])) for key in sorted(rows)]
-
 
     # -- operations (docs/operations.md) -------------------------------------------------------
 
@@ -1321,6 +1437,8 @@ class RedisStore:
     async def recent_events(
         self, account_id: str, *, limit: int, before: int | None = None
     ) -> list[StoredEvent]:
+        check_int("limit", limit)
+        check_int("before", before)
         with self._calls():
             entries = await self._r.xrevrange(
                 self._acct(account_id, "events"),
@@ -1332,6 +1450,7 @@ class RedisStore:
 
     @_finish_uncancelled
     async def count_after(self, account_id: str, after: int) -> int:
+        check_int("after", after)
         key = self._acct(account_id, "events")
         with self._calls():
             first = await self._r.xrange(key, min=f"({after}-0", max="+", count=1)
@@ -1343,6 +1462,7 @@ class RedisStore:
 
     @_finish_uncancelled
     async def request_replay(self, agent_id: str, after_seq: int) -> None:
+        check_int("after_seq", after_seq)
         await self._set_agent_field(agent_id, "replay_after", str(after_seq))
 
     @_finish_uncancelled
@@ -1356,6 +1476,8 @@ class RedisStore:
 
     @_finish_uncancelled
     async def settle_replay(self, agent_id: str, taken: int, rest: int | None) -> None:
+        check_int("taken", taken)
+        check_int("rest", rest)
         with self._calls():
             account_id = await self._account_of(agent_id)
             if account_id is not None:

@@ -28,6 +28,21 @@ event to an :class:`~relay_server.store.tail.EventTail` before its caller hears 
 and ``read_events`` asks the tail first (it answers only when sure to hold every event asked
 for; see its docstring for why that holds and the net under it).
 
+The writer serves every tenant, so nothing one request does stops it (docs/operations.md,
+Readiness): a write that raises fails alone, a failed transaction fails its batch only, and a
+written-behind value SQLite cannot bind is dropped (logged once, with the agent id) rather than
+retried in every later transaction. A failed commit fails readiness until one succeeds again;
+:meth:`SqliteStore.ping` then commits a small write itself, so readiness comes back when the
+disk does, traffic or not (it does so on a quiet store too: an old commit says little about
+now). Only when the writer cannot go on (its connection is left in an unknown state, disk
+faults persist, or a bug escapes it) does the store fail for good: the cause is logged once
+with its traceback, every call raises ``StoreError`` and :meth:`SqliteStore.wait_failed`
+returns, so the process can exit and be restarted.
+
+``relay.db`` holds every account's X-on API key: the store creates it, its WAL, shared-memory
+and lock files owner-only (0600) and tightens looser ones it owns (docs/deployment.md, Files
+and modes).
+
 Other reads run on a second thread with its own connection (WAL lets it read while the writer
 commits), so a lookup never queues behind an fsync. Ingress key lookups are also cached in
 memory for ``_ACCOUNT_TTL`` seconds: this instance's own key changes drop the cache at once,
@@ -41,6 +56,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +67,7 @@ from typing import IO, Any, Generic, TypeVar
 
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, XonId, format_time
+from shared.files import NotOurs, restrict_mode
 from shared.link.frames import CommandResult
 
 from .base import (
@@ -62,6 +79,7 @@ from .base import (
     LinkClaim,
     StatusItem,
     StoredEvent,
+    check_int,
     result_from_json,
     result_to_json,
     stored_xon_id,
@@ -78,6 +96,32 @@ _ACCOUNT_TTL = 1.0
 """Seconds an ingress key lookup is served from memory (see the module docstring)."""
 _ACCOUNT_CACHE_SIZE = 10_000
 """Cached lookups at most (one per account in use); beyond it the cache starts afresh."""
+
+_DISK_FAULTS = {
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_READONLY,
+}
+"""Primary result codes of a failed commit that a restart may cure and waiting will not (an
+I/O error, a file made read-only or replaced). A full disk (``SQLITE_FULL``) is not among them:
+it fails readiness but the writer waits for space, since a restart cannot make any."""
+_FRESH = 10.0
+"""Seconds for which a successful commit shows readiness; after that :meth:`SqliteStore.ping`
+commits a probe of its own."""
+_LOW_SPACE = 1 << 20
+"""Bytes free under which a failure to open the database is blamed on a full disk."""
+_DISK_FAULT_COMMITS = 3
+"""Failed commits in a row, all disk faults, that stop the writer (with ``disk_fault_grace``)."""
+
+FaultHook = Callable[[str, sqlite3.Connection], None]
+"""A test seam (see ``SqliteStore(faults=...)``)."""
+
+
+class _WriterBroken(Exception):
+    """The write connection is in an unknown state (its ROLLBACK failed): it cannot go on."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -230,8 +274,25 @@ class SqliteStore:
     """
 
     def __init__(
-        self, *, batch_size: int = 256, queue_size: int = 4096, tail_events: int = MAX_EVENTS
+        self,
+        *,
+        batch_size: int = 256,
+        queue_size: int = 4096,
+        tail_events: int = MAX_EVENTS,
+        disk_fault_grace: float = 30.0,
+        faults: FaultHook | None = None,
     ) -> None:
+        """See :meth:`open`, which passes its keyword arguments here.
+
+        Args:
+            disk_fault_grace: seconds for which commits may fail with disk faults (I/O error,
+                corruption, a read-only file) before the writer gives up; it also needs
+                ``_DISK_FAULT_COMMITS`` such failures in a row.
+            faults: a test seam, called on the store thread with the write connection at each
+                step of a transaction (``"begin"``, ``"commit"``); an exception it raises is
+                that step's failure. It may also change the connection (``PRAGMA
+                max_page_count`` makes a real full disk).
+        """
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
         self._conn: sqlite3.Connection | None = None
@@ -254,6 +315,20 @@ class SqliteStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
+        self._disk_fault_grace = disk_fault_grace
+        self._faults = faults
+        self._commit_error: StoreError | None = None
+        """Why the last commit failed; ``None`` once one succeeded (readiness)."""
+        self._last_commit_at: float | None = None
+        """Monotonic time of the last commit that succeeded (readiness)."""
+        self._failed_commits = 0
+        """Commits failed in a row (logged once per run of failures)."""
+        self._disk_faults_since: float | None = None
+        """Monotonic time of the first of the disk faults in a row, if the last was one."""
+        self._disk_fault_count = 0
+        self._failure: StoreError | None = None
+        """Set when the writer cannot go on: every call raises it from then on."""
+        self._failed = asyncio.Event()
         self.commit_count = 0
         """Transactions committed so far: one per batch of writes and written-behind values,
         each one fsync."""
@@ -268,11 +343,15 @@ class SqliteStore:
         it, and only an exclusive open is refused. Where the OS has no ``flock`` (Windows)
         nothing is locked and no store keeps a tail.
 
+        The database and its companion files are made owner-only (0600; see the module
+        docstring).
+
         Raises:
-            StoreError: the file cannot be opened or initialised, or is in use by a store that
-                excludes this one.
+            StoreError: the file cannot be opened or initialised, is in use by a store that
+                excludes this one, or is readable by others and not ours to tighten.
         """
         store = cls(**kwargs)
+        _make_private(path)
         store._lock = _lock(path, exclusive=exclusive)
         try:
             await store._run(lambda: store._connect(path))
@@ -281,12 +360,12 @@ class SqliteStore:
             if exclusive and store._lock is not None:
                 floors = await store._run(store._last_assigned_seqs)
                 store._tail = EventTail(floors=floors, max_events=store._tail_events)
-        except StoreError:
+        except StoreError as exc:
             store._unlock()
             await store._run_unchecked(store._close_conn)
             store._executor.shutdown(wait=True)
             store._reader.shutdown(wait=True)
-            raise
+            raise StoreError(f"sqlite: cannot open {path}: {_open_failure(exc, path)}") from exc
         store._writer = asyncio.create_task(store._write_loop(), name="sqlite-store-writer")
         return store
 
@@ -371,20 +450,40 @@ class SqliteStore:
         return await done
 
     def _check_writable(self) -> None:
+        if self._failure is not None:
+            raise StoreError(str(self._failure))  # a fresh one per caller: tracebacks stay apart
         if self._closing or self._writer is None or self._writer.done():
             raise StoreError("store is closed")
 
     async def _write_loop(self) -> None:
+        """Commit what is queued, batch after batch, until :meth:`close` cancels it.
+
+        A failure of one batch is that batch's (:meth:`_commit`); anything escaping here is a
+        bug in the writer itself, which then fails every later write (:meth:`_fail`).
+        """
+        try:
+            while True:
+                taken = [await self._queue.get()]
+                try:
+                    while len(taken) < self._batch_size and not self._queue.empty():
+                        taken.append(self._queue.get_nowait())
+                    self._flush_queued = False
+                    # A caller cancelled before its batch began gave its write up.
+                    writes = [w for w in taken if w is not None and not w.done.cancelled()]
+                    await self._commit(writes)
+                    if self._failure is not None:
+                        break
+                finally:
+                    for _ in taken:
+                        self._queue.task_done()
+        except Exception as exc:
+            self._fail(exc, "the store writer failed")
+        # Failed for good: answer whatever is still queued, and anything queued later.
         while True:
-            taken = [await self._queue.get()]
-            while len(taken) < self._batch_size and not self._queue.empty():
-                taken.append(self._queue.get_nowait())
-            self._flush_queued = False
-            # A caller cancelled before its batch began gave its write up.
-            writes = [w for w in taken if w is not None and not w.done.cancelled()]
-            await self._commit(writes)
-            for _ in taken:
-                self._queue.task_done()
+            write = await self._queue.get()
+            if write is not None:
+                write.fail(StoreError(str(self._failure or "store is closed")))
+            self._queue.task_done()
 
     async def _commit(self, writes: list[_Write[Any]]) -> None:
         """Run ``writes`` and store the written-behind values in one transaction, then answer
@@ -393,45 +492,126 @@ class SqliteStore:
         if not (writes or cursors or touches):
             return
         try:
-            await self._run(lambda: self._commit_batch(writes, cursors, touches))
-        except StoreError as exc:
+            dropped = await self._run(lambda: self._commit_batch(writes, cursors, touches))
+        except Exception as exc:
+            error = self._commit_failed(exc, len(writes))
             # The written-behind values stay recorded: the next transaction retries them.
-            log.warning("store.commit_failed", extra={"writes": len(writes), "error": str(exc)})
             for write in writes:
-                write.fail(StoreError(str(exc)))
+                write.fail(error)
             return
-        self.commit_count += 1
+        self._commit_succeeded()
+        # Refused values are forgotten with the committed ones: retrying them would fail
+        # every later transaction's values the same way.
         self._forget_written(cursors, touches)
-        for write in writes:
-            if write.error is None and write.on_commit is not None:
-                write.on_commit(write.result)
-            write.settle()
+        _log_dropped(dropped, cursors, touches)
+        try:
+            for write in writes:
+                if write.error is None and write.on_commit is not None:
+                    write.on_commit(write.result)
+                write.settle()
+        except Exception:
+            # Committed, but what serves reads from memory may have missed it: fail for good
+            # (the caller of the loop) rather than serve an incomplete tail.
+            for write in writes:
+                write.fail(StoreError("sqlite: the store writer failed"))
+            raise
 
     def _commit_batch(
         self, writes: list[_Write[Any]], cursors: dict[str, int], touches: dict[str, float]
-    ) -> None:
+    ) -> dict[str, set[str]]:
         """One immediate transaction on the store thread: the written-behind values, then
-        ``writes`` in queue order (each keeps its own result or exception)."""
+        ``writes`` in queue order (each keeps its own result or exception).
+
+        Returns:
+            The agent ids, by column, whose written-behind value SQLite could not take.
+        """
         conn = self._db()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if cursors:
-                conn.executemany(
-                    "UPDATE agents SET cursor = ? WHERE id = ?",
-                    [(seq, agent_id) for agent_id, seq in cursors.items()],
-                )
-            if touches:
-                conn.executemany(
-                    "UPDATE agents SET last_seen = ? WHERE id = ?",
-                    [(now, agent_id) for agent_id, now in touches.items()],
-                )
+            self._fault("begin", conn)
+            dropped = {
+                "cursor": _write_behind(conn, "cursor", cursors),
+                "last_seen": _write_behind(conn, "last_seen", touches),
+            }
             for write in writes:
                 write.run(conn)
+            self._fault("commit", conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    raise _WriterBroken(f"ROLLBACK failed: {exc}") from exc
             raise
+        return dropped
+
+    def _fault(self, step: str, conn: sqlite3.Connection) -> None:
+        if self._faults is not None:
+            self._faults(step, conn)
+
+    def _commit_succeeded(self) -> None:
+        self.commit_count += 1
+        self._last_commit_at = time.monotonic()
+        if self._failed_commits:
+            log.info("store.commit_recovered", extra={"failed_commits": self._failed_commits})
+        self._commit_error = None
+        self._failed_commits = self._disk_fault_count = 0
+        self._disk_faults_since = None
+
+    def _commit_failed(self, exc: Exception, writes: int) -> StoreError:
+        """Note a failed transaction (readiness fails until a commit succeeds) and give up
+        for good when the writer cannot go on; returns the error for the batch's callers."""
+        cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+        if isinstance(exc, StoreError):
+            error = StoreError(str(exc))
+        else:
+            error = StoreError(f"sqlite: commit failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = cause
+        self._commit_error = error
+        self._failed_commits += 1
+        if isinstance(exc, _WriterBroken):
+            self._fail(exc, "the store writer failed")
+            return error
+        if self._failed_commits == 1:
+            # Once per run of failures (a full disk fails every batch): the next success
+            # logs store.commit_recovered with the count.
+            unexpected = not isinstance(cause, sqlite3.Error)
+            log.log(
+                logging.ERROR if unexpected else logging.WARNING,
+                "store.commit_failed",
+                extra={"writes": writes, "error": str(error)},
+                exc_info=cause if unexpected else None,
+            )
+        if _is_disk_fault(cause):
+            now = time.monotonic()
+            if self._disk_faults_since is None:
+                self._disk_faults_since = now
+            self._disk_fault_count += 1
+            if (
+                self._disk_fault_count >= _DISK_FAULT_COMMITS
+                and now - self._disk_faults_since >= self._disk_fault_grace
+            ):
+                self._fail(exc, "commits keep failing with disk faults")
+        else:
+            self._disk_faults_since, self._disk_fault_count = None, 0
+        return error
+
+    def _fail(self, exc: BaseException, why: str) -> None:
+        """The writer cannot go on: log the cause once, with its traceback, fail readiness
+        and every later call, and wake :meth:`wait_failed`."""
+        if self._failure is not None:
+            return
+        cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
+        self._failure = StoreError(f"sqlite: {why}: {type(cause).__name__}: {cause}")
+        self._failure.__cause__ = cause
+        log.critical("store.failed", extra={"error": str(self._failure)}, exc_info=cause)
+        self._failed.set()
+
+    async def wait_failed(self) -> BaseException:
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
 
     def _forget_written(self, cursors: dict[str, int], touches: dict[str, float]) -> None:
         """Drop the committed values, unless a newer one was recorded meanwhile."""
@@ -451,8 +631,10 @@ class SqliteStore:
             await self._queue.join()
             self._writer.cancel()  # now idle in queue.get()
             await asyncio.gather(self._writer, return_exceptions=True)
-        # Values left over by a failed commit: one last try, then they are lost (re-delivery).
-        await self._commit([])
+        if self._failure is None:
+            # Values left over by a failed commit: one last try, then they are lost
+            # (re-delivery).
+            await self._commit([])
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._reader, self._close_read_conn)
         await loop.run_in_executor(self._executor, self._close_conn)
@@ -477,7 +659,22 @@ class SqliteStore:
             self._read_conn = None
 
     async def ping(self) -> None:
-        await self._run(lambda: self._db().execute("SELECT 1").fetchone())
+        self._check_writable()
+        last = self._last_commit_at
+        if self._commit_error is None and last is not None and time.monotonic() - last < _FRESH:
+            await self._read(lambda: self._rdb().execute("SELECT 1").fetchone())
+            return
+
+        # Only a commit shows that one can succeed now: after a failed one (the disk may have
+        # room again; waiting for traffic would not do when readiness keeps it away), and on
+        # a quiet store (a disk that filled up meanwhile, a commit that hangs).
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)",
+                (format_time(time.time()),),
+            )
+
+        await self._tx(probe)
 
     async def relay_id(self) -> str:
         def get_or_make(conn: sqlite3.Connection) -> str:
@@ -660,13 +857,16 @@ class SqliteStore:
             )
             return None if row is None else _agent(row)
 
+        touched = self._touches.get(agent_id)
         agent = await self._read(select)
-        return None if agent is None else self._with_touch(agent)
+        return None if agent is None else self._with_touch(agent, touched)
 
-    def _with_touch(self, agent: AgentRecord) -> AgentRecord:
-        """``agent`` with its ``last_seen`` not yet committed, if any."""
-        seen = self._touches.get(agent.id)
-        return agent if seen is None else replace(agent, last_seen=seen)
+    def _with_touch(self, agent: AgentRecord, touched: float | None) -> AgentRecord:
+        """``agent`` with its newest ``last_seen``: the row's, a value recorded before the row
+        was read (``touched``; the writer may have committed and forgotten it while the read
+        ran on an older snapshot), or one recorded since."""
+        seen = [t for t in (agent.last_seen, touched, self._touches.get(agent.id)) if t is not None]
+        return replace(agent, last_seen=max(seen)) if seen else agent
 
     async def list_agents(self, account_id: str | None = None) -> list[AgentRecord]:
         def select() -> list[AgentRecord]:
@@ -678,7 +878,9 @@ class SqliteStore:
             rows = self._rdb().execute(sql + " ORDER BY created_at, id", args)
             return [_agent(row) for row in rows]
 
-        return [self._with_touch(agent) for agent in await self._read(select)]
+        touched = dict(self._touches)
+        agents = await self._read(select)
+        return [self._with_touch(agent, touched.get(agent.id)) for agent in agents]
 
     async def revoke_agent(self, agent_id: str, *, now: float) -> AgentRecord | None:
         def revoke(conn: sqlite3.Connection) -> AgentRecord | None:
@@ -720,6 +922,8 @@ class SqliteStore:
             self._tail.add(result.stored)
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
+        check_int("after", after)
+        check_int("limit", limit)
         held = None if self._tail is None else self._tail.read(account_id, after=after, limit=limit)
         if held is not None:
             await asyncio.sleep(0)  # like every store call, give the loop a turn
@@ -766,6 +970,7 @@ class SqliteStore:
 
     async def set_cursor(self, agent_id: str, seq: int) -> None:
         # Written behind (module docstring): an ack no longer waits for an fsync of its own.
+        check_int("seq", seq)
         self._check_writable()
         self._cursors[agent_id] = seq
         self._queue_flush()
@@ -790,6 +995,8 @@ class SqliteStore:
         return await self._tx(claim)
 
     async def release_link(self, agent_id: str, *, epoch: int) -> None:
+        check_int("epoch", epoch)
+
         def release(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE links SET owner = '' WHERE agent_id = ? AND epoch = ?", (agent_id, epoch)
@@ -965,6 +1172,8 @@ class SqliteStore:
     # -- status cache -------------------------------------------------------------------------
 
     async def put_status(self, item: StatusItem) -> bool:
+        check_int("seq", item.seq)
+
         def upsert(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "INSERT INTO status_items (account_id, key, seq, item) VALUES (?, ?, ?, ?)"
@@ -1089,6 +1298,9 @@ class SqliteStore:
     async def recent_events(
         self, account_id: str, *, limit: int, before: int | None = None
     ) -> list[StoredEvent]:
+        check_int("limit", limit)
+        check_int("before", before)
+
         def select() -> list[StoredEvent]:
             rows = self._rdb().execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND seq < ?"
@@ -1100,6 +1312,8 @@ class SqliteStore:
         return await self._read(select)
 
     async def count_after(self, account_id: str, after: int) -> int:
+        check_int("after", after)
+
         def select() -> int:
             row = (
                 self._rdb()
@@ -1116,6 +1330,8 @@ class SqliteStore:
     # -- replay (docs/operations.md, Replay) ----------------------------------------------------
 
     async def request_replay(self, agent_id: str, after_seq: int) -> None:
+        check_int("after_seq", after_seq)
+
         def record(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO replays (agent_id, after_seq) SELECT id, ? FROM agents WHERE id = ?"
@@ -1138,6 +1354,9 @@ class SqliteStore:
         return await self._read(pending)
 
     async def settle_replay(self, agent_id: str, taken: int, rest: int | None) -> None:
+        check_int("taken", taken)
+        check_int("rest", rest)
+
         def settle(conn: sqlite3.Connection) -> None:
             if rest is None:
                 conn.execute(
@@ -1331,6 +1550,90 @@ def _v1_digest(
         body=bytes(body),
     )
     return stored_xon_id(str(value), request).digest
+
+
+def _write_behind(conn: sqlite3.Connection, column: str, values: dict[str, Any]) -> set[str]:
+    """Store written-behind values of one ``agents`` column in the writer's transaction.
+
+    Returns:
+        The agent ids whose value SQLite refused (a cursor beyond 64 bits): left out, so the
+        rest commits.
+    """
+    if not values:
+        return set()
+    sql = f"UPDATE agents SET {column} = ? WHERE id = ?"
+    conn.execute("SAVEPOINT behind")
+    try:
+        conn.executemany(sql, [(value, agent_id) for agent_id, value in values.items()])
+    except Exception:
+        if not conn.in_transaction:
+            raise  # SQLite rolled the whole transaction back (disk full, I/O error)
+        # Rare: find the values at fault one by one.
+        conn.execute("ROLLBACK TO behind")
+        refused = set()
+        for agent_id, value in values.items():
+            try:
+                conn.execute(sql, (value, agent_id))
+            except Exception:
+                if not conn.in_transaction:
+                    raise
+                refused.add(agent_id)
+        conn.execute("RELEASE behind")
+        return refused
+    conn.execute("RELEASE behind")
+    return set()
+
+
+def _log_dropped(
+    dropped: dict[str, set[str]], cursors: dict[str, int], touches: dict[str, float]
+) -> None:
+    """One warning per written-behind value SQLite refused (it was left out and forgotten)."""
+    for column, agent_ids in dropped.items():
+        values: dict[str, Any] = cursors if column == "cursor" else touches
+        for agent_id in sorted(agent_ids):
+            log.warning(
+                "store.value_dropped",
+                extra={
+                    "agent_id": agent_id,
+                    "column": column,
+                    "value": repr(values.get(agent_id))[:40],
+                },
+            )
+
+
+def _is_disk_fault(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    return code is not None and code & 0xFF in _DISK_FAULTS
+
+
+def _make_private(path: Path) -> None:
+    """Create the database owner-only (SQLite gives its WAL and shared-memory files the
+    database's mode), and tighten it and its companions if an older version left them open."""
+    try:
+        if os.name == "posix":
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            companion = path.with_name(path.name + suffix)
+            old = restrict_mode(companion, 0o600)
+            if old is not None:
+                log.warning(
+                    "store.file_tightened", extra={"path": str(companion), "mode": f"{old:04o}"}
+                )
+    except NotOurs as exc:
+        raise StoreError(f"sqlite: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"sqlite: cannot open {path}: {exc.strerror or exc}") from exc
+
+
+def _open_failure(exc: StoreError, path: Path) -> str:
+    """Why SQLite could not open ``path``, saying so when its disk is full: SQLite reports
+    that as an I/O error when the WAL index cannot grow."""
+    reason = str(exc).removeprefix("sqlite: ")
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return reason
+    return f"its disk is full ({reason})" if free < _LOW_SPACE else reason
 
 
 def _lock(path: Path, *, exclusive: bool) -> IO[bytes] | None:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared import crypto
-from shared.files import ensure_private_dir, write_private_file
+from shared.files import NotOurs, ensure_private_dir, restrict_mode, write_private_file
 
 RELAY, AGENT, NONCE = "relay-1", "agent-1", "nonce-1"
 
@@ -253,3 +253,42 @@ def test_probe_verify_never_raises_on_garbage() -> None:
     assert not crypto.verify_probe("!!", sig, RELAY, AGENT, TS)
     assert not crypto.verify_probe(public, "é", RELAY, AGENT, TS)
     assert not crypto.verify_probe(public, sig, RELAY, "a\x00b", TS)
+
+
+def test_a_failed_private_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    """When the write cannot complete (here the target is a directory), the old state stays
+    and no half-written copy of the secret is left beside it."""
+    (tmp_path / "secret").mkdir()
+    with pytest.raises(OSError):
+        write_private_file(tmp_path / "secret", b"s")
+    assert sorted(os.listdir(tmp_path)) == ["secret"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_restrict_mode_tightens_what_is_ours(tmp_path: Path) -> None:
+    """A path of ours looser than asked is chmod'ed (its old mode returned); a private or
+    missing one is left alone (None)."""
+    loose = tmp_path / "data"
+    loose.mkdir()
+    loose.chmod(0o755)
+    assert restrict_mode(loose, 0o700) == 0o755
+    assert _mode(loose) == 0o700
+    assert restrict_mode(loose, 0o700) is None
+    assert restrict_mode(tmp_path / "missing", 0o600) is None
+    narrow = tmp_path / "relay.db"
+    narrow.write_bytes(b"")
+    narrow.chmod(0o400)
+    assert restrict_mode(narrow, 0o600) is None
+    assert _mode(narrow) == 0o400
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root to chown")
+def test_restrict_mode_refuses_what_is_not_ours(tmp_path: Path) -> None:
+    """A loose path owned by another user is not changed: NotOurs says whose and what to do."""
+    theirs = tmp_path / "data"
+    theirs.mkdir()
+    theirs.chmod(0o750)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(NotOurs, match="mode 0750.*uid 65534.*make it 0700"):
+        restrict_mode(theirs, 0o700)
+    assert _mode(theirs) == 0o750

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -158,3 +159,127 @@ def test_setup_installs_one_redacting_handler(fmt: str) -> None:
     assert SECRET not in out
     if fmt == "json":
         assert json.loads(out.splitlines()[0])["event"] == "ingress.key"
+
+
+HOSTILE = [
+    "agt_1\n12:00:00 info    relay_server.hub agent.revoked agent_id=agt_victim",
+    "agt_1\r\n{\"level\": \"error\", \"event\": \"forged\"}",
+    "agt_1\rERROR overwritten",
+    "\x1b[2J\x1b[31mred\x1b[0m",
+    "nel\x85next",
+    "csi\x9b31m",
+    "ls\u2028ps\u2029end",
+    "vt\x0bff\x0cfs\x1cgs\x1drs\x1e",
+    "nul\x00del\x7f",
+    "bidi\u202egnp.exe",
+    "lone\ud800surrogate",
+    'quote" level=error agent_id="x',
+    "back\\slash\\n",
+]
+"""Values an unauthenticated peer can put in a logged field (an agent id, a client string)."""
+
+_RAW_UNSAFE = [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))] + [
+    "\u2028", "\u2029", "\u202e", "\ud800",
+]
+
+
+def _emit_hostile(log: logging.Logger, value: str) -> None:
+    log.warning(f"link.{value}", extra={"agent_id": value, "client": [value], "n": 1})
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_cannot_forge_a_line(
+    capture: tuple[logging.Logger, io.StringIO], value: str
+) -> None:
+    """A control character, line separator, bidi override or lone surrogate in a field or the
+    event name is escaped: the record stays one line, with nothing raw a terminal acts on."""
+    log, buf = capture
+    _emit_hostile(log, value)
+    out = buf.getvalue()
+    assert out.endswith("\n")
+    assert len(out.splitlines()) == 1, out  # splitlines knows every Unicode line boundary
+    for char in _RAW_UNSAFE:
+        assert char not in out[:-1], f"raw {char!r} in {out!r}"
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_json_keeps_hostile_values_exact(value: str) -> None:
+    """JSON lines escape the unsafe characters and still give back the value as sent."""
+    record = logging.makeLogRecord(
+        {"name": "relay.hub", "levelname": "WARNING", "msg": value, "agent_id": value}
+    )
+    line = logs.JsonFormatter().format(record)
+    assert len(line.splitlines()) == 1
+    data = json.loads(line)
+    assert data["event"] == value and data["agent_id"] == value
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("agt_1", "agent_id=agt_1"),
+        ("", 'agent_id=""'),
+        ("a b", 'agent_id="a b"'),
+        ("a\nb", 'agent_id="a\\nb"'),
+        ('x" level=error', 'agent_id="x\\" level=error"'),
+        ("C:\\data", 'agent_id="C:\\\\data"'),
+        ("\x1b[31m", 'agent_id="\\x1b[31m"'),
+        ("ls\u2028", 'agent_id="ls\\u2028"'),
+        ("lone\ud800", 'agent_id="lone\\ud800"'),
+    ],
+)
+def test_text_values_are_quoted_and_escaped(value: str, shown: str) -> None:
+    """A text value is bare when unambiguous, else quoted with backslash escapes (logfmt): a
+    hostile value cannot add a field or end the record."""
+    record = logging.makeLogRecord(
+        {"name": "relay.hub", "levelname": "INFO", "msg": "agent.hello", "agent_id": value}
+    )
+    line = logs.TextFormatter().format(record)
+    assert line.endswith(" agent.hello " + shown)
+
+
+def test_text_event_name_is_escaped() -> None:
+    """Event text (a third-party library's message too) keeps its spaces, loses raw controls."""
+    record = logging.makeLogRecord(
+        {"name": "aiohttp.server", "levelname": "ERROR", "msg": "Bad request %r\nx",
+         "args": ("GET /\x1b",)}
+    )
+    line = logs.TextFormatter().format(record)
+    assert line.endswith("aiohttp.server Bad request 'GET /\\x1b'\\nx")
+
+
+def test_text_traceback_lines_are_indented() -> None:
+    """A traceback follows the record on lines that all start with two spaces, so an exception
+    message carrying a newline cannot pass for a record of its own."""
+    try:
+        raise ValueError("bad agent\n12:00:00 info    relay_server.hub forged.event")
+    except ValueError:
+        record = logging.makeLogRecord(
+            {"name": "relay.hub", "levelname": "ERROR", "msg": "link.failed",
+             "exc_info": sys.exc_info()}
+        )
+    first, *rest = logs.TextFormatter().format(record).split("\n")
+    assert first.endswith("relay.hub link.failed")
+    assert rest and all(line.startswith("  ") for line in rest)
+    assert any("forged.event" in line for line in rest)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_lone_surrogate_reaches_a_utf8_stream(fmt: str) -> None:
+    """A strict UTF-8 stream takes a record whose value holds a lone surrogate (escaped), so
+    the record is written, not replaced by a logging error."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    try:
+        logs.setup("debug", fmt, stream=stream)
+        with pytest.MonkeyPatch.context() as patch:
+            failures: list[logging.LogRecord] = []
+            patch.setattr(logging.Handler, "handleError", lambda self, rec: failures.append(rec))
+            logging.getLogger("tests.surrogate").info("agent.hello", extra={"agent_id": "a\ud800"})
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    assert failures == []
+    assert b"agent.hello" in raw.getvalue() and b"\\ud800" in raw.getvalue()

@@ -215,9 +215,12 @@ class Instance:
 
 
 @asynccontextmanager
-async def running_instance(config: ServerConfig) -> AsyncIterator[Instance]:
-    """Serve one relay instance until the block ends, then drain it like ``run`` does."""
-    async with open_services(config, admin_token=ADMIN_TOKEN) as services:
+async def running_instance(
+    config: ServerConfig, *, store: Store | None = None
+) -> AsyncIterator[Instance]:
+    """Serve one relay instance until the block ends, then drain it like ``run`` does
+    (``store``: an open store to serve instead of ``config.store_url``'s)."""
+    async with open_services(config, admin_token=ADMIN_TOKEN, store=store) as services:
         runners = [
             web.AppRunner(create_public_app(services)),
             web.AppRunner(create_admin_app(services)),

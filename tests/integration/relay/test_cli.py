@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +257,209 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         done = cli("run", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"))
     assert_one_line_error(done, 1, "cannot listen")
+
+
+# -- secrets at rest (docs/deployment.md, Files and modes; X-on API keys) -----------------------
+
+
+def stored_api_key(data_dir: Path, account: str) -> str:
+    """The X-on API key as the relay stored it (read beside the running relay, as a backup
+    would)."""
+    with closing(sqlite3.connect(data_dir / "relay.db")) as conn:
+        row = conn.execute("SELECT xon_api_key FROM accounts WHERE name = ?", (account,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_api_key_from_file_stdin_or_environment(server: Server, tmp_path: Path) -> None:
+    """account add/set take the X-on API key from a file, standard input or
+    XON_RELAY_XON_API_KEY (none of them visible in the process list); --xon-api-key still
+    works; a flag wins over the environment."""
+    server.wait_ready()
+    data = ["--data-dir", str(server.data_dir)]
+    key_file = tmp_path / "xon.key"
+    key_file.write_text("key-from-file\n")
+    assert cli("account", "add", "a", "--xon-api-key-file", str(key_file), *data).returncode == 0
+    assert stored_api_key(server.data_dir, "a") == "key-from-file"
+
+    done = subprocess.run(
+        [*CLI, "account", "add", "b", "--xon-api-key-file", "-", *data],
+        input="key-from-stdin\n", capture_output=True, text=True, timeout=EXIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stored_api_key(server.data_dir, "b") == "key-from-stdin"
+
+    env = {"XON_RELAY_XON_API_KEY": "key-from-env"}
+    assert cli("account", "add", "c", *data, env=env).returncode == 0
+    assert stored_api_key(server.data_dir, "c") == "key-from-env"
+    assert cli("account", "set", "a", *data, env=env).returncode == 0
+    assert stored_api_key(server.data_dir, "a") == "key-from-env"
+    done = cli("account", "set", "a", "--xon-api-key-file", str(key_file), *data, env=env)
+    assert done.returncode == 0, done.stderr
+    assert stored_api_key(server.data_dir, "a") == "key-from-file"
+    assert cli("account", "set", "c", "--xon-api-key", "key-from-argv", *data).returncode == 0
+    assert stored_api_key(server.data_dir, "c") == "key-from-argv"
+    assert cli("account", "add", "d", *data, env={"XON_RELAY_XON_API_KEY": ""}).returncode == 0
+    assert stored_api_key(server.data_dir, "d") == ""
+    log = server.log.read_text()
+    for key in ("key-from-file", "key-from-stdin", "key-from-env", "key-from-argv"):
+        assert key not in log
+    assert server.stop() == 0
+
+
+def test_bad_api_key_sources_are_one_line(server: Server, tmp_path: Path) -> None:
+    """A missing, empty, oversized or multi-line key file, or both flags at once, fails with
+    one line and changes nothing."""
+    server.wait_ready()
+    data = ["--data-dir", str(server.data_dir)]
+    empty, two_lines, huge = tmp_path / "empty", tmp_path / "two", tmp_path / "huge"
+    empty.write_text("\n")
+    two_lines.write_text("key\r\nX-Injected: 1\n")
+    huge.write_bytes(b"k" * (64 * 1024 + 1))
+    cases = [
+        (str(tmp_path / "missing"), "cannot read the X-on API key"),
+        (str(empty), "no X-on API key in"),
+        (str(two_lines), "visible ASCII"),
+        (str(huge), "not a key"),
+    ]
+    for name, text in cases:
+        done = cli("account", "add", "a", "--xon-api-key-file", name, *data)
+        assert_one_line_error(done, 1, text)
+    both = ["--xon-api-key-file", str(empty), "--xon-api-key", "k"]
+    done = cli("account", "add", "a", *both, *data)
+    assert done.returncode == 2 and "not allowed with" in done.stderr
+    assert_one_line_error(
+        cli("account", "add", "a", *data, env={"XON_RELAY_XON_API_KEY": "a b"}), 1, "visible ASCII"
+    )
+    assert cli_json("account", "list", *data) == {"accounts": []}
+    assert server.stop() == 0
+
+
+def test_data_dir_and_store_are_owner_only(tmp_path: Path) -> None:
+    """A new data dir is 0700 and relay.db with its -wal, -shm and lock files 0600, whatever
+    the umask; an existing looser data dir and store files of ours are tightened, and said so."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    with closing(sqlite3.connect(data_dir / "relay.db")):
+        pass  # an older relay's store, made with the umask's 0644
+    (data_dir / "relay.db").chmod(0o644)
+    saved = os.umask(0o022)  # the relay, not the umask, must keep these private
+    try:
+        srv = Server(data_dir, tmp_path / "server.log")
+    finally:
+        os.umask(saved)
+    try:
+        srv.wait_ready()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data_dir.iterdir()}
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        for name in ("relay.db", "relay.db-wal", "relay.db-shm", "relay.db.lock", "admin.json"):
+            assert modes[name] == 0o600, (name, oct(modes[name]))
+        assert srv.stop() == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(timeout=EXIT)
+    log = srv.log.read_text()
+    assert "server.data_dir_tightened" in log and "mode=0755" in log
+    assert "store.file_tightened" in log and "mode=0644" in log
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root to chown")
+def test_an_open_data_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    """A data dir open to others and owned by another user is not ours to change: run
+    refuses it with one line and writes nothing into it."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)
+    os.chown(data_dir, 65534, 65534)
+    done = cli("run", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0")
+    assert_one_line_error(done, 1, "owned by uid 65534")
+    assert list(data_dir.iterdir()) == []
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o755
+
+
+# -- a full disk (docs/operations.md, Readiness) -----------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: root only (and a kernel that lets this process mount), else skipped."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True, timeout=EXIT,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=EXIT)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros into ``disk`` until it is full; the file to delete to free it again."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for _ in range(100_000):  # bounded: 4 MiB in 4 KiB writes fills it long before
+            try:
+                out.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                return filler
+    raise AssertionError("the disk never filled")
+
+
+def post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=EXIT) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def ready(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=EXIT) as resp:
+            return int(resp.status), json.loads(resp.read())["status"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]["code"]
+
+
+def test_a_real_full_disk(small_disk: Path, tmp_path: Path) -> None:
+    """On a full disk ingress answers 503 and /readyz 503 store_unavailable, the relay stays
+    up and comes back by itself once there is room (no restart, no other traffic); a restart
+    on a full disk exits 1 with one line saying the disk is full."""
+    data_dir = small_disk / "data"
+    srv = Server(data_dir, tmp_path / "server.log")
+    try:
+        info = srv.wait_ready()
+        public = info["public_url"]
+        data = ["--data-dir", str(data_dir)]
+        urls = [cli_json("account", "add", name, *data)["ingress_url"] for name in "ab"]
+        assert post(urls[0] + "/sms.received", b"text=before") == 200
+        filler = fill(small_disk)
+        assert post(urls[0] + "/sms.received", b"x" * 8192) == 503
+        assert post(urls[1] + "/sms.received", b"x" * 8192) == 503
+        assert ready(public) == (503, "store_unavailable")
+        assert srv.proc.poll() is None
+        filler.unlink()
+        assert ready(public) == (200, "ok")
+        assert post(urls[1] + "/sms.received", b"x" * 8192) == 200
+        assert srv.stop() == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(timeout=EXIT)
+    log = srv.log.read_text()
+    assert log.count("store.commit_failed") == 1 and "store.commit_recovered" in log
+    assert "Traceback" not in log
+    fill(small_disk)
+    done = cli("run", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+               "--admin-listen", "127.0.0.1:0")
+    assert_one_line_error(done, 1, "disk is full")

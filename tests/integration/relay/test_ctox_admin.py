@@ -70,12 +70,16 @@ async def test_patch_sets_url_and_key_and_commands_use_them(
         ({"xon_api_url": "ftp://x"}, 400),
         ({"xon_api_url": "http://x/?k=1"}, 400),
         ({"xon_api_key": 5}, 400),
+        ({"xon_api_key": "k\r\nX-Injected: 1"}, 400),
+        ({"xon_api_key": "two words"}, 400),
+        ({"xon_api_key": "k" * 4097}, 400),
     ],
 )
 async def test_patch_refuses_bad_bodies(
     admin: aiohttp.ClientSession, body: dict[str, object], status: int
 ) -> None:
-    """Unknown fields, non-http URLs and non-string keys are 400 bad_request."""
+    """Unknown fields, non-http URLs and keys that are not strings of visible ASCII (a line
+    break would inject a header into every X-on call) are 400 bad_request."""
     async with admin.post("/v1/accounts", json={"name": "acme"}) as resp:
         assert resp.status == 201
     async with admin.patch("/v1/accounts/acme", json=body) as resp:

@@ -12,7 +12,6 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -161,30 +160,34 @@ async def test_a_deleted_accounts_events_are_not_served(store: SqliteStore) -> N
     assert await store.read_events(account_id, after=appended.stored.seq - 1, limit=10) == []
 
 
-async def test_an_append_whose_caller_left_mid_commit_is_still_held(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_append_whose_caller_left_mid_commit_is_still_held(path: Path) -> None:
     """The caller (an ingress request whose client hung up) is cancelled after its batch began:
     the event commits all the same and a link must still get it from the tail."""
-    account_id = await new_account(store)
-    floor = await store.head_seq(account_id)
     loop = asyncio.get_running_loop()
     began, gate = asyncio.Event(), threading.Event()
-    commit_batch = store._commit_batch
+    holding = False
 
-    def held_commit(*args: Any) -> None:
-        loop.call_soon_threadsafe(began.set)
-        gate.wait(WAIT)  # bounded: the test opens the gate right after cancelling the caller
-        commit_batch(*args)
+    def hold(step: str, conn: sqlite3.Connection) -> None:
+        if holding and step == "begin":
+            loop.call_soon_threadsafe(began.set)
+            gate.wait(WAIT)  # bounded: the test opens the gate right after cancelling the caller
 
-    monkeypatch.setattr(store, "_commit_batch", held_commit)
-    append = asyncio.create_task(store.append_event(make_event(account_id, 1), xon_id=None))
-    await asyncio.wait_for(began.wait(), WAIT)
-    assert not append.done()
-    append.cancel()
-    gate.set()
-    with pytest.raises(asyncio.CancelledError):
-        await append
-    await store.trim_events(account_id, through=0, limit=1)  # a later batch: the first committed
-    served = await store.read_events(account_id, after=floor, limit=10)
-    assert len(served) == 1 and served[0].event.params["n"] == "1"
+    store = await SqliteStore.open(path, exclusive=True, faults=hold)
+    try:
+        account_id = await new_account(store)
+        floor = await store.head_seq(account_id)
+        holding = True
+        append = asyncio.create_task(store.append_event(make_event(account_id, 1), xon_id=None))
+        await asyncio.wait_for(began.wait(), WAIT)
+        holding = False
+        assert not append.done()
+        append.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await append
+        # A later batch: the first committed.
+        await store.trim_events(account_id, through=0, limit=1)
+        served = await store.read_events(account_id, after=floor, limit=10)
+        assert len(served) == 1 and served[0].event.params["n"] == "1"
+    finally:
+        await store.close()
