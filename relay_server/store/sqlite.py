@@ -58,6 +58,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
+from shared import oslock
 from shared.errors import ApiError, StoreError
 from shared.events import RawRequest, XonEvent, XonId, format_time
 from shared.files import NotOurs, restrict_mode
@@ -1639,22 +1641,17 @@ def _open_failure(exc: StoreError, path: Path) -> str:
 def _lock(path: Path, *, exclusive: bool) -> IO[bytes] | None:
     """Hold ``<path>.lock``: exclusively, or shared with other non-exclusive stores. The lock
     goes with the descriptor, so a killed relay never leaves it held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: see SqliteStore.open
+    if sys.platform == "win32":  # pragma: no cover - no shared locks there: see SqliteStore.open
         return None
-    lock_path = path.with_name(path.name + ".lock")
     try:
-        handle = open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b")  # noqa: SIM115
+        return oslock.hold(
+            path.with_name(path.name + ".lock"), shared=not exclusive, write_pid=False
+        )
+    except oslock.LockHeld as exc:
+        raise StoreError(f"sqlite: {path} is in use by another relay process") from exc
     except OSError as exc:
         # Named after the database: a missing or read-only directory is the same for both.
         raise StoreError(f"sqlite: cannot open {path}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        raise StoreError(f"sqlite: {path} is in use by another relay process") from exc
-    return handle
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
