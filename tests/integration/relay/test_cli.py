@@ -444,13 +444,13 @@ def test_a_real_full_disk(small_disk: Path, tmp_path: Path) -> None:
         urls = [cli_json("account", "add", name, *data)["ingress_url"] for name in "ab"]
         assert post(urls[0] + "/sms.received", b"text=before") == 200
         filler = fill(small_disk)
-        assert post(urls[0] + "/sms.received", b"x" * 8192) == 503
-        assert post(urls[1] + "/sms.received", b"x" * 8192) == 503
+        assert post(urls[0] + "/sms.received", b"text=" + b"x" * 8192) == 503
+        assert post(urls[1] + "/sms.received", b"text=" + b"x" * 8192) == 503
         assert ready(public) == (503, "store_unavailable")
         assert srv.proc.poll() is None
         filler.unlink()
         assert ready(public) == (200, "ok")
-        assert post(urls[1] + "/sms.received", b"x" * 8192) == 200
+        assert post(urls[1] + "/sms.received", b"text=" + b"x" * 8192) == 200
         assert srv.stop() == 0
     finally:
         if srv.proc.poll() is None:
