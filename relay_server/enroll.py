@@ -30,15 +30,17 @@ MAX_JSON_BODY = 64 * 1024
 """Largest JSON body of an API request (enrollment, admin), in bytes (413 beyond)."""
 
 
-async def read_json_object(request: web.Request) -> dict[str, object]:
-    """The request body as a JSON object.
+async def read_json_object(
+    request: web.Request, *, limit: int = MAX_JSON_BODY
+) -> dict[str, object]:
+    """The request body (at most ``limit`` bytes) as a JSON object.
 
     Raises:
         ApiError: 400 ``bad_request`` for anything else; 413, 415 or 408 from
             :func:`~relay_server.limits.read_body`.
     """
     timeout = request.app[config_key].limits.body_timeout
-    body = await read_body(request, limit=MAX_JSON_BODY, timeout=timeout)
+    body = await read_body(request, limit=limit, timeout=timeout)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:

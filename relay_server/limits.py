@@ -101,6 +101,20 @@ class FailureLockout:
         self._failures: dict[str, list[float]] = {}
         self._locked: dict[str, float] = {}  # key → locked until
 
+    @classmethod
+    def for_enrollment(cls, config: LimitsConfig, clock: Clock) -> FailureLockout | None:
+        """The lockout the ``limits.enroll_*`` settings describe (``None``: no lockout); the
+        enrollment probe shares those settings."""
+        if config.enroll_max_failures is None:
+            return None
+        return cls(
+            max_failures=config.enroll_max_failures,
+            window=config.enroll_window,
+            lockout=config.enroll_lockout,
+            max_keys=config.max_tracked,
+            clock=clock,
+        )
+
     def check(self, key: str) -> float | None:
         """Seconds the key stays locked out, or ``None`` if it may try."""
         until = self._locked.get(key)
@@ -153,15 +167,7 @@ class Limits:
                 return None
             return TokenBuckets(rate=rate, burst=burst, max_keys=config.max_tracked, clock=clock)
 
-        enroll = None
-        if config.enroll_max_failures is not None:
-            enroll = FailureLockout(
-                max_failures=config.enroll_max_failures,
-                window=config.enroll_window,
-                lockout=config.enroll_lockout,
-                max_keys=config.max_tracked,
-                clock=clock,
-            )
+        enroll = FailureLockout.for_enrollment(config, clock)
         return cls(
             config=config,
             sources=buckets(config.source_rate, config.source_burst),

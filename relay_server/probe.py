@@ -19,7 +19,6 @@ enrollment codes are (relay_server/enroll.py); the per-source request rate appli
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -31,8 +30,9 @@ from shared import crypto
 from shared.config import LimitsConfig
 from shared.errors import ApiError
 
-from .appkeys import config_key, relay_id_key, store_key
-from .limits import FailureLockout, RateLimited, limits_key, read_body
+from .appkeys import relay_id_key, store_key
+from .enroll import read_json_object
+from .limits import FailureLockout, RateLimited, limits_key
 
 __all__ = ["install", "ProbeGuard", "probe_key", "SKEW", "MAX_BODY", "MAX_SEEN"]
 
@@ -69,16 +69,7 @@ class ProbeGuard:
     @classmethod
     def build(cls, config: LimitsConfig, *, clock: Clock = time.time,
               monotonic: Clock = time.monotonic) -> ProbeGuard:
-        lockout = None
-        if config.enroll_max_failures is not None:
-            lockout = FailureLockout(
-                max_failures=config.enroll_max_failures,
-                window=config.enroll_window,
-                lockout=config.enroll_lockout,
-                max_keys=config.max_tracked,
-                clock=monotonic,
-            )
-        return cls(lockout=lockout, clock=clock)
+        return cls(lockout=FailureLockout.for_enrollment(config, monotonic), clock=clock)
 
     def __len__(self) -> int:
         """Probes remembered now."""
@@ -118,14 +109,7 @@ def _timestamp(data: dict[str, object]) -> int:
 
 
 async def _read(request: web.Request) -> tuple[str, int, str]:
-    timeout = request.app[config_key].limits.body_timeout
-    body = await read_body(request, limit=MAX_BODY, timeout=timeout)
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, "bad_request", "body must be a JSON object") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "body must be a JSON object")
+    data = await read_json_object(request, limit=MAX_BODY)
     return (_field(data, "agent_id", _MAX_AGENT_ID), _timestamp(data),
             _field(data, "signature", _MAX_SIGNATURE))
 
