@@ -159,7 +159,7 @@ class _NoAcl:
 
 def _protection(path: Path, kind: Literal["key", "token"], api: AclApi | None
                 ) -> tuple[Status, str]:
-    """Whether only the agent's user may read a secret (DESIGN §Agent local API): its mode
+    """Whether only the agent's user may read a secret (README, Local API security): its mode
     bits, or on Windows, where those do nothing, its access list (relay_agent/acl.py)."""
     if api is None:
         mode = stat.S_IMODE(path.stat().st_mode)

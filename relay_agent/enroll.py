@@ -2,7 +2,7 @@
 
 The one-time code proves the operator's intent; the key pair is made here and the private key
 never leaves the data dir (DESIGN §Link protocol, Auth). Files holding secrets are 0600 and the
-directory 0700 (DESIGN §Agent local API: the token is readable by its user only); on Windows,
+directory 0700 (README, Local API security: the token is readable by its user only); on Windows,
 where modes do nothing, explicit access lists do the same (:mod:`.acl`).
 """
 

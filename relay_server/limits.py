@@ -202,7 +202,8 @@ limits_key = web.AppKey("limits", Limits)
 
 def client_address(request: web.BaseRequest, trusted: list[str]) -> str:
     """The client's address: the peer, or the nearest untrusted ``X-Forwarded-For`` hop
-    when the peer is one of ``trusted`` proxies (the TLS front of DESIGN §Relay server)."""
+    when the peer is one of ``trusted`` proxies (the TLS front: docs/deployment.md, TLS in
+    front)."""
     peer = request.remote or ""
     if peer not in trusted:
         return peer

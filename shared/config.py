@@ -225,8 +225,9 @@ class StatusConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
-    """Abuse limits of the public listener (issue 6): rates, enrollment lockout, deadlines,
-    and what one ingress request may turn into (README, Ingress limits)."""
+    """Abuse limits of the public listener (docs/reliability.md, Ingress abuse): rates,
+    enrollment lockout, deadlines, and what one ingress request may turn into (README,
+    Ingress limits)."""
 
     source_rate: float | None = 1000.0
     """Requests per second one source address may make on the public listener (429 beyond);

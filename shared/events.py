@@ -12,7 +12,7 @@ The agent adds ``cursor`` when it hands an event to a local app.
 
 :func:`parse_ingress` turns a raw ingress request into the event type, the flat ``params`` and
 X-on's own id for the event with what a repeat must match (docs/delivery.md, Duplicates).
-DESIGN §Relay server endpoints: params come from the query string, a form body, a JSON object or
+README, The event object: params come from the query string, a form body, a JSON object or
 an XML/SOAP body; the event type is the path suffix or a type parameter.
 """
 
@@ -269,9 +269,10 @@ def parse_ingress(
     """Parse an X-on ingress request (pure).
 
     Unknown content types keep their body untouched and take params from the query only;
-    unknown params and event types pass through (DESIGN principle 2). Params never hold a lone
-    surrogate, so an accepted event always encodes as JSON. ``id_params`` are the bare
-    param names that carry X-on's id (``ServerConfig.xon_id_params``).
+    unknown params and event types pass through (the raw request is kept as it arrived).
+    Params never hold a lone surrogate, so an accepted event always encodes as JSON.
+    ``id_params`` are the bare param names that carry X-on's id
+    (``ServerConfig.xon_id_params``).
 
     Raises:
         ApiError: 400 ``bad_body`` when the body cannot be decoded as its content type says;

@@ -5,7 +5,7 @@ receives the request X-on sent, unchanged (DESIGN principle 2): the same method,
 path suffix appended to the target URL's path, X-on's query string byte for byte, the same
 ``Content-Type`` and body bytes. The agent adds ``X-Xon-Event-Id``, ``X-Xon-Received-At`` and
 ``X-Xon-Cursor`` (and ``X-Xon-Stale: true`` for a stale event, ``X-Xon-Withheld: REASON`` for a
-stand-in), so that the app can drop a repeat: delivery is at least once (DESIGN principle 1).
+stand-in), so that the app can drop a repeat: delivery is at least once (docs/delivery.md).
 
 Any 2xx answer acknowledges the event; anything else (another status, a refused connection,
 a time-out) is retried by :class:`~relay_agent.delivery.base.PushTarget` with back-off.

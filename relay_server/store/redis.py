@@ -38,7 +38,7 @@ record nothing points to), never a half-visible one.
 Events: the stream entry id is ``<seq>-0``, so ``XRANGE key (<after>-0 + COUNT n`` reads by seq.
 One Lua script per append reads the dedup hash, assigns ``seq`` (last + 1), XADDs and records the
 X-on id with its digest: all or nothing, so seq is strictly increasing per account, never reused,
-and a repeat returns the first copy (DESIGN principle 1; docs/delivery.md, Duplicates).
+and a repeat returns the first copy (docs/delivery.md, Duplicates).
 Concurrent appends are sent in one pipeline by a single writer task; each caller's coroutine
 returns only after Redis answered its script.
 

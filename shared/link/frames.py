@@ -397,9 +397,10 @@ _FIELDS = {
 _decoder = msgspec.json.Decoder(Frame)
 
 # One encoder for every frame: json.dumps() with non-default options builds a new one per call,
-# a cost paid once per event on the relay's hot path (issue 7). The standard library's writer
-# rather than msgspec's: it returns the str the WebSocket layer takes, and a value that is not
-# Unicode text (a lone surrogate) comes out escaped instead of raising (see ``_utf8_safe``).
+# a cost paid once per event on the relay's hot path (docs/performance.md). The standard
+# library's writer rather than msgspec's: it returns the str the WebSocket layer takes, and a
+# value that is not Unicode text (a lone surrogate) comes out escaped instead of raising (see
+# ``_utf8_safe``).
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _EVENTS_HEAD = f'{{"v":{LINK_VERSION},"type":"{Events.type}","items":['
 _EVENTS_TAIL = "]}"
