@@ -53,6 +53,7 @@ from shared.sim import (
     SendResult,
     build_request,
     example_params,
+    params_as_sent,
     send_requests,
 )
 from shared.sim.procs import script
@@ -291,7 +292,7 @@ def burst(count: int, rng: random.Random) -> list[Planned]:
     out = []
     for n in range(1, count + 1):
         event_type, encoding = pairs[n % len(pairs)]
-        params = {**example_params(event_type, n), "soak_n": str(n)}
+        params = params_as_sent({**example_params(event_type, n), "soak_n": str(n)}, encoding)
         request = build_request(event_type, params, encoding, event_id=str(uuid.uuid4()),
                                 created_at=format_time(time.time()))
         out.append(Planned(n=n, event_type=event_type, encoding=encoding, params=params,

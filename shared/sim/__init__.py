@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .catalogue import CATALOGUE, EVENT_TYPES, EventSpec, example_params
-from .encode import ENCODINGS, Encoding, SimRequest, build_request
+from .encode import ENCODINGS, Encoding, SimRequest, build_request, params_as_sent
 from .send import Planned, SendResult, plan, request_url, send_requests
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Encoding",
     "SimRequest",
     "build_request",
+    "params_as_sent",
     "Planned",
     "SendResult",
     "plan",

@@ -25,7 +25,9 @@ from typing import Literal, get_args
 from urllib.parse import urlencode
 from xml.sax.saxutils import escape
 
-__all__ = ["Encoding", "ENCODINGS", "SimRequest", "build_request", "SOAP_NS", "XON_NS"]
+__all__ = [
+    "Encoding", "ENCODINGS", "SimRequest", "build_request", "params_as_sent", "SOAP_NS", "XON_NS"
+]
 
 Encoding = Literal["query", "form", "json", "envelope", "xml"]
 ENCODINGS: tuple[Encoding, ...] = get_args(Encoding)
@@ -108,6 +110,15 @@ def build_request(
                 body=_soap(event_type, params),
             )
     raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+
+
+def params_as_sent(params: dict[str, str], encoding: str) -> dict[str, str]:
+    """``params`` as an event in ``encoding`` carries them: in an envelope an item ``id``
+    travels as ``itemId``, since the envelope's own ``id`` is X-on's event id (docs/delivery.md,
+    Duplicates). What :func:`build_request` takes, and what a receiver then sees."""
+    if encoding == "envelope" and "id" in params:
+        return {("itemId" if k == "id" else k): v for k, v in params.items()}
+    return params
 
 
 def _reject(params: dict[str, str], reserved: tuple[str, ...], encoding: str) -> None:

@@ -20,7 +20,7 @@ from yarl import URL
 from shared.events import format_time
 
 from .catalogue import example_params
-from .encode import Encoding, SimRequest, build_request
+from .encode import Encoding, SimRequest, build_request, params_as_sent
 
 __all__ = ["Planned", "SendResult", "plan", "request_url", "send_requests"]
 
@@ -71,9 +71,7 @@ def plan(
     out: list[Planned] = []
     for event_type, encoding in itertools.islice(itertools.cycle(pairs), total):
         n = numbers[event_type] = numbers.get(event_type, start - 1) + 1
-        params = example_params(event_type, n)
-        if encoding == "envelope" and "id" in params:
-            params = {("itemId" if k == "id" else k): v for k, v in params.items()}
+        params = params_as_sent(example_params(event_type, n), encoding)
         request = build_request(
             event_type,
             params,
