@@ -70,7 +70,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from shared.errors import ApiError, ConfigError, StoreError
 from shared.events import XonEvent, XonId, parse_time
@@ -511,6 +512,8 @@ class RedisStore:
             await client.aclose()
             raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
         try:
+            if store.is_cluster:
+                await store._load_scripts()
             if store._wait_aof:
                 await store._check_waitaof()
             await store._upgrade()
@@ -569,6 +572,14 @@ class RedisStore:
     def channel(self, name: str) -> str:
         """A pub/sub channel name under this store's prefix and the ``{relay}`` tag."""
         return self._global(name)
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script on every primary: redis-py loads a plain pipeline's
+        scripts before it runs, never a cluster pipeline's (see also :meth:`_send_appends`)."""
+        with self._calls():
+            for value in vars(self).values():
+                if isinstance(value, AsyncScript):
+                    await self._r.script_load(value.script)
 
     async def _check_waitaof(self) -> None:
         """Refuse ``redis_wait_aof`` before the first append when the server lacks WAITAOF."""
@@ -994,6 +1005,20 @@ class RedisStore:
 
     async def _send_appends(self, batch: list[_Pending]) -> list[Any]:
         """One pipeline of append scripts; Redis runs them in order, each atomically."""
+        replies = await self._append_pipeline(batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing and self.is_cluster:
+            # redis-py loads a plain pipeline's scripts first, not a cluster pipeline's: a
+            # node that lacks the script (new, or promoted) ran none of these appends, so they
+            # are sent once more after SCRIPT LOAD on every primary, in their order.
+            with self._calls():
+                await self._r.script_load(_APPEND)
+            again = await self._append_pipeline([batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _append_pipeline(self, batch: list[_Pending]) -> list[Any]:
         with self._calls():
             async with self._r.pipeline(transaction=False) as pipe:
                 for pending in batch:
