@@ -61,6 +61,8 @@ class Server:
 
     port: int
     proc: subprocess.Popen[bytes]
+    args: list[str]
+    data_dir: Path
 
     def kill(self) -> None:
         """``kill -9``: no shutdown, no last save."""
@@ -68,16 +70,20 @@ class Server:
             self.proc.kill()
         self.proc.wait()
 
+    def restarted(self) -> Server:
+        """The same server started again on its port and directory (its AOF)."""
+        return _start(self.args, self.port, self.data_dir)
+
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1000 * MS)
 
 
 def _start(args: list[str], port: int, data_dir: Path) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - the process owns it
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the process owns it
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     log.close()
-    server = Server(port, proc)
+    server = Server(port, proc, args, data_dir)
     client = server.client()
     deadline = time.monotonic() + START_TIMEOUT
     try:
