@@ -57,13 +57,19 @@ async def received_until(agent: Agent, wanted: set[str]) -> list[str]:
     raise AssertionError("agent never received every acknowledged event")
 
 
-async def test_a_sentinel_failover_loses_no_acknowledged_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait_replicas", [1, 0])
+async def test_a_sentinel_failover_loses_no_acknowledged_event(
+    tmp_path: Path, wait_replicas: int
+) -> None:
+    """``wait_replicas = 1``: 0 acknowledged events lost. 0 (asynchronous replication): the
+    loss is printed, never asserted (docs/redis.md, Loss bound); order and exactly-once hold
+    for what arrives either way."""
     with running_sentinels(tmp_path / "redis") as ha:
         cluster = ClusterConfig(
             poll_interval=200 * MS,
             recheck_interval=200 * MS,
             handover_timeout=1000 * MS,
-            redis_wait_replicas=1,
+            redis_wait_replicas=wait_replicas,
             redis_wait_timeout=500 * MS,
         )
         configs = [
@@ -134,11 +140,18 @@ async def test_a_sentinel_failover_loses_no_acknowledged_event(tmp_path: Path) -
             )
             assert refused > 0 and 503 in readiness
 
+            lost = 0
             for agent, wanted in zip(agents, acked, strict=True):
-                got = await received_until(agent, set(wanted))
+                # What is lost without WAIT was acknowledged before the kill: wait for the
+                # events taken after the recovery, which always arrive.
+                after = set(wanted[-AFTER_RECOVERY:]) if wait_replicas == 0 else set(wanted)
+                got = await received_until(agent, after)
                 assert len(got) == len(set(got)), "an event arrived twice"
                 assert [int(x) for x in got] == sorted(int(x) for x in got), "out of order"
-                assert set(wanted) <= set(got)  # 0 acknowledged events lost
+                lost += len(set(wanted) - set(got))
                 assert agent.close_code is None  # the link stayed open throughout
+            print(f"redis_wait_replicas = {wait_replicas}: {lost} acknowledged events lost")
+            if wait_replicas:
+                assert lost == 0
             for agent in agents:
                 await agent.close()
