@@ -165,7 +165,7 @@ class RedisBus(Bus):
             await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
 
     async def _publish_loop(self) -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         delay = _RETRY_INITIAL
         while True:
@@ -184,7 +184,7 @@ class RedisBus(Bus):
                             pipe.publish(self.channel, message)
                     await pipe.execute()
             except Exception as exc:  # a bug too: logged, and the publisher goes on
-                if isinstance(exc, RedisError | OSError):
+                if isinstance(exc, RedisError | RedisClusterException | OSError):
                     log.warning(
                         "bus.publish_failed", extra={"notices": len(messages), "error": str(exc)}
                     )
@@ -196,7 +196,7 @@ class RedisBus(Bus):
                 delay = _RETRY_INITIAL
 
     async def _subscribe_loop(self, handler: Handler, resync: Callable[[], None]) -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         delay = _RETRY_INITIAL
         while True:
@@ -217,7 +217,7 @@ class RedisBus(Bus):
                         message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._deliver(message, handler)
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("bus.subscribe_failed", extra={"error": str(exc)})
             except Exception:  # a bug: logged, and the subscriber goes on (never dies silently)
                 log.exception("bus.subscriber_failed")
@@ -241,12 +241,12 @@ class RedisBus(Bus):
 
 async def _quietly_close(pubsub: Any) -> None:
     """Close a pub/sub connection that may already be broken, bounded."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     try:
         async with asyncio.timeout(_STOP_TIMEOUT):
             await pubsub.aclose()
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         log.debug("bus.close_failed", extra={"error": str(exc)})
 
 

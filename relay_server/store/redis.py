@@ -71,7 +71,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from shared.errors import ApiError, ConfigError, StoreError
 from shared.events import XonEvent, XonId, parse_time
@@ -535,7 +535,8 @@ class RedisStore:
             raise StoreError("store is closed")
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # RedisClusterException (no node reachable, slot not covered) is not a RedisError.
             raise StoreError(f"redis at {self.address}: {exc}") from exc
 
     def _global(self, name: str) -> str:
@@ -984,7 +985,7 @@ class RedisStore:
         if self._failed_appends == 1:
             # Redis errors are expected (a restart, memory); anything else is a bug here or in
             # redis-py, so its traceback is kept.
-            expected = isinstance(exc, StoreError | RedisError | OSError)
+            expected = isinstance(exc, StoreError | RedisError | RedisClusterException | OSError)
             log.log(
                 logging.WARNING if expected else logging.ERROR,
                 "store.append_failed",

@@ -74,17 +74,23 @@ class Server:
         """The same server started again on its port and directory (its AOF)."""
         return _start(self.args, self.port, self.data_dir)
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1000 * MS)
+    def client(self, password: str = "") -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=1000 * MS,
+            username="relay" if password else None,
+            password=password or None,
+        )
 
 
-def _start(args: list[str], port: int, data_dir: Path) -> Server:
+def _start(args: list[str], port: int, data_dir: Path, *, password: str = "") -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the process owns it
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     log.close()
     server = Server(port, proc, args, data_dir)
-    client = server.client()
+    client = server.client(password)
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while True:
@@ -123,17 +129,21 @@ def _wait(check: object, what: str, timeout: float = START_TIMEOUT) -> None:
 @dataclass(slots=True)
 class Cluster:
     nodes: list[Server] = field(default_factory=list)
+    password: str = ""
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        auth = f"relay:{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, primaries: int = 3) -> Iterator[Cluster]:
-    """A Redis Cluster of ``primaries`` primaries (no replicas), every slot assigned."""
+def running_cluster(root: Path, primaries: int = 3, *, password: str = "") -> Iterator[Cluster]:
+    """A Redis Cluster of ``primaries`` primaries (no replicas), every slot assigned; with
+    ``password``, the default user is off and the ACL user ``relay`` has that password."""
     cli = _binary("redis-cli")
-    cluster = Cluster()
+    cluster = Cluster(password=password)
+    auth: list[str] = ["--user", "relay", "--pass", password] if password else []
     try:
         for i in range(primaries):
             port = cluster_port()
@@ -141,10 +151,15 @@ def running_cluster(root: Path, primaries: int = 3) -> Iterator[Cluster]:
             args = _data_args(port, data)
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             args += ["--cluster-node-timeout", "2000"]
-            cluster.nodes.append(_start(args, port, data))
+            if password:
+                args += ["--user", "relay", "on", f">{password}", "~*", "&*", "+@all"]
+                args += ["--user", "default", "off"]
+                args += ["--masteruser", "relay", "--masterauth", password]
+            cluster.nodes.append(_start(args, port, data, password=password))
         hosts = [f"127.0.0.1:{n.port}" for n in cluster.nodes]
         subprocess.run(
-            [cli, "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, *auth, "--cluster", "create", *hosts, "--cluster-replicas", "0",
+             "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=START_TIMEOUT,
@@ -152,7 +167,7 @@ def running_cluster(root: Path, primaries: int = 3) -> Iterator[Cluster]:
 
         def ready() -> bool:
             for node in cluster.nodes:
-                client = node.client()
+                client = node.client(password)
                 try:
                     info = client.execute_command("CLUSTER INFO")
                 finally:

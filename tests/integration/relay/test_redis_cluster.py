@@ -12,11 +12,12 @@ from relay_server.store.redis import RedisStore
 from shared import crypto
 from shared.config import RetentionConfig, ServerConfig
 from shared.errors import StoreError
-from tests.helpers.redis_ha import Cluster
+from tests.helpers.redis_ha import Cluster, running_cluster
 from tests.helpers.relay_app import Agent
 
 from .conftest import new_tenant, running_instance
 from .test_multi_instance import SLOW_POLL, ingress, received_params
+from .test_store import make_event
 
 pytestmark = pytest.mark.redis
 
@@ -61,3 +62,23 @@ async def test_wait_settings_are_refused_on_a_cluster(redis_cluster: Cluster) ->
     """WAIT cannot cover a pipeline spread over several primaries: a clear refusal at open."""
     with pytest.raises(StoreError, match="not supported on a Redis Cluster"):
         await open_store(cluster_url(redis_cluster), wait_replicas=1)
+
+
+async def test_acl_credentials_reach_every_node_and_are_never_shown(tmp_path: Path) -> None:
+    """``redis+cluster://user:password@…``: the ACL user works on every node (accounts on
+    several slots); a wrong password is a StoreError that names the nodes, not the secret."""
+    secret = "pw-" + crypto.new_token(8)
+    with running_cluster(tmp_path / "acl", password=secret) as cluster:
+        store = await open_store(cluster.url)
+        try:
+            for i in range(4):
+                tenant = await new_tenant(store, f"t{i}")
+                result = await store.append_event(make_event(tenant.account_id, i), xon_id=None)
+                assert result.stored.seq == 1
+        finally:
+            await store.close()
+        wrong = cluster.url.replace(secret, "wrong-" + secret)
+        with pytest.raises(StoreError) as info:
+            await open_store(wrong)
+        assert secret not in str(info.value)
+        assert f"127.0.0.1:{cluster.nodes[0].port}" in str(info.value)
