@@ -19,7 +19,7 @@ from typing import Literal
 
 from .errors import ConfigError
 
-__all__ = ["RedisTarget", "parse_redis_url", "REDIS_SCHEMES", "DEFAULT_PREFIX"]
+__all__ = ["RedisTarget", "parse_redis_url", "REDIS_SCHEMES", "DEFAULT_PREFIX", "TLS_OPTIONS"]
 
 DEFAULT_PREFIX = "xon:"
 
@@ -35,6 +35,9 @@ _KINDS: dict[str, tuple[Kind, bool]] = {
 }
 REDIS_SCHEMES = tuple(f"{scheme}://" for scheme in _KINDS)
 _DEFAULT_PORT: dict[Kind, int] = {"single": 6379, "sentinel": 26379, "cluster": 6379}
+TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"})
+"""Query parameters a ``rediss+sentinel``/``rediss+cluster`` URL takes besides ``prefix``:
+a private CA, a client certificate and key, and ``ssl_cert_reqs=none`` to skip verification."""
 _MAX_NODES = 64
 _MAX_DB = 15
 
@@ -52,7 +55,8 @@ class RedisTarget:
     password: str | None = field(default=None, repr=False)
     prefix: str = DEFAULT_PREFIX
     options: tuple[tuple[str, str], ...] = ()
-    """Other query parameters, passed to redis-py's URL parser (``single`` only)."""
+    """Other query parameters: any redis-py URL option for ``single``; the TLS ones
+    (:data:`TLS_OPTIONS`) for ``sentinel`` and ``cluster``."""
 
     @property
     def address(self) -> str:
@@ -79,10 +83,9 @@ def parse_redis_url(url: str) -> RedisTarget:
             + f" (got {scheme.lower()[:20]!r})"
         )
     kind, tls = _KINDS[scheme.lower()]
-    netloc, _, tail = rest.partition("/")
-    path, _, query = tail.partition("?")
-    if "?" in netloc:  # redis://host?prefix=x: no path at all
-        netloc, _, query = netloc.partition("?")
+    # Reserved characters in the password (/ ? @ #) must be percent-encoded, as in any URL.
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
     username = password = None
     if at:
@@ -114,9 +117,12 @@ def parse_redis_url(url: str) -> RedisTarget:
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
     prefix = next((v for k, v in pairs if k == "prefix"), DEFAULT_PREFIX)
     options = tuple((k, v) for k, v in pairs if k != "prefix")
-    if options and kind != "single":
-        names = ", ".join(sorted({k for k, _ in options}))
-        raise ConfigError(f"{scheme} URL takes only ?prefix=, got {names}")
+    unknown = {k for k, _ in options} - (TLS_OPTIONS if tls else set())
+    if unknown and kind != "single":
+        allowed = "prefix, " + ", ".join(sorted(TLS_OPTIONS)) if tls else "prefix"
+        raise ConfigError(
+            f"{scheme} URL takes only these parameters: {allowed}; got {', '.join(sorted(unknown))}"
+        )
     return RedisTarget(
         kind=kind,
         tls=tls,

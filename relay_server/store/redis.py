@@ -1546,10 +1546,11 @@ def _client(url: str, target: RedisTarget, socket_timeout: float, connect_timeou
             urllib.parse.urlunsplit(parts._replace(query=rest)), **common
         )
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    tls: dict[str, Any] = {"ssl": target.tls, **dict(target.options)} if target.tls else {}
     if target.kind == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-            ssl=target.tls,
+            **tls,
             **auth,
             **common,
         )
@@ -1560,9 +1561,9 @@ def _client(url: str, target: RedisTarget, socket_timeout: float, connect_timeou
         sentinel_kwargs={
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": connect_timeout,
-            "ssl": target.tls,
+            **tls,
         },
-        ssl=target.tls,
+        **tls,
         **auth,
     )
     return sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db, **common)

@@ -39,6 +39,8 @@ def test_cluster_url_takes_seed_nodes_and_db_zero_only() -> None:
     assert (target.db, target.username, target.password) == (0, "u", "pw")
     assert target.address == "redis+cluster://h1:7000,h2:7001"
     assert parse_redis_url("rediss+cluster://h1:7000?prefix=x:").tls
+    tls = parse_redis_url("rediss+cluster://h1:7000?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none")
+    assert dict(tls.options) == {"ssl_ca_certs": "/ca.pem", "ssl_cert_reqs": "none"}
 
 
 @pytest.mark.parametrize(
@@ -51,7 +53,8 @@ def test_cluster_url_takes_seed_nodes_and_db_zero_only() -> None:
         ("redis+cluster://:pw-secret@h1:port", "invalid port"),
         ("redis+cluster://:pw-secret@", "at least one host"),
         ("redis+cluster://:pw-secret@h1,,h2", "empty host"),
-        ("redis+sentinel://:pw-secret@h1/m/0?ssl_cert_reqs=none", "only ?prefix="),
+        ("redis+sentinel://:pw-secret@h1/m/0?ssl_cert_reqs=none", "only these parameters: prefix;"),
+        ("rediss+cluster://:pw-secret@h1?db=2", "ssl_ca_certs"),
         ("memcache://:pw-secret@h1", "must start with"),
         ("redis://:pw-secret@h1/0/extra", "unexpected path"),
     ],
