@@ -48,6 +48,36 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A private CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        redis_missing("openssl not found on PATH; the TLS test makes its certificates with it")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca_key, csr, ext = directory / "ca.key", directory / "server.csr", directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+        str(files.ca), "-days", "1", "-subj", "/CN=xon test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files.key), "-out", str(csr),
+        "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-out", str(files.cert), "-days", "1", "-extfile", str(ext))
+    return files
+
+
 def _binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -63,6 +93,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     args: list[str]
     data_dir: Path
+    tls: TlsFiles | None = None
 
     def kill(self) -> None:
         """``kill -9``: no shutdown, no last save."""
@@ -72,24 +103,30 @@ class Server:
 
     def restarted(self) -> Server:
         """The same server started again on its port and directory (its AOF)."""
-        return _start(self.args, self.port, self.data_dir)
+        return _start(self.args, self.port, self.data_dir, tls=self.tls)
 
     def client(self, password: str = "") -> redis.Redis:
+        tls: dict[str, object] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             socket_timeout=1000 * MS,
             username="relay" if password else None,
             password=password or None,
+            **tls,  # type: ignore[arg-type]
         )
 
 
-def _start(args: list[str], port: int, data_dir: Path, *, password: str = "") -> Server:
+def _start(
+    args: list[str], port: int, data_dir: Path, *, password: str = "", tls: TlsFiles | None = None
+) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the process owns it
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     log.close()
-    server = Server(port, proc, args, data_dir)
+    server = Server(port, proc, args, data_dir, tls)
     client = server.client(password)
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -130,20 +167,29 @@ def _wait(check: object, what: str, timeout: float = START_TIMEOUT) -> None:
 class Cluster:
     nodes: list[Server] = field(default_factory=list)
     password: str = ""
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
         auth = f"relay:{self.password}@" if self.password else ""
-        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        scheme = "rediss" if self.tls else "redis"
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        query = f"?ssl_ca_certs={self.tls.ca}" if self.tls else ""
+        return f"{scheme}+cluster://{auth}{hosts}{query}"
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, primaries: int = 3, *, password: str = "") -> Iterator[Cluster]:
+def running_cluster(
+    root: Path, primaries: int = 3, *, password: str = "", tls: TlsFiles | None = None
+) -> Iterator[Cluster]:
     """A Redis Cluster of ``primaries`` primaries (no replicas), every slot assigned; with
-    ``password``, the default user is off and the ACL user ``relay`` has that password."""
+    ``password``, the default user is off and the ACL user ``relay`` has that password; with
+    ``tls``, clients and the cluster bus speak TLS only."""
     cli = _binary("redis-cli")
-    cluster = Cluster(password=password)
+    cluster = Cluster(password=password, tls=tls)
     auth: list[str] = ["--user", "relay", "--pass", password] if password else []
+    if tls is not None:
+        auth += ["--tls", "--cacert", str(tls.ca)]
     try:
         for i in range(primaries):
             port = cluster_port()
@@ -151,11 +197,16 @@ def running_cluster(root: Path, primaries: int = 3, *, password: str = "") -> It
             args = _data_args(port, data)
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             args += ["--cluster-node-timeout", "2000"]
+            if tls is not None:
+                args += ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes"]
+                args += ["--tls-replication", "yes", "--tls-auth-clients", "no"]
+                args += ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)]
+                args += ["--tls-ca-cert-file", str(tls.ca)]
             if password:
                 args += ["--user", "relay", "on", f">{password}", "~*", "&*", "+@all"]
                 args += ["--user", "default", "off"]
                 args += ["--masteruser", "relay", "--masterauth", password]
-            cluster.nodes.append(_start(args, port, data, password=password))
+            cluster.nodes.append(_start(args, port, data, password=password, tls=tls))
         hosts = [f"127.0.0.1:{n.port}" for n in cluster.nodes]
         subprocess.run(
             [cli, *auth, "--cluster", "create", *hosts, "--cluster-replicas", "0",

@@ -12,7 +12,7 @@ from relay_server.store.redis import RedisStore
 from shared import crypto
 from shared.config import RetentionConfig, ServerConfig
 from shared.errors import StoreError
-from tests.helpers.redis_ha import Cluster, running_cluster
+from tests.helpers.redis_ha import Cluster, make_tls_files, running_cluster
 from tests.helpers.relay_app import Agent
 
 from .conftest import new_tenant, running_instance
@@ -82,3 +82,21 @@ async def test_acl_credentials_reach_every_node_and_are_never_shown(tmp_path: Pa
             await open_store(wrong)
         assert secret not in str(info.value)
         assert f"127.0.0.1:{cluster.nodes[0].port}" in str(info.value)
+
+
+async def test_tls_cluster_with_a_private_ca(tmp_path: Path) -> None:
+    """``rediss+cluster://…?ssl_ca_certs=CA``: TLS to every node, verified against the CA; the
+    same cluster without the CA (the OS store) is refused, naming the nodes."""
+    tls = make_tls_files(tmp_path / "certs")
+    with running_cluster(tmp_path / "tls", tls=tls) as cluster:
+        store = await open_store(f"{cluster.url}&prefix=xontest:tls:")
+        try:
+            for i in range(4):
+                tenant = await new_tenant(store, f"t{i}")
+                result = await store.append_event(make_event(tenant.account_id, i), xon_id=None)
+                assert result.stored.seq == 1
+        finally:
+            await store.close()
+        unverified = cluster.url.split("?", 1)[0]
+        with pytest.raises(StoreError, match="cannot reach redis at rediss\\+cluster://"):
+            await open_store(unverified)
