@@ -466,6 +466,8 @@ class RedisStore:
         self._wait_ms = max(1, int(wait_timeout * 1000))
         self.pipeline_count = 0
         """Append pipelines Redis answered so far."""
+        self._sentinel: Sentinel | None = None
+        """The sentinels behind ``client`` (a ``redis+sentinel`` URL), closed with it."""
 
     @classmethod
     async def open(
@@ -502,14 +504,15 @@ class RedisStore:
                 " store; use redis+sentinel:// for acknowledged replication"
             )
         try:
-            client = _client(url, target, socket_timeout, connect_timeout)
+            client, sentinel = _client(url, target, socket_timeout, connect_timeout)
         except (ValueError, RedisError) as exc:
             raise StoreError(f"invalid redis URL for {address}: {exc}") from None
         store = cls(client, address=address, prefix=key_prefix, **kwargs)
+        store._sentinel = sentinel
         try:
             await store.ping()
         except StoreError as exc:
-            await client.aclose()
+            await store._disconnect()
             raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
         try:
             if store.is_cluster:
@@ -518,7 +521,7 @@ class RedisStore:
                 await store._check_waitaof()
             await store._upgrade()
         except StoreError:
-            await client.aclose()
+            await store._disconnect()
             raise
         store._writer = asyncio.create_task(store._write_loop(), name="redis-store-writer")
         log.info("store.opened", extra={"backend": "redis", "address": address})
@@ -558,7 +561,13 @@ class RedisStore:
             self._writer.cancel()  # now idle in queue.get()
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closed = True
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         await self._r.aclose()
+        if self._sentinel is not None:  # its own connections to the sentinels
+            for client in self._sentinel.sentinels:
+                await client.aclose()
 
     @property
     def client(self) -> RedisClient:
@@ -1527,7 +1536,9 @@ class RedisStore:
 # -- URL and (de)serialisation -------------------------------------------------------------------
 
 
-def _client(url: str, target: RedisTarget, socket_timeout: float, connect_timeout: float) -> Any:
+def _client(
+    url: str, target: RedisTarget, socket_timeout: float, connect_timeout: float
+) -> tuple[Any, Sentinel | None]:
     """The redis-py client for ``target``: redis-py's own Sentinel and Cluster clients do the
     discovery and failover (docs/redis.md, Deployments); the store only sees errors, which
     answer 503 until the new primary takes writes."""
@@ -1544,16 +1555,17 @@ def _client(url: str, target: RedisTarget, socket_timeout: float, connect_timeou
         rest = urllib.parse.urlencode(target.options)
         return aioredis.Redis.from_url(
             urllib.parse.urlunsplit(parts._replace(query=rest)), **common
-        )
+        ), None
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     tls: dict[str, Any] = {"ssl": target.tls, **dict(target.options)} if target.tls else {}
     if target.kind == "cluster":
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             **tls,
             **auth,
             **common,
         )
+        return cluster, None
     # Sentinels: TLS like the servers; they are asked only who the primary is. The URL's
     # credentials are the data servers' (docs/redis.md, Sentinel).
     sentinel = Sentinel(
@@ -1566,7 +1578,8 @@ def _client(url: str, target: RedisTarget, socket_timeout: float, connect_timeou
         **tls,
         **auth,
     )
-    return sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db, **common)
+    master = sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db, **common)
+    return master, sentinel
 
 
 def _queue_on(pipe: Any) -> Any:

@@ -101,9 +101,11 @@ class Server:
             self.proc.kill()
         self.proc.wait()
 
+    password: str = ""
+
     def restarted(self) -> Server:
         """The same server started again on its port and directory (its AOF)."""
-        return _start(self.args, self.port, self.data_dir, tls=self.tls)
+        return _start(self.args, self.port, self.data_dir, password=self.password, tls=self.tls)
 
     def client(self, password: str = "") -> redis.Redis:
         tls: dict[str, object] = {}
@@ -126,7 +128,7 @@ def _start(
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the process owns it
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     log.close()
-    server = Server(port, proc, args, data_dir, tls)
+    server = Server(port, proc, args, data_dir, tls, password)
     client = server.client(password)
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -241,13 +243,15 @@ class SentinelSet:
 
     root: Path
     service: str = "relaymaster"
+    password: str = ""
     data: list[Server] = field(default_factory=list)
     sentinels: list[Server] = field(default_factory=list)
 
     @property
     def url(self) -> str:
+        auth = f"relay:{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}/0"
+        return f"redis+sentinel://{auth}{hosts}/{self.service}/0"
 
     def primary_port(self) -> int | None:
         """The primary the sentinels name now (the first one that answers)."""
@@ -270,22 +274,27 @@ class SentinelSet:
 
 @contextlib.contextmanager
 def running_sentinels(
-    root: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+    root: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, password: str = ""
 ) -> Iterator[SentinelSet]:
     """One primary, one replica (in sync before this yields) and three sentinels (quorum 2)
-    that have seen both; small ``down-after-milliseconds`` so a failover takes seconds."""
-    setup = SentinelSet(root)
+    that have seen both; small ``down-after-milliseconds`` so a failover takes seconds. With
+    ``password``, the data servers' default user is off and the ACL user ``relay`` has it."""
+    setup = SentinelSet(root, password=password)
+    acl: list[str] = []
+    if password:
+        acl = ["--user", "relay", "on", f">{password}", "~*", "&*", "+@all"]
+        acl += ["--user", "default", "off", "--masteruser", "relay", "--masterauth", password]
     try:
         primary_port = free_port()
-        setup.data.append(_start(_data_args(primary_port, root / "primary"), primary_port,
-                                 root / "primary"))
+        args = _data_args(primary_port, root / "primary") + acl
+        setup.data.append(_start(args, primary_port, root / "primary", password=password))
         replica_port = free_port()
-        args = _data_args(replica_port, root / "replica")
+        args = _data_args(replica_port, root / "replica") + acl
         args += ["--replicaof", "127.0.0.1", str(primary_port)]
-        setup.data.append(_start(args, replica_port, root / "replica"))
+        setup.data.append(_start(args, replica_port, root / "replica", password=password))
 
         def in_sync() -> bool:
-            client = setup.data[0].client()
+            client = setup.data[0].client(password)
             try:
                 info = client.info("replication")
             finally:
@@ -306,6 +315,12 @@ def running_sentinels(
                 f"sentinel down-after-milliseconds {setup.service} {down_after_ms}\n"
                 f"sentinel failover-timeout {setup.service} {failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {setup.service} 1\n"
+                + (
+                    f"sentinel auth-user {setup.service} relay\n"
+                    f"sentinel auth-pass {setup.service} {password}\n"
+                    if password
+                    else ""
+                )
             )
             args = [_binary("redis-server"), str(conf), "--sentinel"]
             setup.sentinels.append(_start(args, port, directory))

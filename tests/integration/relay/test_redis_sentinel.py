@@ -16,13 +16,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from relay_server.store import open_store
+from shared import crypto
 from shared.config import ClusterConfig, RetentionConfig, ServerConfig
+from shared.errors import StoreError
 from shared.link.session import EventReceived
 from tests.helpers.redis_ha import running_sentinels
 from tests.helpers.relay_app import Agent
 from tests.helpers.timing import MS
 
 from .conftest import Instance, Tenant, new_tenant, running_instance
+from .test_store import make_event
 
 pytestmark = pytest.mark.redis
 
@@ -155,3 +159,21 @@ async def test_a_sentinel_failover_loses_no_acknowledged_event(
                 assert lost == 0
             for agent in agents:
                 await agent.close()
+
+
+async def test_acl_credentials_go_to_the_primary_the_sentinels_name(tmp_path: Path) -> None:
+    """``redis+sentinel://user:password@…``: the sentinels (no auth) name the primary, the ACL
+    user writes there; a wrong password is a StoreError that never shows the secret."""
+    secret = "pw-" + crypto.new_token(8)
+    with running_sentinels(tmp_path / "redis", password=secret) as ha:
+        store = await open_store(ha.url)
+        try:
+            tenant = await new_tenant(store)
+            result = await store.append_event(make_event(tenant.account_id, 1), xon_id=None)
+            assert result.stored.seq == 1
+        finally:
+            await store.close()
+        with pytest.raises(StoreError) as info:
+            await open_store(ha.url.replace(secret, "wrong-" + secret))
+        assert secret not in str(info.value)
+        assert "redis+sentinel://127.0.0.1:" in str(info.value)
