@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:  # the [redis] extra is optional: RedisBus imports redis when it runs
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["Notice", "NoticeKind", "Bus", "RedisBus", "open_bus"]
 
@@ -122,14 +123,18 @@ class RedisBus(Bus):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         channel: str,
         instance_id: str,
         *,
+        sharded: bool = False,
         max_pending: int = 10_000,
     ) -> None:
         super().__init__(instance_id)
         self._client = client
+        self._sharded = sharded
+        """SPUBLISH/SSUBSCRIBE (a Redis Cluster): the channel lives on the shard of its
+        ``{relay}`` tag, so a wake-up crosses one shard, not the whole cluster bus."""
         self.channel = channel
         self._max_pending = max_pending
         self._pending: dict[str, None] = {}
@@ -160,7 +165,7 @@ class RedisBus(Bus):
             await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
 
     async def _publish_loop(self) -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         delay = _RETRY_INITIAL
         while True:
@@ -173,10 +178,13 @@ class RedisBus(Bus):
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for message in messages:
-                        pipe.publish(self.channel, message)
+                        if self._sharded:
+                            pipe.spublish(self.channel, message)
+                        else:
+                            pipe.publish(self.channel, message)
                     await pipe.execute()
             except Exception as exc:  # a bug too: logged, and the publisher goes on
-                if isinstance(exc, RedisError | OSError):
+                if isinstance(exc, RedisError | RedisClusterException | OSError):
                     log.warning(
                         "bus.publish_failed", extra={"notices": len(messages), "error": str(exc)}
                     )
@@ -188,22 +196,28 @@ class RedisBus(Bus):
                 delay = _RETRY_INITIAL
 
     async def _subscribe_loop(self, handler: Handler, resync: Callable[[], None]) -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         delay = _RETRY_INITIAL
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                if self._sharded:
+                    await pubsub.ssubscribe(self.channel)
+                else:
+                    await pubsub.subscribe(self.channel)
                 log.info("bus.subscribed", extra={"channel": self.channel})
                 delay = _RETRY_INITIAL
                 # Whatever was published while we were not listening is lost: re-read all.
                 resync()
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                    if self._sharded:
+                        message = await pubsub.get_sharded_message(timeout=1.0)
+                    else:
+                        message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._deliver(message, handler)
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("bus.subscribe_failed", extra={"error": str(exc)})
             except Exception:  # a bug: logged, and the subscriber goes on (never dies silently)
                 log.exception("bus.subscriber_failed")
@@ -227,12 +241,12 @@ class RedisBus(Bus):
 
 async def _quietly_close(pubsub: Any) -> None:
     """Close a pub/sub connection that may already be broken, bounded."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     try:
         async with asyncio.timeout(_STOP_TIMEOUT):
             await pubsub.aclose()
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         log.debug("bus.close_failed", extra={"error": str(exc)})
 
 
@@ -243,5 +257,5 @@ def open_bus(store: object, instance_id: str) -> Bus:
     except ImportError:  # the [redis] extra is not installed: no Redis store either
         return Bus(instance_id)
     if isinstance(store, RedisStore):
-        return RedisBus(store.client, store.channel("bus"), instance_id)
+        return RedisBus(store.client, store.channel("bus"), instance_id, sharded=store.is_cluster)
     return Bus(instance_id)

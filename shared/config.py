@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .events import IngressLimits
+from .redis_url import REDIS_SCHEMES, parse_redis_url
 from .subscription import Subscription
 
 __all__ = [
@@ -432,9 +433,12 @@ class ServerConfig:
                 f" link.max_message_size ({self.link.max_message_size}) minus"
                 f" {EVENT_FRAME_ALLOWANCE} bytes for the frame around the event"
             )
-        if self.store and not self.store.startswith(("sqlite:///", "redis://", "rediss://")):
+        if self.store.lower().startswith(REDIS_SCHEMES):
+            parse_redis_url(self.store)  # ConfigError names the part, never the password
+        elif self.store and not self.store.startswith("sqlite:///"):
             raise ConfigError(
-                f"store must be sqlite:///PATH or redis://HOST:PORT/DB, got {self.store!r}"
+                "store must be sqlite:///PATH, redis://HOST:PORT/DB, redis+sentinel://HOSTS/"
+                f"SERVICE/DB or redis+cluster://HOSTS, got {self.store.split(':', 1)[0]!r}:..."
             )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.errors import StoreError
+from shared.redis_url import REDIS_SCHEMES
 
 from .base import AccountRecord, AgentRecord, AppendResult, Store, StoredEvent
 
@@ -24,7 +25,8 @@ async def open_store(
     """Open the store named by ``url`` (DESIGN §Command line ``--store``).
 
     ``sqlite:///path/relay.db`` (the parent directory must exist) or
-    ``redis://[:password@]host:port/db[?prefix=P]`` (see docs/redis.md). The ``wait_*``
+    ``redis://[:password@]host:port/db[?prefix=P]``, ``redis+sentinel://h1,h2/service/db``
+    or ``redis+cluster://h1,h2`` (``rediss`` for TLS; docs/redis.md). The ``wait_*``
     settings (``ServerConfig.cluster``) apply to Redis only: each append pipeline is followed
     by ``WAIT wait_replicas`` and/or ``WAITAOF 1 wait_replicas``. ``exclusive`` applies to
     SQLite only: the relay server's own file, which no other process may open meanwhile
@@ -41,7 +43,7 @@ async def open_store(
             raise StoreError("sqlite store URL needs a path: sqlite:///path/relay.db")
         # sqlite:///relative and sqlite:////absolute both name a file path after the prefix.
         return await SqliteStore.open(Path(path), exclusive=exclusive)
-    if url.startswith(("redis://", "rediss://")):
+    if url.lower().startswith(REDIS_SCHEMES):
         try:
             from .redis import RedisStore
         except ImportError as exc:  # the optional [redis] extra is not installed

@@ -66,13 +66,17 @@ from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from shared.errors import ApiError, StoreError
+from shared.errors import ApiError, ConfigError, StoreError
 from shared.events import XonEvent, XonId, parse_time
 from shared.link.frames import CommandResult
+from shared.redis_url import DEFAULT_PREFIX, RedisTarget, parse_redis_url
 
 from .base import (
     AccountRecord,
@@ -93,12 +97,11 @@ __all__ = ["RedisStore", "DEFAULT_PREFIX"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "xon:"
+RedisClient = aioredis.Redis | RedisCluster
+"""One server or a Sentinel-managed primary (``Redis``), or a Cluster."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-_SCHEMES = ("redis://", "rediss://")
 
 SCHEMA_VERSION = 2
 """``P{relay}:schema`` of this layout. 1 (no such key): the layout before request digests,
@@ -411,7 +414,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         address: str,
         prefix: str = DEFAULT_PREFIX,
@@ -423,7 +426,8 @@ class RedisStore:
     ) -> None:
         self._r = client
         self.address = address
-        """``host:port/db`` of the server, safe to print (never the password)."""
+        """``redis://host:port/db`` (or the sentinels or cluster nodes), safe to print (never
+        the password)."""
         self.prefix = prefix
         self._batch_size = batch_size
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
@@ -462,6 +466,8 @@ class RedisStore:
         self._wait_ms = max(1, int(wait_timeout * 1000))
         self.pipeline_count = 0
         """Append pipelines Redis answered so far."""
+        self._sentinel: Sentinel | None = None
+        """The sentinels behind ``client`` (a ``redis+sentinel`` URL), closed with it."""
 
     @classmethod
     async def open(
@@ -482,34 +488,40 @@ class RedisStore:
             StoreError: the URL is malformed or the server does not answer; the message names
                 the address, never the password.
         """
-        client_url, address, url_prefix = _parse_url(url)
-        key_prefix = prefix if prefix is not None else url_prefix
+        try:
+            target = parse_redis_url(url)
+        except ConfigError as exc:
+            raise StoreError(str(exc)) from None
+        address = target.address
+        key_prefix = prefix if prefix is not None else target.prefix
         if "{" in key_prefix or "}" in key_prefix:
             raise StoreError("redis key prefix must not contain { or } (they mark hash tags)")
-        try:
-            client = aioredis.Redis.from_url(
-                client_url,
-                decode_responses=True,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                # One immediate retry replaces a pooled connection that died (Redis restarted);
-                # more would only delay the 503 that tells X-on to retry.
-                retry=Retry(NoBackoff(), 1),
+        if target.kind == "cluster" and (kwargs.get("wait_replicas") or kwargs.get("wait_aof")):
+            # WAIT/WAITAOF count the replicas of the connection that wrote; a cluster pipeline
+            # spreads an append batch over several primaries (docs/redis.md, Cluster).
+            raise StoreError(
+                "redis_wait_replicas and redis_wait_aof are not supported on a Redis Cluster"
+                " store; use redis+sentinel:// for acknowledged replication"
             )
-        except ValueError as exc:
-            raise StoreError(f"invalid redis URL for {address}: {exc}") from exc
+        try:
+            client, sentinel = _client(url, target, socket_timeout, connect_timeout)
+        except (ValueError, RedisError) as exc:
+            raise StoreError(f"invalid redis URL for {address}: {exc}") from None
         store = cls(client, address=address, prefix=key_prefix, **kwargs)
+        store._sentinel = sentinel
         try:
             await store.ping()
         except StoreError as exc:
-            await client.aclose()
+            await store._disconnect()
             raise StoreError(f"cannot reach redis at {address}: {exc.__cause__}") from exc
         try:
+            if store.is_cluster:
+                await store._load_scripts()
             if store._wait_aof:
                 await store._check_waitaof()
             await store._upgrade()
         except StoreError:
-            await client.aclose()
+            await store._disconnect()
             raise
         store._writer = asyncio.create_task(store._write_loop(), name="redis-store-writer")
         log.info("store.opened", extra={"backend": "redis", "address": address})
@@ -526,7 +538,8 @@ class RedisStore:
             raise StoreError("store is closed")
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # RedisClusterException (no node reachable, slot not covered) is not a RedisError.
             raise StoreError(f"redis at {self.address}: {exc}") from exc
 
     def _global(self, name: str) -> str:
@@ -548,16 +561,35 @@ class RedisStore:
             self._writer.cancel()  # now idle in queue.get()
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closed = True
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         await self._r.aclose()
+        if self._sentinel is not None:  # its own connections to the sentinels
+            for client in self._sentinel.sentinels:
+                await client.aclose()
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         """The connection pool, for the instances' notification bus (relay_server/bus.py)."""
         return self._r
+
+    @property
+    def is_cluster(self) -> bool:
+        """A Redis Cluster: the bus uses sharded pub/sub (relay_server/bus.py)."""
+        return isinstance(self._r, RedisCluster)
 
     def channel(self, name: str) -> str:
         """A pub/sub channel name under this store's prefix and the ``{relay}`` tag."""
         return self._global(name)
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script on every primary: redis-py loads a plain pipeline's
+        scripts before it runs, never a cluster pipeline's (see also :meth:`_send_appends`)."""
+        with self._calls():
+            for value in vars(self).values():
+                if isinstance(value, AsyncScript):
+                    await self._r.script_load(value.script)
 
     async def _check_waitaof(self) -> None:
         """Refuse ``redis_wait_aof`` before the first append when the server lacks WAITAOF."""
@@ -962,7 +994,7 @@ class RedisStore:
         if self._failed_appends == 1:
             # Redis errors are expected (a restart, memory); anything else is a bug here or in
             # redis-py, so its traceback is kept.
-            expected = isinstance(exc, StoreError | RedisError | OSError)
+            expected = isinstance(exc, StoreError | RedisError | RedisClusterException | OSError)
             log.log(
                 logging.WARNING if expected else logging.ERROR,
                 "store.append_failed",
@@ -983,6 +1015,20 @@ class RedisStore:
 
     async def _send_appends(self, batch: list[_Pending]) -> list[Any]:
         """One pipeline of append scripts; Redis runs them in order, each atomically."""
+        replies = await self._append_pipeline(batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing and self.is_cluster:
+            # redis-py loads a plain pipeline's scripts first, not a cluster pipeline's: a
+            # node that lacks the script (new, or promoted) ran none of these appends, so they
+            # are sent once more after SCRIPT LOAD on every primary, in their order.
+            with self._calls():
+                await self._r.script_load(_APPEND)
+            again = await self._append_pipeline([batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _append_pipeline(self, batch: list[_Pending]) -> list[Any]:
         with self._calls():
             async with self._r.pipeline(transaction=False) as pipe:
                 for pending in batch:
@@ -1000,7 +1046,7 @@ class RedisStore:
                             "" if pending.xon_id is None else pending.xon_id.value,
                             json.dumps(pending.event.to_json()),
                         ],
-                        client=pipe,
+                        client=_queue_on(pipe),
                     )
                 self._wait_durable(pipe)
                 replies = list(await pipe.execute(raise_on_error=False))
@@ -1204,7 +1250,7 @@ class RedisStore:
                         _backstop_ttl_ms(now, expires_at),
                         key,
                     ],
-                    client=pipe,
+                    client=_queue_on(pipe),
                 )
                 _, row = await pipe.execute()
         return _command(account_id, key, _pairs(row)) if row else None
@@ -1242,7 +1288,7 @@ class RedisStore:
                         _backstop_ttl_ms(now, expires_at),
                         key,
                     ],
-                    client=pipe,
+                    client=_queue_on(pipe),
                 )
                 _, row = await pipe.execute()
         return _command(account_id, key, _pairs(row))
@@ -1490,28 +1536,56 @@ class RedisStore:
 # -- URL and (de)serialisation -------------------------------------------------------------------
 
 
-def _parse_url(url: str) -> tuple[str, str, str]:
-    """Split ``url`` into (URL for the client, printable address, key prefix).
+def _client(
+    url: str, target: RedisTarget, socket_timeout: float, connect_timeout: float
+) -> tuple[Any, Sentinel | None]:
+    """The redis-py client for ``target``: redis-py's own Sentinel and Cluster clients do the
+    discovery and failover (docs/redis.md, Deployments); the store only sees errors, which
+    answer 503 until the new primary takes writes."""
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        # One immediate retry replaces a pooled connection that died (Redis restarted);
+        # more would only delay the 503 that tells X-on to retry.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if target.kind == "single":
+        parts = urllib.parse.urlsplit(url)
+        rest = urllib.parse.urlencode(target.options)
+        return aioredis.Redis.from_url(
+            urllib.parse.urlunsplit(parts._replace(query=rest)), **common
+        ), None
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    tls: dict[str, Any] = {"ssl": target.tls, **dict(target.options)} if target.tls else {}
+    if target.kind == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            **tls,
+            **auth,
+            **common,
+        )
+        return cluster, None
+    # Sentinels: TLS like the servers; they are asked only who the primary is. The URL's
+    # credentials are the data servers' (docs/redis.md, Sentinel).
+    sentinel = Sentinel(
+        list(target.nodes),
+        sentinel_kwargs={
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            **tls,
+        },
+        **tls,
+        **auth,
+    )
+    master = sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db, **common)
+    return master, sentinel
 
-    Raises:
-        StoreError: not a redis URL, or a malformed one (never echoing the password).
-    """
-    if not url.startswith(_SCHEMES):
-        raise StoreError("redis store URL must start with redis:// or rediss://")
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise StoreError(f"invalid port in redis URL for host {parts.hostname!r}") from None
-    host = parts.hostname or "localhost"
-    db = parts.path.lstrip("/") or "0"
-    address = f"{host}:{port}/{db}"
-    if not db.isdigit():
-        raise StoreError(f"invalid redis database number in {address} (want /0 to /15)")
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "prefix"), DEFAULT_PREFIX)
-    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), address, prefix
+
+def _queue_on(pipe: Any) -> Any:
+    """``pipe`` as a script's client: redis-py queues a script on a cluster pipeline as on a
+    plain one, though its type hints name only the plain client."""
+    return pipe
 
 
 def _as_store_error(exc: BaseException, address: str) -> StoreError:

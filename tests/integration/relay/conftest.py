@@ -28,6 +28,7 @@ from relay_server.store import Store, open_store
 from shared import crypto
 from shared.config import ServerConfig
 from tests.conftest import redis_missing
+from tests.helpers.redis_ha import Cluster, running_cluster
 from tests.helpers.timing import MS
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -61,10 +62,35 @@ class StoreBackend:
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    return backend_for(request, tmp_path)
+
+
+CONTRACT_BACKENDS = [
+    "sqlite",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", marks=pytest.mark.redis),
+]
+"""The store contract suites (test_store.py, test_store_dedup.py) also run on a Redis Cluster
+(docs/redis.md, Cluster): they override ``store_backend`` with these params."""
+
+
+def backend_for(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
     if request.param == "redis":
         # A fresh key prefix, deleted before and after (tests/conftest.py).
         return StoreBackend("redis", request.getfixturevalue("redis_store_url"))
+    if request.param == "redis-cluster":
+        # One cluster per session; a fresh prefix per test keeps tests apart.
+        cluster: Cluster = request.getfixturevalue("redis_cluster")
+        prefix = f"xontest:{crypto.new_token(6).lower()}:"
+        return StoreBackend("redis-cluster", f"{cluster.url}?prefix={prefix}")
     return StoreBackend("sqlite", f"sqlite:///{tmp_path / 'relay.db'}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three cluster primaries on loopback, started by the first test that needs them."""
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -26,7 +26,14 @@ from shared.events import ENVELOPE_DIGEST, RawRequest, XonEvent, XonId, format_t
 from tests.conftest import delete_prefix
 from tests.helpers.timing import MS
 
-from .conftest import OwnRedis, StoreBackend, free_port
+from .conftest import CONTRACT_BACKENDS, OwnRedis, StoreBackend, backend_for, free_port
+
+
+@pytest.fixture(params=CONTRACT_BACKENDS)
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    """Every backend of the contract, a Redis Cluster included (docs/redis.md, Cluster)."""
+    return backend_for(request, tmp_path)
+
 
 
 def make_event(account: str, n: int | str, *, body: bytes = b"") -> XonEvent:
