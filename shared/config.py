@@ -249,8 +249,10 @@ class LimitsConfig:
     body_timeout: float = 30.0
     """Seconds a client has to send a request body (408 beyond): slow-body clients close."""
     trusted_proxies: list[str] = field(default_factory=list)
-    """Addresses of reverse proxies (the TLS front) whose ``X-Forwarded-For`` names the
-    source; requests from anywhere else are keyed by their own address."""
+    """Addresses or CIDR ranges (``10.0.0.0/8``, ``fd00::/8``) of the reverse proxies (the TLS
+    front) whose ``X-Forwarded-For`` names the source: walked from the right, the first hop
+    outside these ranges is the client (docs/deployment.md, The client behind a proxy).
+    Requests from anywhere else are keyed by their own address."""
     max_tracked: int = 100_000
     """Most sources (or accounts) each limiter remembers; the least recently seen go first."""
     max_params: int = 1000
@@ -286,6 +288,13 @@ class LimitsConfig:
                 raise ConfigError(f"limits.{name} must be positive (or none)")
         if self.source_burst < 1 or self.account_burst < 1 or self.max_tracked < 1:
             raise ConfigError("limits.source_burst, account_burst and max_tracked must be >= 1")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"limits.trusted_proxies: {entry!r} is not an IP address or CIDR range"
+                ) from exc
         if self.enroll_max_failures is not None and self.enroll_max_failures < 1:
             raise ConfigError("limits.enroll_max_failures must be at least 1 (or none)")
         for name, value in (
