@@ -636,6 +636,16 @@ class AgentConfig:
     sse_heartbeat: float = 15.0
     """Seconds between comment lines on an idle ``/v1/stream``, so proxies keep it open and
     both ends notice a dead one."""
+    max_page_bytes: int = 4 * 1024 * 1024
+    """Most bytes of events (their stored JSON) one ``/v1/events`` or consumer answer, or one
+    page of a ``/v1/stream``, carries: the page ends early rather than growing past it, but
+    always holds at least one event, however large (docs/delivery.md, Response sizes)."""
+    stream_buffer: int = 1024 * 1024
+    """Bytes a ``/v1/stream`` may leave unsent in its socket's buffer; past it the stream waits
+    for the client to read, and drops a client that does not within ``stream_write_timeout``."""
+    stream_write_timeout: float = 30.0
+    """Seconds a stream waits for a client that does not read its buffer below
+    ``stream_buffer``; then the stream is closed (the client may resume with Last-Event-ID)."""
     forward: list[ForwardTarget] = field(default_factory=list)
     tcp: list[TcpTarget] = field(default_factory=list)
 
@@ -652,6 +662,10 @@ class AgentConfig:
             raise ConfigError("max_wait must be positive")
         if self.max_waiters < 1:
             raise ConfigError("max_waiters must be at least 1")
+        if self.max_page_bytes < 1024 or self.stream_buffer < 1024:
+            raise ConfigError("max_page_bytes and stream_buffer must be at least 1024 bytes")
+        if not self.stream_write_timeout > 0:
+            raise ConfigError("stream_write_timeout must be positive")
         if self.command_timeout <= 0 or self.max_commands_in_flight < 1:
             raise ConfigError("command_timeout and max_commands_in_flight must be positive")
         _check_log_level(self.log_level)
