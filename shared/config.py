@@ -33,6 +33,7 @@ from .subscription import Subscription
 
 __all__ = [
     "LinkConfig",
+    "QuotaConfig",
     "CtoxTypeConfig",
     "CtoxConfig",
     "StatusConfig",
@@ -386,6 +387,29 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaConfig:
+    """Per-account ceilings on the relay's stored events (docs/redis.md, Quotas)."""
+
+    max_bytes: int | None = 512 * 1024 * 1024
+    """Stored bytes one account's event log may hold; an event that would pass it is refused
+    with 507 ``quota_exceeded`` until retention frees space. ``None``: no quota."""
+    accounts: dict[str, int] = field(default_factory=dict)
+    """Account name (or id) → its own ``max_bytes``, in place of the default."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < 1024:
+            raise ConfigError("quota.max_bytes must be at least 1024 bytes (or none)")
+        for name, value in self.accounts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1024:
+                raise ConfigError(f"quota.accounts.{name} must be at least 1024 bytes")
+
+    def for_account(self, account_id: str, name: str) -> int | None:
+        """The byte quota of one account: its own entry (by name, then id), else the default."""
+        own = self.accounts.get(name, self.accounts.get(account_id))
+        return self.max_bytes if own is None else own
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """Relay server settings."""
 
@@ -418,6 +442,7 @@ class ServerConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, what="listen")

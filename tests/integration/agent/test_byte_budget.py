@@ -102,7 +102,7 @@ async def test_a_stream_client_that_never_reads_is_dropped_within_its_buffer(
                          what="the stalled stream to be dropped")
         (dropped,) = [r for r in caplog.records if r.msg == "stream.dropped"]
         largest = max(event_bytes(large_event(n)) for n in range(1, 81)) + 100  # SSE framing
-        assert 0 < dropped.peak_unsent <= buffer + largest
+        assert 0 < getattr(dropped, "peak_unsent") <= buffer + largest
 
         # The agent keeps serving: a long-poll after the drop gets the newest event.
         status, body = await api.get("/v1/events?after=79")
