@@ -370,3 +370,15 @@ def test_trusted_proxies_refuse_what_is_not_an_address_or_range(entry: str) -> N
     with pytest.raises(ConfigError) as info:
         LimitsConfig(trusted_proxies=["127.0.0.1", entry])
     assert "limits.trusted_proxies" in str(info.value) and repr(entry) in str(info.value)
+
+
+def test_quota_section_from_toml_with_per_account_overrides(tmp_path: Path) -> None:
+    """[quota] takes a default ceiling (or none) and a table of per-account ones; an override
+    is looked up by name, then id."""
+    path = _toml(tmp_path, "[quota]\nmax_bytes = 1048576\n[quota.accounts]\nacme = 4096\n")
+    quota = _server(path).quota
+    assert quota.for_account("acct_1", "acme") == 4096
+    assert quota.for_account("acct_2", "other") == 1048576
+    assert _server(env={"XON_RELAY_QUOTA_MAX_BYTES": "none"}).quota.max_bytes is None
+    with pytest.raises(ConfigError, match="quota.accounts.acme"):
+        _server(_toml(tmp_path, "[quota.accounts]\nacme = 10\n"))
