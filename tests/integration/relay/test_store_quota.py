@@ -8,10 +8,12 @@ affected, a repeat is still answered, and retention gives the bytes back.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
 import pytest
 
-from relay_server.store import Store
+from relay_server.store import Store, open_store
 from relay_server.store.base import AccountUsage, QuotaExceeded
 from shared.events import XonId
 
@@ -91,5 +93,27 @@ async def test_deleting_an_account_drops_its_counters(store_backend: StoreBacken
         await store.append_event(make_event(account, 1, body=BODY), xon_id=None)
         assert await store.delete_account(account)
         assert await store.account_usage(account) == AccountUsage(events=0, bytes=0)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_file_from_before_the_counters_is_counted_when_opened(
+    tmp_path: Path,
+) -> None:
+    """A relay.db written before ``account_usage`` existed gets its counters from its events
+    at open, equal to what the appends would have counted."""
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    store = await open_store(url)
+    account = await new_account(store)
+    for n in range(3):
+        await store.append_event(make_event(account, n, body=BODY), xon_id=XonId(f"x{n}", "d"))
+    counted = await store.account_usage(account)
+    await store.close()
+    with sqlite3.connect(tmp_path / "relay.db") as db:
+        db.execute("DROP TABLE account_usage")
+    db.close()
+    store = await open_store(url)
+    try:
+        assert await store.account_usage(account) == counted
     finally:
         await store.close()
