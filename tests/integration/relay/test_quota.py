@@ -10,9 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from relay_server.app import create_admin_app
+from relay_server.services import Services
 from shared.config import QuotaConfig, ServerConfig
 
-from .conftest import MAX_BODY, create_account
+from .conftest import ADMIN_TOKEN, MAX_BODY, ClientFactory, create_account
 from .test_metrics import samples
 
 Client = TestClient[web.Request, web.Application]
@@ -62,3 +64,24 @@ async def test_an_account_over_its_quota_gets_507_and_others_go_on(
     metrics = samples(await (await admin.get("/metrics")).text())
     assert metrics["xon_relay_events_over_quota_total"] == 2
     assert metrics['xon_relay_ingress_requests_total{status="507"}'] == 2
+
+
+async def test_the_dashboard_shows_usage_against_the_quota(
+    admin: Client, public: Client, services: Services, aiohttp_client: ClientFactory
+) -> None:
+    """Each account's section of the dashboard says what it stores against its ceiling."""
+    hostile = await create_account(admin, "hostile")
+    await create_account(admin, "other")
+    assert (await public.post(hostile.path + "/upload", data=b"x" * 1000)).status == 200
+    browser = await aiohttp_client(create_admin_app(services))
+    resp = await browser.post(
+        "/v1/dashboard/login-codes", json={}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    url = (await resp.json())["url"]
+    assert (await browser.get(url[url.index("/dashboard/login"):])).status == 200
+    page = await (await browser.get("/")).text()
+    used = (await admin.get(f"/v1/accounts/{hostile.id}"))
+    usage = (await used.json())["usage"]
+    assert f"stored: 1 events, {usage['bytes']} bytes" in page
+    assert f"% of its quota of {QUOTA} bytes" in page
+    assert f"quota of {QuotaConfig().max_bytes} bytes" in page  # the other account's default
