@@ -370,6 +370,10 @@ class RetentionConfig:
     them: that agent is told it is behind retention (docs/protocol.md). ``None``: no limit."""
     hard_max_age: float | None = None
     """Like ``hard_max_events``, by age in seconds; ``None``: no limit."""
+    max_bytes: int | None = None
+    """Oldest events beyond this many stored bytes of an account (docs/redis.md, Quotas) are
+    dropped once every agent acked them, like ``max_events``; ``None``: no byte limit. The
+    hard ceiling in bytes is the quota (``quota.max_bytes``), which refuses new events."""
     batch: int = 10_000
     """Most events one pass drops per account (bounds each pass's work on the store)."""
 
@@ -384,6 +388,8 @@ class RetentionConfig:
                 raise ConfigError(f"retention.{name} must be at least 1 (or none)")
         if self.batch < 1:
             raise ConfigError("retention.batch must be at least 1")
+        if self.max_bytes is not None and self.max_bytes < 1024:
+            raise ConfigError("retention.max_bytes must be at least 1024 bytes (or none)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
+from relay_server.retention import trim_account
 from relay_server.store import Store, open_store
 from relay_server.store.base import AccountUsage, QuotaExceeded
+from shared import crypto
+from shared.config import RetentionConfig
 from shared.events import XonId
 
 from .conftest import StoreBackend
-from .test_store import make_event, new_account
+from .test_store import make_event, new_account, new_agent
 
 BODY = b"\x00" * 20_000
 
@@ -117,3 +121,30 @@ async def test_sqlite_file_from_before_the_counters_is_counted_when_opened(
         assert await store.account_usage(account) == counted
     finally:
         await store.close()
+
+
+async def test_retention_by_bytes_drops_acked_events_until_the_log_fits(store: Store) -> None:
+    """``retention.max_bytes`` trims the oldest acked events until the log fits (the newest
+    stays); an event an agent has not acked is kept, as with the other soft limits."""
+    account = await new_account(store)
+    for n in range(10):
+        await store.append_event(make_event(account, n, body=BODY), xon_id=None)
+    usage = await store.account_usage(account)
+    limit = usage.bytes * 4 // 10 + 100  # room for 4 of the 10
+    config = RetentionConfig(max_events=None, hard_max_events=None, max_age=None,
+                             max_bytes=limit)
+    for _ in range(5):  # bounded: each pass converges on the average size
+        if not await trim_account(store, account, config, now=time.time()):
+            break
+    after = await store.account_usage(account)
+    assert after.bytes <= limit and after.events == 4
+    assert await store.trimmed_through(account) == 6
+
+    # An enrolled agent that acked nothing holds every remaining event.
+    other = await new_account(store, "other")
+    agent_id, code = await new_agent(store, other)
+    await store.enroll_agent(code_hash=crypto.hash_secret(code), public_key="k", now=time.time())
+    for n in range(10):
+        await store.append_event(make_event(other, n, body=BODY), xon_id=None)
+    assert await trim_account(store, other, config, now=time.time()) == 0
+    assert (await store.account_usage(other)).events == 10
