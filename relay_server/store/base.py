@@ -414,6 +414,12 @@ class Store(Protocol):
     async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
         """The record of (account, key); ``None`` when there is none or it expired."""
 
+    async def claim_overdue(self, record: CommandRecord, *, now: float) -> bool:
+        """True when the unfinished claim ``record`` is past its ``claim_deadline`` by the
+        store's clock as well as by ``now`` (docs/scaling.md, Clocks): an instance whose clock
+        runs ahead cannot declare a claim held elsewhere abandoned early. SQLite serves one
+        instance, whose clock is the store's."""
+
     async def finish_command(
         self,
         account_id: str,

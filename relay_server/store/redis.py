@@ -223,9 +223,12 @@ if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# CTOX records. KEYS: command record, the account's command index. Times compare with the
-# caller's ``now`` (docs/ctox.md); the Redis TTL is only a backstop for records nothing purges.
-# ARGV: request hash, now, claim deadline, expires_at, ttl ms, key. An unexpired record wins.
+# CTOX records. KEYS: command record, the account's command index, the claim's lease. Times
+# compare with the caller's ``now`` (docs/ctox.md); the Redis TTL is only a backstop for records
+# nothing purges. ARGV: request hash, now, claim deadline, expires_at, ttl ms, key. An unexpired
+# record wins. A new claim also sets the lease to expire, by Redis's clock, after the claim's
+# duration (deadline - now): whether a claim is overdue never depends on which instance's
+# clock reads it (docs/scaling.md, Clocks).
 _CLAIM_COMMAND = """
 local expires = redis.call('HGET', KEYS[1], 'expires_at')
 if expires and tonumber(expires) > tonumber(ARGV[2]) then
@@ -236,6 +239,8 @@ redis.call('HSET', KEYS[1], 'request_hash', ARGV[1], 'claimed_at', ARGV[2],
   'claim_deadline', ARGV[3], 'expires_at', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+local lease = math.floor((tonumber(ARGV[3]) - tonumber(ARGV[2])) * 1000)
+redis.call('SET', KEYS[3], ARGV[1], 'PX', math.max(lease, 1))
 return false
 """
 
@@ -1219,7 +1224,11 @@ class RedisStore:
     # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
 
     def _command_keys(self, account_id: str, key: str) -> list[str]:
-        return [self._acct(account_id, f"cmd:{key}"), self._acct(account_id, "commands")]
+        return [
+            self._acct(account_id, f"cmd:{key}"),
+            self._acct(account_id, "commands"),
+            self._acct(account_id, f"claim:{key}"),
+        ]
 
     @_finish_uncancelled
     async def claim_command(
@@ -1260,6 +1269,17 @@ class RedisStore:
             return None
         record = _command(account_id, key, _pairs(row))
         return record if record.expires_at > now else None
+
+    @_finish_uncancelled
+    async def claim_overdue(self, record: CommandRecord, *, now: float) -> bool:
+        # Overdue once the lease expired by Redis's clock; the caller's clock must agree too,
+        # which only makes a caller whose clock runs behind wait longer (never shorter), and
+        # decides alone for a claim taken before leases existed.
+        if now < record.claim_deadline:
+            return False
+        with self._calls():
+            lease = self._command_keys(record.account_id, record.key)[2]
+            return not await self._r.exists(lease)
 
     @_finish_uncancelled
     async def finish_command(
