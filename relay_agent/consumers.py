@@ -11,9 +11,11 @@ it gets 410 ``cursor_expired`` until it acks past the gap: never a silent skip.
 **SSE.** ``GET /v1/stream`` is a ``text/event-stream``: one message per event, ``id`` = its
 cursor, ``data`` = the event object. A client resumes with ``Last-Event-ID`` (browsers send it
 on reconnect) or ``?after=``. An idle stream carries a comment line every ``sse_heartbeat``
-seconds so that proxies keep it open and a dead peer is noticed. Memory per client is bounded:
-the stream reads one page of events at a time and waits for each write to drain; a client that
-stops reading for :data:`WRITE_TIMEOUT` seconds is dropped (it can resume).
+seconds so that proxies keep it open and a dead peer is noticed. Memory per client is bounded
+in bytes (docs/delivery.md, Response sizes): the stream reads one page of events at a time
+(``max_page_bytes``), writes them one message at a time, and once its socket's buffer holds
+more than ``stream_buffer`` bytes it waits for the client to read; a client that does not
+within ``stream_write_timeout`` seconds is dropped (it can resume).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from . import security
 from .delivery import CONSUMER_PREFIX, Delivery, delivery_key
 from .inbox import CursorExpired, Inbox, InboxEvent
 
-__all__ = ["routes", "MAX_CONSUMERS", "WRITE_TIMEOUT", "PAGE", "sse_message"]
+__all__ = ["routes", "MAX_CONSUMERS", "PAGE", "sse_message"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ routes = web.RouteTableDef()
 
 MAX_CONSUMERS = 64
 """Named consumers one agent keeps; a new name beyond this gets 409 (delete unused ones)."""
-WRITE_TIMEOUT = 30.0
-"""Seconds one stream write may wait for a client that does not read; then it is dropped."""
 PAGE = 100
 """Events read (and written) at a time on a stream."""
 _DEFAULT_LIMIT = 100
@@ -123,7 +123,7 @@ async def _consumer_cursor(delivery: Delivery, name: str, *, create: bool) -> in
 
 async def _read_for(delivery: Delivery, name: str, cursor: int, limit: int) -> list[InboxEvent]:
     try:
-        return await delivery.inbox.read(cursor, limit)
+        return await delivery.inbox.read(cursor, limit, delivery.config.max_page_bytes)
     except CursorExpired as exc:
         raise _behind(name, cursor, exc.oldest) from None
 
@@ -204,7 +204,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     delivery = request.app[delivery_key]
     inbox = delivery.inbox
     after = _stream_start(request, inbox)
-    first = await inbox.read(after, PAGE)  # CursorExpired: a plain 410 before the stream opens
+    # CursorExpired: a plain 410 before the stream opens.
+    first = await inbox.read(after, PAGE, delivery.config.max_page_bytes)
     async with security.waiter_slot(request):
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
@@ -212,28 +213,66 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # reverse proxies must not hold events back
         })
         await response.prepare(request)
+        writer = _Writer(request, response)
         try:
-            await _stream(response, delivery, after, first)
+            await _stream(writer, delivery, after, first)
         except (ConnectionError, TimeoutError):
-            log.info("stream.dropped", extra={"path": request.path})
+            log.info("stream.dropped", extra={"path": request.path, "unsent": writer.unsent(),
+                                              "peak_unsent": writer.peak})
+            if request.transport is not None:
+                # Not a graceful close: what the client left unread is dropped with it now.
+                request.transport.abort()
     return response
 
 
-async def _write(response: web.StreamResponse, text: str) -> None:
-    async with asyncio.timeout(WRITE_TIMEOUT):
-        await response.write(text.encode())
+class _Writer:
+    """Writes a stream's messages within ``stream_buffer`` bytes of unsent data.
+
+    The transport's high-water mark is set to the budget, so after a write that leaves more
+    than that unsent, :meth:`write` waits (``stream_write_timeout`` at most) until the client
+    has read it down to the low-water mark. A stream thus holds at most its budget plus one
+    message, whatever its events weigh, and a client that stops reading is dropped instead of
+    growing the agent's memory.
+    """
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        config = request.app[delivery_key].config
+        self._request = request
+        self._response = response
+        self._limit = config.stream_buffer
+        self._timeout = config.stream_write_timeout
+        self.peak = 0
+        """Most bytes this stream may have had unsent at once (logged when it is dropped)."""
+        if request.transport is not None:
+            request.transport.set_write_buffer_limits(high=self._limit)
+
+    def unsent(self) -> int:
+        transport = self._request.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    async def write(self, text: str) -> None:
+        data = text.encode()
+        # What the buffer can hold at most during this write: what was left, plus this message.
+        self.peak = max(self.peak, self.unsent() + len(data))
+        async with asyncio.timeout(self._timeout):
+            await self._response.write(data)
+            transport = self._request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the stream's client went away")
+            if transport.get_write_buffer_size() > self._limit:
+                await self._request.writer.drain()
 
 
 async def _stream(
-    response: web.StreamResponse, delivery: Delivery, after: int | None, batch: list[InboxEvent]
+    writer: _Writer, delivery: Delivery, after: int | None, batch: list[InboxEvent]
 ) -> None:
     inbox, stale = delivery.inbox, delivery.stale
     heartbeat = delivery.config.sse_heartbeat
+    budget = delivery.config.max_page_bytes
     position = inbox.pruned_cursor if after is None else after
-    await _write(response, ": xon-relay-agent event stream\n\n")  # headers out at once
+    await writer.write(": xon-relay-agent event stream\n\n")  # headers out at once
     while not inbox.released:
         if batch:
-            messages = []
             for item in batch:
                 position = item.cursor
                 is_stale = stale.is_stale(item.event)
@@ -242,18 +281,18 @@ async def _stream(
                 body = item.to_json()
                 if is_stale:
                     body["stale"] = True
-                messages.append(sse_message(item, body))
-            if messages:
-                await _write(response, "".join(messages))
+                # One message per write: the buffer budget is checked between events, never
+                # after a whole page has been copied into the socket's buffer.
+                await writer.write(sse_message(item, body))
         else:
             await inbox.wait_beyond(position, heartbeat)
             if inbox.last_cursor <= position and not inbox.released:
-                await _write(response, ": heartbeat\n\n")
+                await writer.write(": heartbeat\n\n")
         try:
-            batch = await inbox.read(position, PAGE)
+            batch = await inbox.read(position, PAGE, budget)
         except CursorExpired as exc:
             # A client this far behind lost events to retention: say so, then end the stream
             # (reconnecting with the same Last-Event-ID gets the 410 again).
             error = {"code": "cursor_expired", "message": str(exc), "oldest": str(exc.oldest)}
-            await _write(response, f"event: error\ndata: {json.dumps(error)}\n\n")
+            await writer.write(f"event: error\ndata: {json.dumps(error)}\n\n")
             return

@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,18 +294,26 @@ class Inbox:
         """Every reader whose name starts with ``prefix``, by name (prefix removed)."""
         return await self._run(self._positions_sync, prefix)
 
-    async def read(self, after: int | None, limit: int) -> list[InboxEvent]:
+    async def read(
+        self, after: int | None, limit: int, max_bytes: int | None = None
+    ) -> list[InboxEvent]:
         """Events with cursor > ``after``, oldest first; ``None`` means from the oldest kept.
+
+        At most ``limit`` events, and no more than ``max_bytes`` of their stored JSON (``None``:
+        no byte budget): the page ends before the event that would pass it, but the first event
+        is always taken, however large, so a reader never stalls on it.
 
         Raises:
             CursorExpired: ``after`` is below the highest pruned cursor.
         """
-        rows = self._read_tail(after, limit)
+        rows = self._read_tail(after, limit, max_bytes)
         if rows is None:
-            rows = await self._run(self._read_sync, after, limit)
+            rows = await self._run(self._read_sync, after, limit, max_bytes)
         return [InboxEvent(cursor, json.loads(text)) for cursor, text in rows]
 
-    def _read_tail(self, after: int | None, limit: int) -> list[tuple[int, str]] | None:
+    def _read_tail(
+        self, after: int | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, str]] | None:
         """What :meth:`_read_sync` would return, from memory; ``None`` when the tail does not
         hold every event after ``after`` up to the newest one committed."""
         start = self._pruned_cursor if after is None else after
@@ -319,7 +327,7 @@ class Inbox:
             if after is not None and after < self._pruned_cursor:
                 raise CursorExpired(after, self._pruned_cursor)
             skip = max(0, start + 1 - first)
-            return list(itertools.islice(self._tail, skip, skip + limit))
+            return _page(itertools.islice(self._tail, skip, skip + limit), max_bytes)
 
     async def wait_beyond(self, after: int | None, timeout: float) -> None:
         """Return once an event with cursor > ``after`` is committed, or after ``timeout``."""
@@ -532,7 +540,9 @@ class Inbox:
             None if updated is None else int(updated[0]) / 1000,
         )
 
-    def _read_sync(self, after: int | None, limit: int) -> list[tuple[int, str]]:
+    def _read_sync(
+        self, after: int | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, str]]:
         # Checked here, in the thread that prunes, so a prune cannot slip in between.
         if after is not None and after < self._pruned_cursor:
             raise CursorExpired(after, self._pruned_cursor)
@@ -540,7 +550,8 @@ class Inbox:
             "SELECT cursor, event FROM events WHERE cursor > ? ORDER BY cursor LIMIT ?",
             (self._pruned_cursor if after is None else after, limit),
         )
-        return [(int(c), str(e)) for c, e in rows]
+        # Rows are stepped one at a time: those past the byte budget are never loaded.
+        return _page(((int(c), str(e)) for c, e in rows), max_bytes)
 
     def _init_position_sync(self, name: str, cursor: int) -> int:
         db = self._conn()
@@ -583,6 +594,19 @@ class Inbox:
         # One Event per generation: waiters of this generation wake, later ones wait anew.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+def _page(rows: Iterable[tuple[int, str]], max_bytes: int | None) -> list[tuple[int, str]]:
+    """``rows`` up to ``max_bytes`` of event JSON (UTF-8), the first one whatever its size."""
+    page: list[tuple[int, str]] = []
+    total = 0
+    for cursor, text in rows:
+        if max_bytes is not None:
+            total += len(text) if text.isascii() else len(text.encode())
+            if page and total > max_bytes:
+                break
+        page.append((cursor, text))
+    return page
 
 
 def _withheld_code(event: dict[str, Any]) -> int:

@@ -124,11 +124,12 @@ async def get_events(request: web.Request) -> web.Response:
         raise ApiError(
             400, "bad_cursor", f"cursor {after} is beyond the newest event ({inbox.last_cursor})"
         )
-    events = await inbox.read(after, limit)
+    budget = request.app[config_key].max_page_bytes
+    events = await inbox.read(after, limit, budget)
     if not events and wait > 0:
         async with security.waiter_slot(request):
             await inbox.wait_beyond(after, wait)
-        events = await inbox.read(after, limit)
+        events = await inbox.read(after, limit, budget)
     cursor = str(events[-1].cursor) if events else ("" if after is None else str(after))
     stale = request.app[delivery_key].stale
     return web.json_response({"events": [stale.present(e) for e in events], "cursor": cursor})

@@ -251,6 +251,7 @@ async def get_account(request: web.Request) -> web.Response:
     store = services.store
     previous = await store.previous_ingress_keys(account.id, now=time.time())
     agents = await store.list_agents(account.id)
+    usage = await store.account_usage(account.id)
     return web.json_response(
         {
             **_account_json(account),
@@ -258,6 +259,9 @@ async def get_account(request: web.Request) -> web.Response:
             "agents": len(agents),
             "active_agents": sum(1 for agent in agents if not agent.revoked),
             "head_seq": await store.head_seq(account.id),
+            # docs/redis.md, Quotas: what the log holds against the ceiling ingress enforces.
+            "usage": {"events": usage.events, "bytes": usage.bytes,
+                      "quota_bytes": services.config.quota.for_account(account.id, account.name)},
         }
     )
 

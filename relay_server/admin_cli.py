@@ -192,6 +192,11 @@ def _account_show(args: argparse.Namespace, call: Call) -> int:
     print(f"account {res['name']} ({res['id']}), created {res['created_at']}")
     print(f"  agents: {res['agents']} ({res['active_agents']} not revoked)")
     print(f"  last seq: {res['head_seq']}")
+    usage = res["usage"]
+    quota = usage["quota_bytes"]
+    share = "no quota" if quota is None else (
+        f"quota {quota} bytes, {usage['bytes'] * 100 // quota}% used")
+    print(f"  stored: {usage['events']} events, {usage['bytes']} bytes ({share})")
     print(
         f"  X-on API URL: {res['xon_api_url'] or '(none)'};"
         f" key: {'set' if res['xon_api_key_set'] else 'not set'}"

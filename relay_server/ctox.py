@@ -496,7 +496,9 @@ class CtoxService:
         account_id, key = record.account_id, record.key
         while True:
             now = self._clock()
-            if now >= record.claim_deadline:
+            # The store decides, by its own clock as well (docs/scaling.md, Clocks): a relay
+            # whose clock runs ahead must not declare a call still in flight elsewhere lost.
+            if await self.store.claim_overdue(record, now=now):
                 log.warning(
                     "ctox.claim_abandoned", extra={"account": account_id, "request_id": request_id}
                 )
@@ -516,7 +518,8 @@ class CtoxService:
                 )
                 assert stored.result is not None
                 return stored.result
-            await asyncio.sleep(min(self._poll, record.claim_deadline - now))
+            left = record.claim_deadline - now
+            await asyncio.sleep(min(self._poll, left) if left > 0 else self._poll)
             current = await self.store.get_command(account_id, key, now=self._clock())
             if current is None:
                 return None

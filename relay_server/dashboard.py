@@ -223,11 +223,22 @@ async def _render(services: Services) -> str:
             for s in recent
         ]
         parts.append(f"<h3>{_e(account.name)} <span class='muted'>{_e(account.id)}</span></h3>")
+        parts.append(await _usage(services, account.id, account.name))
         parts.append(_table(["received", "type", "seq", "id"], rows, empty="no events"))
     if len(accounts) > _ACCOUNTS_SHOWN:
         parts.append(f'<p class="muted">{len(accounts) - _ACCOUNTS_SHOWN} more accounts</p>')
     parts += ["<h2>Recent command results</h2>", _commands(metrics.recent_commands, names)]
     return "".join(parts)
+
+
+async def _usage(services: Services, account_id: str, name: str) -> str:
+    """Stored events and bytes against the account's quota (docs/redis.md, Quotas)."""
+    usage = await services.store.account_usage(account_id)
+    quota = services.config.quota.for_account(account_id, name)
+    share = "no quota" if quota is None else (
+        f"{usage.bytes * 100 // quota}% of its quota of {quota} bytes")
+    return (f'<p class="muted quota">stored: {usage.events} events, {usage.bytes} bytes'
+            f" ({_e(share)})</p>")
 
 
 def _tile(label: str, value: str) -> str:

@@ -6,7 +6,8 @@ event (``ServerConfig.status``) also updates the account's status cache, and a c
 pushed to the connected agents (DESIGN §Link protocol, Status). Abuse limits (issue 6):
 per-account rate, body size, body deadline, identity encoding only (relay_server/limits.py);
 what the body may turn into is bounded by ``LimitsConfig`` (README, Ingress limits): params,
-names, values, nesting, charsets and the stored event's size. A path suffix that could climb
+names, values, nesting, charsets and the stored event's size; the account's stored bytes are
+bounded by its quota (507 ``quota_exceeded``, docs/redis.md, Quotas). A path suffix that could climb
 above a forward target's path is refused (docs/delivery.md, Forward).
 """
 
@@ -28,7 +29,7 @@ from .appkeys import config_key, hub_key, store_key
 from .hub import AgentHub
 from .limits import check_target, limits_key, read_body
 from .status import status_item
-from .store.base import Store, StoredEvent
+from .store.base import QuotaExceeded, Store, StoredEvent
 
 __all__ = ["routes", "new_event_id"]
 
@@ -101,7 +102,17 @@ async def ingress(request: web.Request) -> web.Response:
         request=raw,
     )
     check_event_size(event, limits.ingress.max_event_size)
-    result = await store.append_event(event, xon_id=parsed.xon_id)
+    try:
+        result = await store.append_event(
+            event, xon_id=parsed.xon_id,
+            max_bytes=config.quota.for_account(account.id, account.name),
+        )
+    except QuotaExceeded as exc:
+        # 507 before the shared store fills: this tenant waits for retention, others go on.
+        app[hub_key].metrics.events_over_quota.inc()
+        log.info("ingress.over_quota", extra={"account": account.id, "used": exc.used,
+                                              "bytes": exc.size, "quota": exc.limit})
+        raise
     app[hub_key].metrics.event_appended(
         duplicate=result.duplicate,
         seconds=time.time() - now,

@@ -13,11 +13,12 @@ it a fresh allowance, so an attacker with many addresses gains nothing a single 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -200,21 +201,54 @@ class Limits:
 limits_key = web.AppKey("limits", Limits)
 
 
-def client_address(request: web.BaseRequest, trusted: list[str]) -> str:
-    """The client's address: the peer, or the nearest untrusted ``X-Forwarded-For`` hop
-    when the peer is one of ``trusted`` proxies (the TLS front: docs/deployment.md, TLS in
-    front)."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(trusted: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """``limits.trusted_proxies`` parsed once (the config validated every entry at load)."""
+    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in trusted)
+
+
+def _address(text: str) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+    return address
+
+
+def client_address(request: web.BaseRequest, trusted: Sequence[str]) -> str:
+    """The client's address (docs/deployment.md, The client behind a proxy).
+
+    The peer itself, unless it lies in one of the ``trusted`` ranges (the TLS front). Then
+    every ``X-Forwarded-For`` line, joined as one list, is walked from the right: each
+    trusted proxy appends the address it saw, so the first hop outside the trusted ranges is
+    the client, and anything further left is what the client claimed and is ignored. A
+    garbled hop stops the walk at the trusted hop to its right (a forged header costs its
+    sender its own proxy's key, never another client's); a chain of trusted hops only gives
+    its left-most one.
+    """
     peer = request.remote or ""
-    if peer not in trusted:
+    nets = _networks(tuple(trusted))
+    current = _address(peer)
+    if current is None or not any(current in net for net in nets):
         return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    lines = request.headers.getall("X-Forwarded-For", [])
+    hops = [hop for line in lines for hop in line.split(",")]
     for hop in reversed(hops):
-        if hop and hop not in trusted:
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # a forged or garbled header keys on the proxy itself
-    return peer
+        if not hop.strip():
+            continue
+        address = _address(hop)
+        if address is None:
+            break
+        current = address
+        if not any(address in net for net in nets):
+            break
+    return str(current)
 
 
 async def read_body(request: web.Request, *, limit: int, timeout: float) -> bytes:

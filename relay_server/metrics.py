@@ -107,6 +107,12 @@ class RelayMetrics:
         self.events_stored = Counter(
             "xon_relay_events_stored", "Events durably stored (X-on retries excluded)", registry=r
         )
+        self.events_over_quota = Counter(
+            "xon_relay_events_over_quota",
+            "Events refused with 507 quota_exceeded: their account's stored bytes would pass"
+            " its quota (docs/redis.md, Quotas)",
+            registry=r,
+        )
         self.events_duplicate = Counter(
             "xon_relay_events_duplicate",
             "Ingress requests recognised as a repeat of a stored event (X-on's id and the"

@@ -3,8 +3,9 @@
 DESIGN principle 1 says nothing acknowledged is lost; retention keeps that promise by never
 dropping an event an agent of the account has not acked, with one exception an operator sets:
 
-* **soft limits** (``retention.max_age``, ``retention.max_events``): events beyond them go only
-  once every enrolled, unrevoked agent of the account acked them (the minimum cursor);
+* **soft limits** (``retention.max_age``, ``retention.max_events``, ``retention.max_bytes``):
+  events beyond them go only once every enrolled, unrevoked agent of the account acked them
+  (the minimum cursor);
 * **hard limits** (``retention.hard_max_age``, ``retention.hard_max_events``): events beyond
   them go regardless, so that one agent offline for months cannot grow the store forever. An
   agent whose position they pass is told explicitly: its next ``welcome`` carries
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,6 +54,8 @@ async def trim_account(
         keep_events=config.max_events,
         keep_since=None if config.max_age is None else now - config.max_age,
     )
+    if config.max_bytes is not None:
+        soft = max(soft, await _bytes_cut(store, account_id, config.max_bytes))
     hard = 0
     if config.hard_max_events is not None or config.hard_max_age is not None:
         hard = await store.retention_cut(
@@ -74,6 +78,20 @@ async def trim_account(
             },
         )
     return dropped
+
+
+async def _bytes_cut(store: Store, account_id: str, max_bytes: int) -> int:
+    """The highest seq to drop so the account's log fits ``max_bytes``, 0 when it fits.
+
+    Counted in events of the account's average stored size: a pass may drop a little less
+    than needed (older events larger than the average), and the next pass takes the rest.
+    """
+    usage = await store.account_usage(account_id)
+    if usage.bytes <= max_bytes or usage.events < 1:
+        return 0
+    excess = math.ceil((usage.bytes - max_bytes) * usage.events / usage.bytes)
+    keep = max(1, usage.events - excess)
+    return await store.retention_cut(account_id, keep_events=keep, keep_since=None)
 
 
 async def trim_all(store: Store, config: RetentionConfig, *, now: float) -> int:

@@ -34,6 +34,7 @@ from .subscription import Subscription
 
 __all__ = [
     "LinkConfig",
+    "QuotaConfig",
     "CtoxTypeConfig",
     "CtoxConfig",
     "StatusConfig",
@@ -250,8 +251,10 @@ class LimitsConfig:
     body_timeout: float = 30.0
     """Seconds a client has to send a request body (408 beyond): slow-body clients close."""
     trusted_proxies: list[str] = field(default_factory=list)
-    """Addresses of reverse proxies (the TLS front) whose ``X-Forwarded-For`` names the
-    source; requests from anywhere else are keyed by their own address."""
+    """Addresses or CIDR ranges (``10.0.0.0/8``, ``fd00::/8``) of the reverse proxies (the TLS
+    front) whose ``X-Forwarded-For`` names the source: walked from the right, the first hop
+    outside these ranges is the client (docs/deployment.md, The client behind a proxy).
+    Requests from anywhere else are keyed by their own address."""
     max_tracked: int = 100_000
     """Most sources (or accounts) each limiter remembers; the least recently seen go first."""
     max_params: int = 1000
@@ -287,6 +290,13 @@ class LimitsConfig:
                 raise ConfigError(f"limits.{name} must be positive (or none)")
         if self.source_burst < 1 or self.account_burst < 1 or self.max_tracked < 1:
             raise ConfigError("limits.source_burst, account_burst and max_tracked must be >= 1")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"limits.trusted_proxies: {entry!r} is not an IP address or CIDR range"
+                ) from exc
         if self.enroll_max_failures is not None and self.enroll_max_failures < 1:
             raise ConfigError("limits.enroll_max_failures must be at least 1 (or none)")
         for name, value in (
@@ -361,6 +371,10 @@ class RetentionConfig:
     them: that agent is told it is behind retention (docs/protocol.md). ``None``: no limit."""
     hard_max_age: float | None = None
     """Like ``hard_max_events``, by age in seconds; ``None``: no limit."""
+    max_bytes: int | None = None
+    """Oldest events beyond this many stored bytes of an account (docs/redis.md, Quotas) are
+    dropped once every agent acked them, like ``max_events``; ``None``: no byte limit. The
+    hard ceiling in bytes is the quota (``quota.max_bytes``), which refuses new events."""
     batch: int = 10_000
     """Most events one pass drops per account (bounds each pass's work on the store)."""
 
@@ -375,6 +389,31 @@ class RetentionConfig:
                 raise ConfigError(f"retention.{name} must be at least 1 (or none)")
         if self.batch < 1:
             raise ConfigError("retention.batch must be at least 1")
+        if self.max_bytes is not None and self.max_bytes < 1024:
+            raise ConfigError("retention.max_bytes must be at least 1024 bytes (or none)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaConfig:
+    """Per-account ceilings on the relay's stored events (docs/redis.md, Quotas)."""
+
+    max_bytes: int | None = 512 * 1024 * 1024
+    """Stored bytes one account's event log may hold; an event that would pass it is refused
+    with 507 ``quota_exceeded`` until retention frees space. ``None``: no quota."""
+    accounts: dict[str, int] = field(default_factory=dict)
+    """Account name (or id) → its own ``max_bytes``, in place of the default."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < 1024:
+            raise ConfigError("quota.max_bytes must be at least 1024 bytes (or none)")
+        for name, value in self.accounts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1024:
+                raise ConfigError(f"quota.accounts.{name} must be at least 1024 bytes")
+
+    def for_account(self, account_id: str, name: str) -> int | None:
+        """The byte quota of one account: its own entry (by name, then id), else the default."""
+        own = self.accounts.get(name, self.accounts.get(account_id))
+        return self.max_bytes if own is None else own
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -410,6 +449,7 @@ class ServerConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, what="listen")
@@ -631,6 +671,16 @@ class AgentConfig:
     sse_heartbeat: float = 15.0
     """Seconds between comment lines on an idle ``/v1/stream``, so proxies keep it open and
     both ends notice a dead one."""
+    max_page_bytes: int = 4 * 1024 * 1024
+    """Most bytes of events (their stored JSON) one ``/v1/events`` or consumer answer, or one
+    page of a ``/v1/stream``, carries: the page ends early rather than growing past it, but
+    always holds at least one event, however large (docs/delivery.md, Response sizes)."""
+    stream_buffer: int = 1024 * 1024
+    """Bytes a ``/v1/stream`` may leave unsent in its socket's buffer; past it the stream waits
+    for the client to read, and drops a client that does not within ``stream_write_timeout``."""
+    stream_write_timeout: float = 30.0
+    """Seconds a stream waits for a client that does not read its buffer below
+    ``stream_buffer``; then the stream is closed (the client may resume with Last-Event-ID)."""
     forward: list[ForwardTarget] = field(default_factory=list)
     tcp: list[TcpTarget] = field(default_factory=list)
 
@@ -647,6 +697,10 @@ class AgentConfig:
             raise ConfigError("max_wait must be positive")
         if self.max_waiters < 1:
             raise ConfigError("max_waiters must be at least 1")
+        if self.max_page_bytes < 1024 or self.stream_buffer < 1024:
+            raise ConfigError("max_page_bytes and stream_buffer must be at least 1024 bytes")
+        if not self.stream_write_timeout > 0:
+            raise ConfigError("stream_write_timeout must be positive")
         if self.command_timeout <= 0 or self.max_commands_in_flight < 1:
             raise ConfigError("command_timeout and max_commands_in_flight must be positive")
         _check_log_level(self.log_level)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.errors import LocalProtocolError, StoreError
+from shared.errors import ApiError, LocalProtocolError, StoreError
 from shared.events import ENVELOPE_DIGEST, RawRequest, XonEvent, XonId, envelope_id
 from shared.link.frames import CommandResult
 
@@ -26,6 +26,8 @@ __all__ = [
     "AgentRecord",
     "StoredEvent",
     "AppendResult",
+    "AccountUsage",
+    "QuotaExceeded",
     "CommandRecord",
     "StatusItem",
     "LinkClaim",
@@ -106,6 +108,28 @@ class AppendResult:
     first copy, and nothing was stored."""
     xon_id_reused: bool = False
     """Stored as a new event although its X-on id was seen before with another request."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountUsage:
+    """What one account's event log holds (docs/redis.md, Quotas)."""
+
+    events: int
+    bytes: int
+    """The stored size of its events: what ``append_event``'s ``max_bytes`` is checked on."""
+
+
+class QuotaExceeded(ApiError):
+    """507: the account's stored events would pass its byte quota; nothing was stored."""
+
+    def __init__(self, account_id: str, *, used: int, size: int, limit: int) -> None:
+        super().__init__(
+            507, "quota_exceeded",
+            f"the account's stored events take {used} bytes; this event ({size} bytes) would "
+            f"pass its quota of {limit} bytes until retention frees space",
+        )
+        self.account_id = account_id
+        self.used, self.size, self.limit = used, size, limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -305,14 +329,26 @@ class Store(Protocol):
         """Record ``last_seen``."""
 
     # -- events and cursors --------------------------------------------------------------------
-    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
+    async def append_event(
+        self, event: XonEvent, *, xon_id: XonId | None, max_bytes: int | None = None
+    ) -> AppendResult:
         """Durably store ``event`` in its account's log; return only after the commit.
 
         ``xon_id`` is the id X-on gave the event, if any: a later event of the same account
         with an equal ``xon_id`` (value and digest) is a repeat, not stored again, and the
         first copy is returned (docs/delivery.md, Duplicates). Concurrent calls are batched
         into one commit.
+
+        Raises:
+            QuotaExceeded: the account's stored bytes (:meth:`account_usage`) plus this event
+                would pass ``max_bytes`` (``None``: no quota); checked in the append's own
+                atomic step, so concurrent appends cannot overshoot together. A repeat is
+                answered whatever the quota (it stores nothing).
         """
+
+    async def account_usage(self, account_id: str) -> AccountUsage:
+        """The events and stored bytes of one account's log, kept up to date by every append,
+        trim and account deletion."""
 
     async def read_events(self, account_id: str, *, after: int, limit: int) -> list[StoredEvent]:
         """Events of one account with seq > ``after``, oldest first."""
@@ -377,6 +413,12 @@ class Store(Protocol):
 
     async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
         """The record of (account, key); ``None`` when there is none or it expired."""
+
+    async def claim_overdue(self, record: CommandRecord, *, now: float) -> bool:
+        """True when the unfinished claim ``record`` is past its ``claim_deadline`` by the
+        store's clock as well as by ``now`` (docs/scaling.md, Clocks): an instance whose clock
+        runs ahead cannot declare a claim held elsewhere abandoned early. SQLite serves one
+        instance, whose clock is the store's."""
 
     async def finish_command(
         self,

@@ -80,11 +80,13 @@ from shared.redis_url import DEFAULT_PREFIX, RedisTarget, parse_redis_url
 
 from .base import (
     AccountRecord,
+    AccountUsage,
     AgentRecord,
     AppendResult,
     CommandRecord,
     LinkCheck,
     LinkClaim,
+    QuotaExceeded,
     StatusItem,
     StoredEvent,
     check_int,
@@ -103,17 +105,22 @@ RedisClient = aioredis.Redis | RedisCluster
 P = ParamSpec("P")
 T = TypeVar("T")
 
+_ENTRY_OVERHEAD = 64
+"""Bytes counted per stored event besides its JSON (stream entry, seq field, roughly)."""
+
 SCHEMA_VERSION = 2
 """``P{relay}:schema`` of this layout. 1 (no such key): the layout before request digests,
 whose dedup hash ``xon_ids`` (X-on id -> seq) and zset ``xon_seqs`` are upgraded at open."""
 _OLD_DEDUP = ("xon_ids", "xon_seqs")
 _UPGRADE_CHUNK = 500
 
-# KEYS: seq counter, events stream, dedup hash, dedup fields by seq, X-on id -> newest seq (one
-# account's slot). ARGV: dedup field "<digest> <X-on id>" ('' = no X-on id), the X-on id, event
-# JSON. Returns {1, seq, 1 if the X-on id was seen with another request else 0} when stored,
-# {0, first seq, first event JSON} for a repeat. seq is computed first and written after the
-# XADD, so a failed XADD consumes no seq.
+# KEYS: seq counter, events stream, dedup hash, dedup fields by seq, X-on id -> newest seq,
+# usage hash (events, bytes) (one account's slot). ARGV: dedup field "<digest> <X-on id>" ('' =
+# no X-on id), the X-on id, event JSON, the account's byte quota ('' = none). Returns {1, seq,
+# 1 if the X-on id was seen with another request else 0} when stored, {0, first seq, first
+# event JSON} for a repeat, {2, bytes used, this event's bytes} when the quota refuses it
+# (docs/redis.md, Quotas). seq is computed first and written after the XADD, so a failed XADD
+# consumes no seq.
 _APPEND = """
 local reused = 0
 if ARGV[1] ~= '' then
@@ -130,16 +137,23 @@ if ARGV[1] ~= '' then
   end
   reused = redis.call('HEXISTS', KEYS[5], ARGV[2])
 end
+local size = string.len(ARGV[3]) + {_ENTRY_OVERHEAD}
+if ARGV[4] ~= '' then
+  local used = tonumber(redis.call('HGET', KEYS[6], 'bytes') or '0')
+  if used + size > tonumber(ARGV[4]) then return {2, used, size} end
+end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
 redis.call('XADD', KEYS[2], seq .. '-0', 'seq', seq, 'event', ARGV[3])
 redis.call('SET', KEYS[1], seq)
+redis.call('HINCRBY', KEYS[6], 'events', 1)
+redis.call('HINCRBY', KEYS[6], 'bytes', size)
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[1], seq)
   redis.call('ZADD', KEYS[4], seq, ARGV[1])
   redis.call('HSET', KEYS[5], ARGV[2], seq)
 end
 return {1, seq, reused}
-"""
+""".replace("{_ENTRY_OVERHEAD}", str(_ENTRY_OVERHEAD))
 
 # The upgrade of one account's dedup entries from the layout before request digests (docs/
 # deployment.md, Upgrading). KEYS: old hash (X-on id -> seq), old zset, dedup hash, dedup
@@ -212,9 +226,12 @@ if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# CTOX records. KEYS: command record, the account's command index. Times compare with the
-# caller's ``now`` (docs/ctox.md); the Redis TTL is only a backstop for records nothing purges.
-# ARGV: request hash, now, claim deadline, expires_at, ttl ms, key. An unexpired record wins.
+# CTOX records. KEYS: command record, the account's command index, the claim's lease. Times
+# compare with the caller's ``now`` (docs/ctox.md); the Redis TTL is only a backstop for records
+# nothing purges. ARGV: request hash, now, claim deadline, expires_at, ttl ms, key. An unexpired
+# record wins. A new claim also sets the lease to expire, by Redis's clock, after the claim's
+# duration (deadline - now): whether a claim is overdue never depends on which instance's
+# clock reads it (docs/scaling.md, Clocks).
 _CLAIM_COMMAND = """
 local expires = redis.call('HGET', KEYS[1], 'expires_at')
 if expires and tonumber(expires) > tonumber(ARGV[2]) then
@@ -225,6 +242,8 @@ redis.call('HSET', KEYS[1], 'request_hash', ARGV[1], 'claimed_at', ARGV[2],
   'claim_deadline', ARGV[3], 'expires_at', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+local lease = math.floor((tonumber(ARGV[3]) - tonumber(ARGV[2])) * 1000)
+redis.call('SET', KEYS[3], ARGV[1], 'PX', math.max(lease, 1))
 return false
 """
 
@@ -343,9 +362,10 @@ return 0
 """
 
 # KEYS: events stream, dedup hash, dedup fields by seq, trimmed-through counter, X-on id ->
-# newest seq. ARGV: through, limit. Seqs of one account are contiguous (the append script), so
-# the oldest ``limit`` entries end at first + limit - 1. The newest entry always stays: it holds
-# the head. An X-on id leaves the newest-seq hash once its newest event is gone.
+# newest seq, usage hash (the append script's counters, taken back). ARGV: through, limit.
+# Seqs of one account are contiguous (the append script), so the oldest ``limit`` entries end
+# at first + limit - 1. The newest entry always stays: it holds the head. An X-on id leaves
+# the newest-seq hash once its newest event is gone.
 _TRIM = """
 local head = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if not head then return 0 end
@@ -354,7 +374,20 @@ local head_seq = tonumber(string.match(head[1], '^%d+'))
 local first_seq = tonumber(string.match(first[1], '^%d+'))
 local through = math.min(tonumber(ARGV[1]), head_seq - 1, first_seq + tonumber(ARGV[2]) - 1)
 if through < first_seq then return 0 end
+local gone = redis.call('XRANGE', KEYS[1], '-', through .. '-0')
+local size = 0
+for i = 1, #gone do
+  local fields = gone[i][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'event' then size = size + string.len(fields[j + 1]) + {_ENTRY_OVERHEAD} end
+  end
+end
 local dropped = redis.call('XTRIM', KEYS[1], 'MINID', (through + 1) .. '-0')
+-- What the appends added for these entries (never below 0: a log kept before the counters
+-- existed holds more than they counted).
+local left = tonumber(redis.call('HGET', KEYS[6], 'bytes') or '0') - size
+local count = tonumber(redis.call('HGET', KEYS[6], 'events') or '0') - dropped
+redis.call('HSET', KEYS[6], 'bytes', math.max(left, 0), 'events', math.max(count, 0))
 local fields = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', through)
 for i = 1, #fields do
   redis.call('HDEL', KEYS[2], fields[i])
@@ -367,7 +400,7 @@ if through > tonumber(redis.call('GET', KEYS[4]) or '0') then
   redis.call('SET', KEYS[4], through)
 end
 return dropped
-"""
+""".replace("{_ENTRY_OVERHEAD}", str(_ENTRY_OVERHEAD))
 
 
 def _finish_uncancelled(
@@ -404,6 +437,7 @@ class _Pending:
     event: XonEvent
     xon_id: XonId | None
     done: asyncio.Future[AppendResult]
+    max_bytes: int | None = None
 
 
 class RedisStore:
@@ -919,14 +953,17 @@ class RedisStore:
 
     # -- events and cursors --------------------------------------------------------------------
 
-    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
+    async def append_event(
+        self, event: XonEvent, *, xon_id: XonId | None, max_bytes: int | None = None
+    ) -> AppendResult:
+        check_int("max_bytes", max_bytes)
         if self._failure is not None:
             raise _as_store_error(self._failure, self.address)
         if self._closing or self._writer is None or self._writer.done():
             raise StoreError("store is closed")
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         # A bounded queue: when Redis falls behind, ingress handlers wait here.
-        await self._queue.put(_Pending(event, xon_id, done))
+        await self._queue.put(_Pending(event, xon_id, done, max_bytes))
         return await done
 
     async def _write_loop(self) -> None:
@@ -973,7 +1010,9 @@ class RedisStore:
                 pending.done.set_exception(_as_store_error(reply, self.address))
                 continue
             try:
-                result = _append_result(pending.event, reply)
+                result = _append_result(pending.event, reply, pending.max_bytes)
+            except QuotaExceeded as exc:  # this tenant's refusal; the store is fine
+                pending.done.set_exception(exc)
             except Exception as exc:  # a reply this version cannot read: this append's fault
                 log.error("store.bad_reply", extra={"event_id": pending.event.id}, exc_info=exc)
                 pending.done.set_exception(StoreError(f"redis at {self.address}: bad reply"))
@@ -1040,11 +1079,13 @@ class RedisStore:
                             self._acct(account, "dedup"),
                             self._acct(account, "dedup_seqs"),
                             self._acct(account, "dedup_ids"),
+                            self._acct(account, "usage"),
                         ],
                         args=[
                             "" if pending.xon_id is None else pending.xon_id.key,
                             "" if pending.xon_id is None else pending.xon_id.value,
                             json.dumps(pending.event.to_json()),
+                            "" if pending.max_bytes is None else str(pending.max_bytes),
                         ],
                         client=_queue_on(pipe),
                     )
@@ -1208,10 +1249,17 @@ class RedisStore:
                     self._acct(account_id, "dedup_seqs"),
                     self._acct(account_id, "trimmed"),
                     self._acct(account_id, "dedup_ids"),
+                    self._acct(account_id, "usage"),
                 ],
                 args=[str(through), str(limit)],
             )
         return int(dropped)
+
+    @_finish_uncancelled
+    async def account_usage(self, account_id: str) -> AccountUsage:
+        with self._calls():
+            row = _pairs(await self._r.hgetall(self._acct(account_id, "usage")))
+        return AccountUsage(events=int(row.get("events", 0)), bytes=int(row.get("bytes", 0)))
 
     @_finish_uncancelled
     async def trimmed_through(self, account_id: str) -> int:
@@ -1222,7 +1270,11 @@ class RedisStore:
     # -- CTOX idempotency (docs/ctox.md) --------------------------------------------------------
 
     def _command_keys(self, account_id: str, key: str) -> list[str]:
-        return [self._acct(account_id, f"cmd:{key}"), self._acct(account_id, "commands")]
+        return [
+            self._acct(account_id, f"cmd:{key}"),
+            self._acct(account_id, "commands"),
+            self._acct(account_id, f"claim:{key}"),
+        ]
 
     @_finish_uncancelled
     async def claim_command(
@@ -1263,6 +1315,17 @@ class RedisStore:
             return None
         record = _command(account_id, key, _pairs(row))
         return record if record.expires_at > now else None
+
+    @_finish_uncancelled
+    async def claim_overdue(self, record: CommandRecord, *, now: float) -> bool:
+        # Overdue once the lease expired by Redis's clock; the caller's clock must agree too,
+        # which only makes a caller whose clock runs behind wait longer (never shorter), and
+        # decides alone for a claim taken before leases existed.
+        if now < record.claim_deadline:
+            return False
+        with self._calls():
+            lease = self._command_keys(record.account_id, record.key)[2]
+            return not await self._r.exists(lease)
 
     @_finish_uncancelled
     async def finish_command(
@@ -1420,7 +1483,7 @@ class RedisStore:
                 pipe.srem(self._global("command_accounts"), account_id)
                 await pipe.execute()
             names = ["account", "agents", "seq", "events", "dedup", "dedup_seqs", "dedup_ids"]
-            names += ["trimmed", *_OLD_DEDUP]
+            names += ["trimmed", "usage", *_OLD_DEDUP]
             names += ["status", "status_seq", "commands"]
             await self._r.delete(
                 *(self._acct(account_id, name) for name in names),
@@ -1705,7 +1768,17 @@ def _stored(entry_id: Any, fields: Any) -> StoredEvent:
     return StoredEvent(seq=_seq_of(entry_id), event=event)
 
 
-def _append_result(event: XonEvent, reply: Sequence[Any]) -> AppendResult:
+def _append_result(
+    event: XonEvent, reply: Sequence[Any], max_bytes: int | None = None
+) -> AppendResult:
+    """The append script's reply as a result.
+
+    Raises:
+        QuotaExceeded: the script refused the event for the account's byte quota.
+    """
+    if int(reply[0]) == 2 and max_bytes is not None:
+        raise QuotaExceeded(event.account, used=int(reply[1]), size=int(reply[2]),
+                            limit=max_bytes)
     if int(reply[0]) == 1:
         return AppendResult(
             stored=StoredEvent(seq=int(reply[1]), event=event),

@@ -74,11 +74,13 @@ from shared.link.frames import CommandResult
 
 from .base import (
     AccountRecord,
+    AccountUsage,
     AgentRecord,
     AppendResult,
     CommandRecord,
     LinkCheck,
     LinkClaim,
+    QuotaExceeded,
     StatusItem,
     StoredEvent,
     check_int,
@@ -206,7 +208,26 @@ CREATE TABLE IF NOT EXISTS replays (
     agent_id TEXT PRIMARY KEY,
     after_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS account_usage (
+    account_id TEXT PRIMARY KEY,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 """
+
+_ROW_OVERHEAD = 64
+"""Bytes counted per event besides its fields (seq, rowid, index entries, roughly)."""
+
+_ROW_BYTES = (
+    "length(CAST(id AS BLOB)) + length(CAST(coalesce(xon_id, '') AS BLOB))"
+    " + length(CAST(coalesce(xon_digest, '') AS BLOB)) + length(CAST(type AS BLOB))"
+    " + length(CAST(received_at AS BLOB)) + length(CAST(params AS BLOB))"
+    " + length(CAST(method AS BLOB)) + length(CAST(path AS BLOB))"
+    " + length(CAST(query AS BLOB)) + length(CAST(content_type AS BLOB)) + length(body)"
+    f" + {_ROW_OVERHEAD}"
+)
+"""An events row's stored bytes in SQL: the same sum as :func:`_row_bytes`, so what a trim
+subtracts is exactly what the append added (docs/redis.md, Quotas)."""
 
 SCHEMA_VERSION = 2
 """``meta.schema_version`` of the tables above. 1 (no such row): the release before per-account
@@ -914,10 +935,24 @@ class SqliteStore:
             return  # the writer is busy: it takes the values with its next batch
         self._flush_queued = True
 
-    async def append_event(self, event: XonEvent, *, xon_id: XonId | None) -> AppendResult:
+    async def append_event(
+        self, event: XonEvent, *, xon_id: XonId | None, max_bytes: int | None = None
+    ) -> AppendResult:
+        check_int("max_bytes", max_bytes)
         return await self._tx(
-            lambda conn: _append(conn, event, xon_id), savepoint=False, on_commit=self._took
+            lambda conn: _append(conn, event, xon_id, max_bytes), savepoint=False,
+            on_commit=self._took,
         )
+
+    async def account_usage(self, account_id: str) -> AccountUsage:
+        def select() -> AccountUsage:
+            row = self._rdb().execute(
+                "SELECT events, bytes FROM account_usage WHERE account_id = ?", (account_id,)
+            ).fetchone()
+            return AccountUsage(events=0, bytes=0) if row is None else AccountUsage(
+                events=int(row[0]), bytes=int(row[1]))
+
+        return await self._read(select)
 
     def _took(self, result: AppendResult) -> None:
         if self._tail is not None and not result.duplicate:
@@ -1062,6 +1097,17 @@ class SqliteStore:
             if not rows:
                 return 0, 0
             last = int(rows[-1][0])
+            # What the append added for these rows, taken back in the same transaction.
+            count, size = conn.execute(
+                f"SELECT COUNT(*), coalesce(SUM({_ROW_BYTES}), 0) FROM events"
+                " WHERE account_id = ? AND seq <= ?",
+                (account_id, last),
+            ).fetchone()
+            conn.execute(
+                "UPDATE account_usage SET events = events - ?, bytes = bytes - ?"
+                " WHERE account_id = ?",
+                (count, size, account_id),
+            )
             conn.execute("DELETE FROM events WHERE account_id = ? AND seq <= ?", (account_id, last))
             conn.execute(
                 "INSERT INTO retention (account_id, trimmed_through) VALUES (?, ?) ON CONFLICT"
@@ -1116,6 +1162,10 @@ class SqliteStore:
             return None
 
         return await self._tx(claim)
+
+    async def claim_overdue(self, record: CommandRecord, *, now: float) -> bool:
+        await asyncio.sleep(0)  # like every store call, give the loop a turn
+        return now >= record.claim_deadline
 
     async def get_command(self, account_id: str, key: str, *, now: float) -> CommandRecord | None:
         def select() -> CommandRecord | None:
@@ -1261,7 +1311,8 @@ class SqliteStore:
                     args,
                 )
             for table in (
-                "agents", "events", "account_seqs", "commands", "status_items", "retention"
+                "agents", "events", "account_seqs", "commands", "status_items", "retention",
+                "account_usage",
             ):
                 conn.execute(f"DELETE FROM {table} WHERE account_id = ?", args)
             conn.execute("DELETE FROM previous_ingress_keys WHERE account_id = ?", args)
@@ -1392,7 +1443,19 @@ def _one_command(conn: sqlite3.Connection, account_id: str, key: str) -> Command
     )
 
 
-def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> AppendResult:
+def _row_bytes(event: XonEvent, xon_id: XonId | None, params: str) -> int:
+    """An events row's stored bytes (:data:`_ROW_BYTES` in SQL)."""
+    req = event.request
+    texts = (
+        event.id, "" if xon_id is None else xon_id.value, "" if xon_id is None else xon_id.digest,
+        event.type, event.received_at, params, req.method, req.path, req.query, req.content_type,
+    )
+    return sum(len(t.encode()) for t in texts) + len(req.body) + _ROW_OVERHEAD
+
+
+def _append(
+    conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None, max_bytes: int | None
+) -> AppendResult:
     """Insert ``event`` inside the writer's transaction; a repeat resolves to the first copy.
 
     Rows inserted earlier in the same transaction are visible here, so a repeat within one
@@ -1414,6 +1477,16 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> 
         if row is not None:
             return AppendResult(stored=_stored(row), duplicate=True)
         reused = True
+    params = json.dumps(event.params, ensure_ascii=False)
+    size = _row_bytes(event, xon_id, params)
+    if max_bytes is not None:
+        # Before any write: this append is not in a savepoint, and the refusal is its own.
+        row = conn.execute(
+            "SELECT bytes FROM account_usage WHERE account_id = ?", (event.account,)
+        ).fetchone()
+        used = 0 if row is None else int(row[0])
+        if used + size > max_bytes:
+            raise QuotaExceeded(event.account, used=used, size=size, limit=max_bytes)
     # Per account (docs/protocol.md, Sequence numbers): a seq tells nothing of other tenants.
     (seq,) = conn.execute(
         "INSERT INTO account_seqs (account_id, last_seq) VALUES (?, 1) ON CONFLICT (account_id)"
@@ -1432,13 +1505,18 @@ def _append(conn: sqlite3.Connection, event: XonEvent, xon_id: XonId | None) -> 
             None if xon_id is None else xon_id.digest,
             event.type,
             event.received_at,
-            json.dumps(event.params, ensure_ascii=False),
+            params,
             req.method,
             req.path,
             req.query,
             req.content_type,
             req.body,
         ),
+    )
+    conn.execute(
+        "INSERT INTO account_usage (account_id, events, bytes) VALUES (?, 1, ?) ON CONFLICT"
+        " (account_id) DO UPDATE SET events = events + 1, bytes = bytes + excluded.bytes",
+        (event.account, size),
     )
     return AppendResult(
         stored=StoredEvent(seq=int(seq), event=event), duplicate=False, xon_id_reused=reused
@@ -1461,6 +1539,7 @@ def _prepare_schema(conn: sqlite3.Connection) -> None:
                 f"sqlite: the database has schema {version}, written by a newer release; this"
                 f" one reads schema {SCHEMA_VERSION} (restore the backup taken before upgrading)"
             )
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if version == 1:
             events = _migrate_from_1(conn)
             log.info(
@@ -1469,6 +1548,8 @@ def _prepare_schema(conn: sqlite3.Connection) -> None:
             )
         else:
             _create_tables(conn)
+        if "events" in tables and "account_usage" not in tables:
+            _count_usage(conn)
         # Only a new or just upgraded file lacks the row (schema 1 had none).
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -1479,6 +1560,16 @@ def _prepare_schema(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _count_usage(conn: sqlite3.Connection) -> None:
+    """Fill ``account_usage`` for a file written before it existed (its counters are kept up
+    to date from then on by every append, trim and deletion)."""
+    _create_tables(conn)
+    conn.execute(
+        f"INSERT INTO account_usage (account_id, events, bytes) SELECT account_id, COUNT(*),"
+        f" SUM({_ROW_BYTES}) FROM events GROUP BY account_id"
+    )
 
 
 def _create_tables(conn: sqlite3.Connection) -> None:

@@ -10,6 +10,7 @@ from shared.config import (
     AGENT_ENV_PREFIX,
     SERVER_ENV_PREFIX,
     AgentConfig,
+    LimitsConfig,
     LinkConfig,
     ServerConfig,
     load,
@@ -355,3 +356,29 @@ def test_list_of_tables_from_the_environment_is_json() -> None:
         with pytest.raises(ConfigError, match="forward"):
             load(AgentConfig, path=None, env={"XON_RELAY_AGENT_FORWARD": bad}, flags={},
                  env_prefix=AGENT_ENV_PREFIX)
+
+
+def test_trusted_proxies_take_cidr_ranges_from_the_environment() -> None:
+    """Ranges and single addresses, comma-separated in the environment, are kept as given."""
+    config = _server(env={"XON_RELAY_LIMITS_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1,fd00::/8"})
+    assert config.limits.trusted_proxies == ["10.0.0.0/8", "127.0.0.1", "fd00::/8"]
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "caddy", "10.0.0.1-10.0.0.9", ""])
+def test_trusted_proxies_refuse_what_is_not_an_address_or_range(entry: str) -> None:
+    """A host name or a malformed range is refused at load, naming the key and the entry."""
+    with pytest.raises(ConfigError) as info:
+        LimitsConfig(trusted_proxies=["127.0.0.1", entry])
+    assert "limits.trusted_proxies" in str(info.value) and repr(entry) in str(info.value)
+
+
+def test_quota_section_from_toml_with_per_account_overrides(tmp_path: Path) -> None:
+    """[quota] takes a default ceiling (or none) and a table of per-account ones; an override
+    is looked up by name, then id."""
+    path = _toml(tmp_path, "[quota]\nmax_bytes = 1048576\n[quota.accounts]\nacme = 4096\n")
+    quota = _server(path).quota
+    assert quota.for_account("acct_1", "acme") == 4096
+    assert quota.for_account("acct_2", "other") == 1048576
+    assert _server(env={"XON_RELAY_QUOTA_MAX_BYTES": "none"}).quota.max_bytes is None
+    with pytest.raises(ConfigError, match="quota.accounts.acme"):
+        _server(_toml(tmp_path, "[quota.accounts]\nacme = 10\n"))

@@ -115,6 +115,38 @@ def test_compose_parses_as_yaml() -> None:
     assert {"relay-data", "caddy-data", "caddy-config"} <= set(data["volumes"])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("yaml") is None, reason="PyYAML not installed")
+def test_shipped_proxies_are_trusted_for_x_forwarded_for() -> None:
+    """Each compose file trusts exactly its network's range (where Caddy is) and Kubernetes
+    trusts a range with a NetworkPolicy that admits only the ingress controller; every value
+    is one the relay's config accepts (docs/deployment.md, The client behind a proxy)."""
+    import yaml  # type: ignore[import-untyped,unused-ignore]
+
+    from shared.config import LimitsConfig
+
+    def default(value: str) -> str:  # "${VAR:-x}" as compose expands it with VAR unset
+        match = re.fullmatch(r"\$\{\w+:-(.+)\}", value)
+        return match.group(1) if match else value
+
+    for name, services in (("single", ["relay"]), ("ha", ["relay-a", "relay-b"])):
+        data = yaml.safe_load((DEPLOY / "compose" / name / "compose.yaml").read_text("utf-8"))
+        (subnet,) = [default(c["subnet"]) for c in data["networks"]["default"]["ipam"]["config"]]
+        for service in services:
+            trusted = default(data["services"][service]["environment"][
+                "XON_RELAY_LIMITS_TRUSTED_PROXIES"])
+            assert trusted == subnet, (name, service)
+            LimitsConfig(trusted_proxies=trusted.split(","))
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "relay.yaml").read_text("utf-8")))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    LimitsConfig(trusted_proxies=env["XON_RELAY_LIMITS_TRUSTED_PROXIES"].split(","))
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+
+
 def test_systemd_units_have_the_expected_sections() -> None:
     """Unit, Service and Install in every unit; ExecStart runs the right command."""
     for name, path in UNITS.items():

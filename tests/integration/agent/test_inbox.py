@@ -164,9 +164,9 @@ async def test_reads_near_the_head_are_answered_from_memory(
     database_reads: list[int | None] = []
     read_sync = inbox._read_sync
 
-    def counting(after: int | None, limit: int) -> list[tuple[int, str]]:
+    def counting(after: int | None, limit: int, max_bytes: int | None) -> list[tuple[int, str]]:
         database_reads.append(after)
-        return read_sync(after, limit)
+        return read_sync(after, limit, max_bytes)
 
     monkeypatch.setattr(inbox, "_read_sync", counting)
     head = inbox.last_cursor
