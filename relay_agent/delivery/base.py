@@ -42,6 +42,7 @@ __all__ = [
     "TargetStatus",
     "retry_delay",
     "PAGE",
+    "PAGE_BYTES",
     "IDLE_WAIT",
     "POSITION_DELAY",
 ]
@@ -49,6 +50,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAGE = 100
+PAGE_BYTES = 4 * 1024 * 1024
+"""A push target reads at most this many bytes of events per page (at least one event), so
+large events cannot make a target hold ``PAGE`` of them in memory at once."""
 """Events read from the inbox at a time (memory per target is bounded by one page)."""
 IDLE_WAIT = 60.0
 """Longest wait for a new event before the loop looks again (a safety net; commits wake it)."""
@@ -211,7 +215,7 @@ class PushTarget(ABC):
         try:
             while not inbox.released:
                 try:
-                    batch = await inbox.read(cursor, PAGE)
+                    batch = await inbox.read(cursor, PAGE, PAGE_BYTES)
                 except CursorExpired as exc:
                     cursor = await self._overtaken(cursor, exc.oldest)
                     continue

@@ -3,6 +3,8 @@ URL, in order, retried until 2xx, with progress that survives an agent restart."
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay_agent.delivery.base import PAGE_BYTES
 from relay_agent.delivery.forward import forward_url
 from relay_agent.inbox import Inbox
 from shared.config import ForwardTarget
@@ -218,3 +221,39 @@ async def test_target_that_is_down_gets_the_event_once_it_listens(tmp_path: Path
         async with serve_target(target):
             await eventually(lambda: len(target.delivered) == 1, what="the event delivered")
     assert [r.status for r in target.requests] == [302, 200]
+
+
+class _PageSizes(Inbox):
+    """A real inbox that also records how many bytes of events each read handed out."""
+
+    pages: list[int]
+
+    async def read(self, after: int | None, limit: int, max_bytes: int | None = None) -> Any:
+        page = await super().read(after, limit, max_bytes)
+        self.pages.append(sum(len(json.dumps(item.event)) for item in page))
+        return page
+
+
+async def test_a_target_reads_large_events_a_bounded_page_at_a_time(tmp_path: Path) -> None:
+    """Ten events of 1 MiB reach the target in order, read in pages of at most PAGE_BYTES plus
+    one event, never all ten at once (docs/delivery.md, Response sizes)."""
+    inbox = await _PageSizes.open(tmp_path / "inbox.db")
+    inbox.pages = []
+    big = base64.b64encode(b"x" * (768 * 1024)).decode()
+    events = []
+    for n in range(1, 11):
+        event = make_event(n)
+        event["request"]["body_b64"] = big
+        events.append((n, event))
+    try:
+        async with serve_target(Target()) as target:
+            async with serve_api(tmp_path, inbox=inbox, forward=[forward_to(target)]):
+                await inbox.commit(events)
+                await eventually(lambda: len(target.delivered) == 10, what="10 events delivered",
+                                 limit=20_000 * MS)
+    finally:
+        await inbox.close()
+    assert target.delivered == [f"ev-{n}" for n in range(1, 11)]
+    one = len(json.dumps(events[0][1]))
+    assert inbox.pages and max(inbox.pages) <= PAGE_BYTES + one
+    assert max(inbox.pages) < 10 * one
