@@ -89,6 +89,9 @@ class Options:
     recover_limit: float = 120.0
     log_level: str = "info"
     keep: bool = False
+    store: str = ""
+    """A ``redis://…`` base URL: each run's relay uses it under a fresh key prefix; empty:
+    SQLite in the relay's data dir."""
 
 
 @dataclass(slots=True)
@@ -166,13 +169,15 @@ class Relay:
     listen: str = "127.0.0.1:0"
     proc: asyncio.subprocess.Process | None = None
     public_url: str = ""
+    store: str = ""
 
     async def start(self) -> None:
         """Run the relay; a restart binds the same public port (the agent's config names it)."""
         self.proc = await self.children.start(
             "xon-relay-server",
             [script("xon-relay-server"), "run", "--listen", self.listen, "--admin-listen",
-             "127.0.0.1:0", "--data-dir", str(self.data_dir), "--log-level", self.log_level],
+             "127.0.0.1:0", "--data-dir", str(self.data_dir), "--log-level", self.log_level,
+             *(["--store", self.store] if self.store else [])],
             self.log, env=child_env(),
         )
         admin = await _own_json(self.data_dir / "admin.json", self.proc.pid, self.children)
@@ -404,13 +409,32 @@ def redelivered(log: Path) -> int:
     return total
 
 
-def relay_log_ids(data_dir: Path) -> list[str]:
-    """Event ids in the relay's log, read-only beside the running relay (WAL)."""
+def relay_log_ids(data_dir: Path, store: str = "") -> list[str]:
+    """Event ids in the relay's log, read-only beside the running relay (WAL), or from the
+    run's Redis prefix (its one account's stream)."""
+    if store:
+        return _redis_log_ids(store)
     conn = sqlite3.connect(f"{(data_dir / 'relay.db').resolve().as_uri()}?mode=ro", uri=True)
     try:
         return [str(row[0]) for row in conn.execute("SELECT id FROM events ORDER BY seq")]
     finally:
         conn.close()
+
+
+def _redis_log_ids(store: str) -> list[str]:
+    import redis
+
+    base, _, query = store.partition("?")
+    prefix = query.partition("prefix=")[2]
+    client = redis.Redis.from_url(base, decode_responses=True)
+    try:
+        ids: list[str] = []
+        for account_id in client.zrange(f"{prefix}{{relay}}:accounts", 0, -1):
+            for _, fields in client.xrange(f"{prefix}{{acct:{account_id}}}:events"):
+                ids.append(str(json.loads(fields["event"])["id"]))
+        return ids
+    finally:
+        client.close()
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -427,6 +451,8 @@ async def run_once(scenario: str, seed: int, opts: Options, root: Path) -> RunRe
     reader_task: asyncio.Task[None] | None = None
     try:
         relay = Relay(children, root / "relay", root / "relay.log", opts.log_level)
+        if opts.store:
+            relay.store = f"{opts.store}?prefix=soak-{uuid.uuid4().hex[:12]}:"
         relay.data_dir.mkdir(parents=True)
         await relay.start()
         assert relay.proc is not None
@@ -493,7 +519,7 @@ async def run_once(scenario: str, seed: int, opts: Options, root: Path) -> RunRe
                 raise BenchFailed(reader.error)
             if not acked <= reader.keys:
                 return False
-            log = relay_log_ids(relay.data_dir)
+            log = relay_log_ids(relay.data_dir, relay.store)
             result.relay_log = len(log)
             return set(log) <= reader.ids
 
@@ -504,7 +530,7 @@ async def run_once(scenario: str, seed: int, opts: Options, root: Path) -> RunRe
             result.note = str(exc)
         stop.set()
         await reader_task
-        log = relay_log_ids(relay.data_dir)
+        log = relay_log_ids(relay.data_dir, relay.store)
         result.relay_log = len(log)
         result.relay_undelivered = len(set(log) - reader.ids)
         if target is agent and killed.is_set():
@@ -623,6 +649,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recover-limit", type=float, default=120.0,
                         help="seconds to wait for everything to be delivered (default 120)")
     parser.add_argument("--log-level", default="info", help="relay log level (default info)")
+    parser.add_argument("--store", default="",
+                        help="redis://HOST:PORT/DB: run the relay on Redis (a fresh prefix per"
+                             " run) instead of SQLite")
     parser.add_argument("--keep", action="store_true",
                         help="keep every run's dir (failed runs are always kept)")
     return parser
@@ -650,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs, events=args.events, concurrency=args.concurrency,
             seed=args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big"),
             scenarios=_scenarios(args.scenarios), recover_limit=args.recover_limit,
-            log_level=args.log_level, keep=args.keep,
+            log_level=args.log_level, keep=args.keep, store=args.store,
         )
         base = Path(tempfile.mkdtemp(prefix="xon-soak-"))
         started = time.monotonic()
